@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from finetune.errors import UsageError
+from finetune.errors import find_usage_error
 from finetune.train import run
 
 log = logging.getLogger("finetune")
@@ -19,9 +19,12 @@ log = logging.getLogger("finetune")
 def main(cfg: DictConfig) -> float | None:
     try:
         metrics = run(cfg)
-    except UsageError as error:
+    except Exception as error:
+        usage_error = find_usage_error(error)
+        if usage_error is None:
+            raise
         # A problem the user can fix: one line, exit code 2, no traceback.
-        log.error("error: %s", error)
+        log.error("error: %s", usage_error)
         sys.exit(2)
     return metrics.get(cfg.optimized_metric)
 

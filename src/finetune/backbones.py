@@ -137,9 +137,7 @@ def _create_torchvision(name: str, weights: str | None) -> tuple[nn.Module, Prep
     weights_enum = models.get_model_weights(name)
     # Preprocessing always comes from the weights' metadata (no download needed to read it), so a model
     # trained from scratch or from a local file still sees images the way the architecture was tuned for.
-    if weights is None or _is_file_path(weights):
-        reference = weights_enum.DEFAULT
-    elif weights == "DEFAULT":
+    if weights is None or _is_file_path(weights) or weights == "DEFAULT":
         reference = weights_enum.DEFAULT
     elif weights in weights_enum.__members__:
         reference = weights_enum[weights]

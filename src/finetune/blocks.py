@@ -121,3 +121,33 @@ def _covering_names(parameters: tuple[str, ...], owners: dict[str, set[str]]) ->
         if current not in covering:
             covering.append(current)
     return tuple(covering)
+
+
+def describe_blocks(names: list[str], num_classes: int = 2) -> str:
+    """A Markdown table of what `unfreeze` means for each model: `python -m finetune.blocks mobilenet_v2`.
+
+    Args:
+        names: torchvision model names, or timm ones as "timm:<name>".
+        num_classes: head size used for the parameter counts.
+    """
+    from finetune.backbones import create_backbone
+
+    rows = ["| model | blocks | unfreeze=1 trains | unfreeze=2 adds | trainable at 0 / 1 / 2 / all |",
+            "|---|---|---|---|---|"]
+    for entry in names:
+        source, _, name = entry.rpartition(":")
+        backbone = create_backbone(name, num_classes, source=source or "torchvision", weights=None)
+        sizes = dict((n, p.numel()) for n, p in backbone.network.named_parameters())
+        head = sum(size for n, size in sizes.items() if n.startswith(backbone.head_name + "."))
+        counts = [head + sum(sizes[n] for n in trainable_parameter_names(backbone.blocks, depth))
+                  for depth in (0, 1, 2, "all")]
+        blocks = backbone.blocks
+        rows.append(f"| {entry} | {len(blocks)} | `{blocks[-1].label}` | `{blocks[-2].label}` | "
+                    f"{' / '.join(f'{count:,}' for count in counts)} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(describe_blocks(sys.argv[1:] or ["mobilenet_v2"]))

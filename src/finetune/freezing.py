@@ -62,8 +62,8 @@ def keep_frozen_in_eval_mode(network: nn.Module, frozen: list[Block], train_bn: 
     """Puts the modules of frozen blocks in eval mode after a `.train()`, so a frozen block computes exactly
     what it computed when pretrained: BatchNorm uses and keeps its running statistics, dropout is off."""
     for module in _modules_of(network, frozen):
-        if not (train_bn and isinstance(module, _BatchNorm)):
-            module.eval()
+        # One module at a time (not .eval(), which recurses): train_bn's BatchNorm layers keep training.
+        module.training = train_bn and isinstance(module, _BatchNorm)
 
 
 def _modules_of(network: nn.Module, blocks: list[Block]):

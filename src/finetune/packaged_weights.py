@@ -74,7 +74,7 @@ def map_by_position(
         )
 
     mapped: dict[str, torch.Tensor] = {}
-    for index, (source_key, target_key) in enumerate(zip(source_keys, target_keys)):
+    for index, (source_key, target_key) in enumerate(zip(source_keys, target_keys, strict=True)):
         source_shape = tuple(source[source_key].shape)
         target_shape = tuple(target_shapes[target_key])
         if source_shape != target_shape:

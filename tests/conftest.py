@@ -1,0 +1,73 @@
+"""Shared fixtures: a small generated image folder, and a runner for the real command line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("circle", "square", "stripes")
+
+
+def draw(kind: str, rng: np.random.Generator, size: int = 48) -> Image.Image:
+    """A noisy picture of one of three shapes: learnable, but not from the first pixel."""
+    y, x = np.mgrid[0:size, 0:size]
+    cx, cy = rng.integers(size // 3, 2 * size // 3, size=2)
+    if kind == "circle":
+        mask = (x - cx) ** 2 + (y - cy) ** 2 < (size // 4) ** 2
+    elif kind == "square":
+        mask = (abs(x - cx) < size // 5) & (abs(y - cy) < size // 5)
+    else:
+        mask = (x // 4) % 2 == 0
+    pixels = rng.normal(60, 25, size=(size, size, 3))
+    pixels[mask] += 120
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def make_image_folder(root: Path, per_class: int = 12, seed: int = 0) -> Path:
+    """Writes `per_class` PNGs for each of CLASSES under root/<class>/."""
+    rng = np.random.default_rng(seed)
+    for kind in CLASSES:
+        (root / kind).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            draw(kind, rng).save(root / kind / f"{kind}_{index:03d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory) -> Path:
+    """Three classes of twelve 48x48 images: 9/2/1 per class after the default 0.7/0.2/0.1 split."""
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def offline_env(tmp_path: Path) -> dict[str, str]:
+    """The environment of a CLI run that must not reach the network, with its own caches."""
+    env = dict(os.environ)
+    env.update({
+        "TORCH_HOME": str(tmp_path / "torch_home"),
+        "HF_HUB_OFFLINE": "1",
+        # Any download attempt fails at once, online or not: nothing listens on port 9 here.
+        "https_proxy": "http://127.0.0.1:9",
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "PYTHONWARNINGS": "ignore",
+        # The demo data set is materialised here, not in the user's cache.
+        "FINETUNE_CACHE": str(tmp_path / "cache"),
+    })
+    return env
+
+
+def run_cli(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs `python train.py` from the repo root, its run directory in tmp_path/run."""
+    command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={tmp_path / 'run'}",
+               "trainer.enable_progress_bar=false", *overrides]
+    result = subprocess.run(command, cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True,
+                            timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit code {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result

