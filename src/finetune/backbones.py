@@ -122,7 +122,8 @@ def create_backbone(
     if head_dropout is not None and head_hidden_dim is None:
         _set_dropout_before_head(network, head_name, head_dropout)
 
-    blocks = split_into_blocks(network, matcher, head_name) if matcher else []
+    # A family without a block definition is one block: unfreeze=1 (or all) trains it whole.
+    blocks = split_into_blocks(network, matcher or {}, head_name)
     return Backbone(network, head_name, blocks, preprocessing, description)
 
 
@@ -190,20 +191,19 @@ def _create_timm(name: str, weights: str | None) -> tuple[nn.Module, Preprocessi
         description = f"weights file {path}"
     else:
         full_name = name if weights == "DEFAULT" else f"{base_name}.{weights}"
+        tags = timm.list_pretrained(f"{base_name}.*") or timm.list_pretrained(base_name)
+        if weights != "DEFAULT" and full_name not in tags:
+            raise UsageError(f"timm has no pretrained weights {full_name!r}: choose DEFAULT, "
+                             f"{', '.join(t.partition('.')[2] for t in tags) or 'none'}, a file, or null")
         try:
             network = timm.create_model(full_name, pretrained=True)
-        except RuntimeError as error:
-            if "pretrained" not in str(error).lower() and "tag" not in str(error).lower():
-                raise
-            raise UsageError(f"timm has no pretrained weights {full_name!r}: {error}") from error
         except OSError as error:  # huggingface_hub's offline and not-found errors are OSErrors
             from huggingface_hub import constants
 
-            hub_id = network_hub_id(full_name)
             raise UsageError(
-                f"could not download pretrained weights for timm model {full_name!r} (hf-hub:{hub_id}; "
-                f"{_reason(error)}); offline, copy a Hugging Face cache that holds them to "
-                f"{constants.HF_HUB_CACHE}, or pass model.weights=<path to a weights file> "
+                f"could not download pretrained weights for timm model {full_name!r} "
+                f"(hf-hub:{_hub_id(full_name)}; {_reason(error)}); offline, copy a Hugging Face cache that "
+                f"holds them to {constants.HF_HUB_CACHE}, or pass model.weights=<path to a weights file> "
                 "or model.weights=null for random init"
             ) from error
         description = f"timm {network.pretrained_cfg.get('hf_hub_id') or full_name}"
@@ -220,8 +220,8 @@ def _create_timm(name: str, weights: str | None) -> tuple[nn.Module, Preprocessi
     return network, preprocessing, description
 
 
-def network_hub_id(name: str) -> str:
-    """The Hugging Face hub repository timm downloads `name`'s weights from (for error messages)."""
+def _hub_id(name: str) -> str:
+    """The Hugging Face hub repository timm downloads `name`'s weights from."""
     import timm
 
     config = timm.models.get_pretrained_cfg(name)

@@ -53,7 +53,8 @@ class Block:
 
 
 def torchvision_block_matcher(network: nn.Module) -> dict | None:
-    """The group matcher for a torchvision network, or None if its family has no block definition."""
+    """The group matcher for a torchvision network, or None if its family has no block definition (it is then
+    one block)."""
     for module_name, matcher in _TORCHVISION_MATCHERS:
         try:
             network.get_submodule(module_name)

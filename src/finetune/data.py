@@ -16,6 +16,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from finetune.backbones import Preprocessing
+from finetune.demo import DEMO_NAMES, demo_root
 from finetune.errors import UsageError
 from finetune.images import IMAGE_EXTENSIONS, is_image_file, load_rgb
 
@@ -78,6 +79,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         if len(split) != 3 or any(f < 0 for f in split) or not 0.999 < sum(split) < 1.001 or split[0] <= 0:
             raise UsageError(f"data.split={list(split)} must be three fractions (train, val, test) summing to 1, "
                              "with train and val above 0, e.g. [0.7,0.2,0.1]")
+        if root is None and demo not in DEMO_NAMES:
+            raise UsageError(f"unknown data.demo {demo!r}: choose one of {', '.join(DEMO_NAMES)}, "
+                             "or pass data.root=<your image folder>")
         if split[1] <= 0:
             raise UsageError("data.split needs a validation fraction above 0: the best checkpoint is chosen on it")
         self.root = Path(root).expanduser() if root is not None else None
@@ -101,8 +105,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         if self.root is None:
-            from finetune.demo import demo_root
-
             self.root = demo_root(self.demo)
             log.info("data.root not set: using the %s demo data set at %s (licence CC BY-NC-SA 4.0)",
                      self.demo, self.root)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -28,6 +30,41 @@ def parse_unfreeze(value: int | str, num_blocks: int, model_name: str) -> int | 
         raise UsageError(f"unfreeze={depth} is out of range: {model_name} has {num_blocks} blocks, so use "
                          f"0..{num_blocks} or all")
     return "all" if depth == num_blocks else depth
+
+
+@dataclass(frozen=True)
+class UnfreezeSchedule:
+    """How many blocks train in each epoch: a fixed depth, or a gradual schedule (ULMFiT-style).
+
+    Attributes:
+        num_blocks: blocks the model has.
+        depth: blocks trained from `start_epoch` on (`num_blocks` for all).
+        start_epoch: epochs of head-only training before `depth` blocks unfreeze; 0 trains them from the start.
+        every: after `start_epoch`, one more block unfreezes every `every` epochs; None keeps `depth`.
+        limit: the deepest `every` goes (None: all blocks).
+    """
+
+    num_blocks: int
+    depth: int
+    start_epoch: int = 0
+    every: int | None = None
+    limit: int | None = None
+
+    def depth_at(self, epoch: int) -> int:
+        """Blocks trained during `epoch` (0-based): a pure function of the epoch, so a resumed run agrees."""
+        if epoch < self.start_epoch:
+            return 0
+        depth = self.depth
+        if self.every:
+            depth += (epoch - self.start_epoch) // self.every
+        return min(depth, self.max_depth)
+
+    @property
+    def max_depth(self) -> int:
+        """The most blocks that ever train: they all get optimizer groups from the first step."""
+        if self.every:
+            return self.num_blocks if self.limit is None else max(self.depth, self.limit)
+        return self.depth
 
 
 def apply_unfreeze(network: nn.Module, blocks: list[Block], head_name: str, unfreeze: int | str,

@@ -13,12 +13,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from finetune.backbones import Preprocessing, create_backbone
 from finetune.errors import UsageError
-from finetune.freezing import apply_unfreeze, keep_frozen_in_eval_mode, parse_unfreeze
+from finetune.freezing import UnfreezeSchedule, apply_unfreeze, keep_frozen_in_eval_mode, parse_unfreeze
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-SCHEDULERS = ("cosine", "constant")
+SCHEDULERS = ("cosine", "plateau", "constant")
 
 
 class ImageClassifier(L.LightningModule):
@@ -33,16 +33,24 @@ class ImageClassifier(L.LightningModule):
         source: "torchvision" or "timm".
         weights: "DEFAULT", a weights tag, a weights file path, a packaged weights name, or None (random init).
         unfreeze: 0 trains the head only (transfer learning), N the last N blocks and the head, "all" everything.
+        unfreeze_epoch: gradual unfreezing: the head trains alone for this many epochs, then `unfreeze` blocks
+            join; 0 trains them from the start.
+        unfreeze_every: gradual unfreezing: after `unfreeze_epoch`, one more block every this many epochs.
+        unfreeze_limit: the deepest `unfreeze_every` goes (None: all blocks).
         train_bn: train BatchNorm layers inside frozen blocks too (statistics and affine parameters).
         head_hidden_dim: None for one Linear layer; an int for a Linear-ReLU-Dropout-Linear head.
         head_dropout: dropout in front of the last Linear layer; None keeps the architecture's.
         optimizer: "adamw", "adam" or "sgd" (momentum 0.9).
         lr: learning rate of the head.
-        backbone_lr: learning rate of the unfrozen blocks; None uses `lr`.
+        backbone_lr: learning rate of the last block; None uses `lr`.
+        layer_decay: discriminative learning rates: each block below the last trains at this factor times the
+            learning rate of the block above it (timm's layer decay); None gives all blocks `backbone_lr`.
         weight_decay: decoupled weight decay (AdamW) or L2 penalty (Adam, SGD).
-        scheduler: "cosine" (per-step cosine decay to zero after a linear warmup) or "constant".
+        scheduler: "cosine" (per-step cosine decay to zero after a linear warmup), "plateau" (divide by 10 when
+            val/loss stops falling for 2 epochs) or "constant".
         warmup_epochs: length of the linear warmup, in epochs (fractions allowed).
         label_smoothing: label smoothing of the cross-entropy loss.
+        channels_last: NHWC memory layout for convolutional networks; "auto" uses it on CUDA, where it is faster.
     """
 
     def __init__(
@@ -52,16 +60,21 @@ class ImageClassifier(L.LightningModule):
         source: str = "torchvision",
         weights: str | None = "DEFAULT",
         unfreeze: int | str = 0,
+        unfreeze_epoch: int = 0,
+        unfreeze_every: int | None = None,
+        unfreeze_limit: int | str | None = None,
         train_bn: bool = False,
         head_hidden_dim: int | None = None,
         head_dropout: float | None = None,
         optimizer: str = "adamw",
         lr: float = 1e-3,
         backbone_lr: float | None = None,
+        layer_decay: float | None = None,
         weight_decay: float = 0.0,
         scheduler: str = "cosine",
         warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0,
+        channels_last: bool | str = "auto",
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -70,7 +83,11 @@ class ImageClassifier(L.LightningModule):
             raise UsageError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if len(class_names) < 2:
             raise UsageError(f"the data has {len(class_names)} class(es); a classifier needs at least two")
-        self.save_hyperparameters()
+        if layer_decay is not None and not 0 < layer_decay <= 1:
+            raise UsageError(f"layer_decay={layer_decay} must be in (0, 1]: each block trains at that factor "
+                             "times the learning rate of the block above it")
+        # train.py logs the hyperparameters itself, once, with the metrics TensorBoard's HPARAMS tab compares.
+        self.save_hyperparameters(logger=False)
 
         backbone = create_backbone(name, len(class_names), source=source, weights=weights,
                                    head_hidden_dim=head_hidden_dim, head_dropout=head_dropout)
@@ -79,10 +96,11 @@ class ImageClassifier(L.LightningModule):
         self.blocks = backbone.blocks
         self.preprocessing = backbone.preprocessing
         self.weights_description = backbone.weights_description
-        self.unfreeze = parse_unfreeze(unfreeze, len(self.blocks), name) if self.blocks else \
-            _unfreeze_without_blocks(unfreeze, name)
-        self.frozen_blocks = apply_unfreeze(self.network, self.blocks, self.head_name, self.unfreeze, train_bn)
-        self.train()
+        self.schedule = _schedule(self.blocks, name, unfreeze, unfreeze_epoch, unfreeze_every, unfreeze_limit)
+        self.depth = -1
+        self.frozen_blocks = []
+        self._set_depth(self.schedule.depth_at(0))
+        self.train_images_seen = 0
 
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         metrics = MetricCollection(_metrics(len(class_names)))
@@ -114,17 +132,53 @@ class ImageClassifier(L.LightningModule):
         return trainable, total
 
     def describe(self) -> str:
-        """One line on what trains, for the start of the log."""
+        """One line on what trains (and when, for a gradual schedule), for the start of the log."""
         trainable, total = self.parameter_counts()
-        if self.unfreeze == "all":
-            what = "all blocks"
-        elif self.unfreeze == 0:
-            what = "head only"
-        else:
-            chosen = self.blocks[len(self.blocks) - self.unfreeze:]
-            what = f"last {self.unfreeze} of {len(self.blocks)} blocks ({', '.join(b.label for b in chosen)})"
-        return (f"{self.hparams.name}, {self.weights_description}; unfreeze={self.unfreeze}: {what} + head; "
+        what = self._what_trains(self.schedule.depth if self.schedule.start_epoch else self.depth)
+        if self.schedule.start_epoch or self.schedule.every:
+            what = f"head only for {self.schedule.start_epoch} epoch(s), then {what}"
+            if self.schedule.every:
+                what += f", one more block every {self.schedule.every} epoch(s) up to {self.schedule.max_depth}"
+        return (f"{self.hparams.name}, {self.weights_description}; {what}; "
                 f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)")
+
+    def _what_trains(self, depth: int) -> str:
+        if depth == 0:
+            return "unfreeze=0: head only"
+        if depth == len(self.blocks):
+            return "unfreeze=all: everything"
+        chosen = self.blocks[len(self.blocks) - depth:]
+        return (f"unfreeze={depth}: last {depth} of {len(self.blocks)} blocks "
+                f"({', '.join(b.label for b in chosen)}) + head")
+
+    def _set_depth(self, depth: int) -> None:
+        if depth == self.depth:
+            return
+        self.depth = depth
+        self.frozen_blocks = apply_unfreeze(self.network, self.blocks, self.head_name, depth,
+                                            self.hparams.train_bn)
+        self.train(self.training)
+
+    def on_train_epoch_start(self) -> None:
+        # The schedule is a function of the epoch: a run resumed mid-schedule lands on the same depth.
+        depth = self.schedule.depth_at(self.current_epoch)
+        if depth != self.depth:
+            self._set_depth(depth)
+            trainable, total = self.parameter_counts()
+            log.info("epoch %d: %s; trainable parameters %s of %s", self.current_epoch, self._what_trains(depth),
+                     f"{trainable:,}", f"{total:,}")
+
+    def on_fit_start(self) -> None:
+        if self._use_channels_last():
+            self.network.to(memory_format=torch.channels_last)
+
+    def _use_channels_last(self) -> bool:
+        setting = self.hparams.channels_last
+        if setting == "auto":
+            has_convolutions = any(isinstance(m, nn.Conv2d) and m.kernel_size != (16, 16)
+                                   for m in self.network.modules())
+            return self.device.type == "cuda" and has_convolutions
+        return bool(setting)
 
     def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)
@@ -146,6 +200,10 @@ class ImageClassifier(L.LightningModule):
 
     def _step(self, batch, metrics: MetricCollection, stage: str) -> torch.Tensor:
         images, labels = batch
+        if self.hparams.channels_last and images.is_cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if stage == "train":
+            self.train_images_seen += len(labels)
         logits = self(images)
         loss = self.loss(logits, labels)
         metrics.update(logits, labels)
@@ -156,19 +214,17 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        head_prefix = self.head_name + "."
-        head, body = [], []
-        for name, parameter in self.network.named_parameters():
-            if parameter.requires_grad:
-                (head if name.startswith(head_prefix) else body).append(parameter)
-        # Only trainable parameters reach the optimizer: frozen ones cost no optimizer state.
-        groups = [{"params": head, "lr": hp.lr, "name": "head"}]
-        if body:
-            groups.append({"params": body, "lr": hp.backbone_lr or hp.lr, "name": "backbone"})
         options = {"momentum": 0.9} if hp.optimizer == "sgd" else {}
-        optimizer = OPTIMIZERS[hp.optimizer](groups, weight_decay=hp.weight_decay, **options)
+        optimizer = OPTIMIZERS[hp.optimizer](self.parameter_groups(), weight_decay=hp.weight_decay, **options)
+        log.info("optimizer %s: %s", hp.optimizer, "; ".join(
+            f"{g['name']} lr {g['lr']:.3g} ({sum(p.numel() for p in g['params']):,} parameters)"
+            for g in optimizer.param_groups))
         if hp.scheduler == "constant":
             return optimizer
+        if hp.scheduler == "plateau":
+            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=2)
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss", "interval": "epoch"}}
 
         total_steps = max(1, int(self.trainer.estimated_stepping_batches))
         steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
@@ -183,6 +239,36 @@ class ImageClassifier(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def parameter_groups(self) -> list[dict]:
+        """Optimizer groups for every parameter that ever trains in this run, each at its learning rate.
+
+        Blocks that a gradual schedule unfreezes later are in their groups from the first step (frozen, they
+        get no gradient and the optimizer skips them), so no group is ever added mid-run: schedulers see every
+        group from the start, and a resumed run restores the same groups.
+        """
+        hp = self.hparams
+        backbone_lr = hp.backbone_lr or hp.lr
+        ever_trained = self.blocks[len(self.blocks) - self.schedule.max_depth:] if self.schedule.max_depth else []
+        lr_of = {}
+        for distance, block in enumerate(reversed(ever_trained)):
+            rate = backbone_lr * (hp.layer_decay ** distance if hp.layer_decay else 1.0)
+            lr_of.update(dict.fromkeys(block.parameters, (rate, f"block {block.index}" if hp.layer_decay
+                                                           else "backbone")))
+        head_prefix = self.head_name + "."
+        groups: dict[tuple[float, str], list] = {}
+        for name, parameter in self.network.named_parameters():
+            if name.startswith(head_prefix):
+                key = (hp.lr, "head")
+            elif name in lr_of:
+                key = lr_of[name]
+            elif parameter.requires_grad:  # BatchNorm of a frozen block under train_bn
+                key = (backbone_lr, "backbone")
+            else:
+                continue  # frozen for the whole run: no optimizer state
+            groups.setdefault(key, []).append(parameter)
+        ordered = sorted(groups.items(), key=lambda item: item[0][1] != "head")
+        return [{"params": params, "lr": lr, "name": name} for (lr, name), params in ordered]
+
 
 def _metrics(num_classes: int) -> dict:
     metrics = {
@@ -194,8 +280,14 @@ def _metrics(num_classes: int) -> dict:
     return metrics
 
 
-def _unfreeze_without_blocks(unfreeze: int | str, name: str) -> int | str:
-    if unfreeze in (0, "0", "all"):
-        return "all" if unfreeze == "all" else 0
-    raise UsageError(f"{name} has no block definition, so unfreeze can only be 0 (head only) or all; "
-                     "timm models all have one (model=timm model.name=...)")
+def _schedule(blocks: list, name: str, unfreeze, start_epoch: int, every: int | None,
+              limit) -> UnfreezeSchedule:
+    count = len(blocks)
+
+    def depth(value) -> int:
+        parsed = parse_unfreeze(value, count, name)
+        return count if parsed == "all" else parsed
+
+    if start_epoch < 0 or (every is not None and every < 1):
+        raise UsageError(f"unfreeze_epoch={start_epoch} and unfreeze_every={every} must be >= 0 and >= 1")
+    return UnfreezeSchedule(count, depth(unfreeze), start_epoch, every, None if limit is None else depth(limit))

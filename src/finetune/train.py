@@ -11,7 +11,9 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
+from torch.utils.tensorboard.summary import hparams
 
 from finetune.data import ImageFolderDataModule
 from finetune.module import ImageClassifier
@@ -20,6 +22,8 @@ log = logging.getLogger(__name__)
 
 # Frozen blocks are in eval mode on purpose (BatchNorm statistics and dropout stay as pretrained).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# The evaluation trainer restores only weights from the best checkpoint: it needs none of the fit's callbacks.
+warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used")
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -41,9 +45,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
+    log_hyperparameters(trainer.logger, cfg, model)
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - started
+    last_epoch = {name: float(value) for name, value in trainer.callback_metrics.items()
+                  if name.startswith("train/")}
 
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if best:
@@ -52,7 +59,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("no checkpoint was saved (checkpointing is off in this run): evaluating the final weights")
     metrics = _evaluate(cfg, trainer, model, datamodule, best or None)
     trainable, total = model.parameter_counts()
-    metrics.update({"params/trainable": trainable, "params/total": total, "time/fit_seconds": fit_seconds})
+    metrics |= last_epoch
+    metrics.update({
+        "params/trainable": trainable,
+        "params/total": total,
+        "epochs": trainer.current_epoch,
+        "time/fit_seconds": fit_seconds,
+        # Over the whole fit, validation included: what a user waits for, per training image.
+        "time/train_images_per_second": model.train_images_seen / fit_seconds,
+    })
     if best:
         metrics["best_epoch"] = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
 
@@ -75,6 +90,33 @@ def _evaluate(cfg: DictConfig, trainer: L.Trainer, model: ImageClassifier, datam
     else:
         log.info("no test split (train/ and val/ folders without test/): test metrics are not computed")
     return {name: float(value) for name, value in results.items()}
+
+
+# Declared to TensorBoard's HPARAMS tab, which then shows them beside every run's hyperparameters.
+HPARAM_METRICS = ("val/acc", "val/f1", "val/loss", "test/acc", "test/f1")
+
+
+def log_hyperparameters(logger, cfg: DictConfig, model: ImageClassifier) -> None:
+    """Logs the run's effective setting, with the metrics to compare runs by, to TensorBoard's HPARAMS tab."""
+    if not isinstance(logger, TensorBoardLogger):
+        return
+    trainable, total = model.parameter_counts()
+    strategy = cfg.strategy
+    params = {
+        "model": cfg.model.name, "weights": str(cfg.model.weights), "strategy": strategy.name,
+        "unfreeze": str(cfg.unfreeze), "unfreeze_epoch": strategy.unfreeze_epoch,
+        "unfreeze_every": str(strategy.unfreeze_every), "optimizer": strategy.optimizer, "lr": strategy.lr,
+        "backbone_lr": str(strategy.backbone_lr), "layer_decay": str(strategy.layer_decay),
+        "scheduler": strategy.scheduler, "weight_decay": strategy.weight_decay, "seed": cfg.seed,
+        "batch_size": cfg.data.batch_size, "image_size": model.preprocessing.at_size(cfg.data.image_size).crop_size,
+        "max_epochs": cfg.trainer.max_epochs, "trainable_params": trainable, "total_params": total,
+        "train_bn": cfg.train_bn,
+    }
+    # The summary alone, without logging placeholder values: they would show up as points on the val/acc curve.
+    experiment, start, end = hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0))
+    writer = logger.experiment._get_file_writer()
+    for summary in (experiment, start, end):
+        writer.add_summary(summary)
 
 
 def format_table(metrics: dict[str, float]) -> str:
