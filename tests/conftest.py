@@ -71,3 +71,14 @@ def run_cli(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess.C
     if check and result.returncode != 0:
         raise AssertionError(f"exit code {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+def run_multirun(tmp_path: Path, sweep_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
+    """Runs a sweep, `python train.py -m ...`, from the repo root, its jobs in sweep_dir/0, sweep_dir/1, ..."""
+    command = [sys.executable, str(REPO / "train.py"), "-m", f"hydra.sweep.dir={sweep_dir}",
+               "trainer.enable_progress_bar=false", *overrides]
+    result = subprocess.run(command, cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True,
+                            timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit code {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result

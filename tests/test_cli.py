@@ -7,6 +7,7 @@ import json
 
 from conftest import CLASSES, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from finetune.module import ImageClassifier
 
@@ -36,6 +37,13 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/f1", "test/acc", "test/f1"} <= scalars
     assert len(events.Scalars("val/acc")) == 2  # one point per epoch: the best checkpoint's re-check is not logged
+    hparams = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"])
+    declared = {info.name.tag for info in hparams.experiment.metric_infos}
+    assert {"val/acc", "val/f1", "test/acc", "test/f1"} <= declared
+    session = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    values = session.session_start_info.hparams
+    assert values["strategy"].string_value == "finetune" and values["unfreeze"].string_value == "2"
+    assert values["trainable_params"].number_value == 889_923
 
     with open(run / "split.csv") as file:
         rows = list(csv.DictReader(file))

@@ -100,3 +100,13 @@ def test_bad_unfreeze_values_name_what_is_accepted(value):
     with pytest.raises(Exception) as raised:
         build("mobilenet_v2", value)
     assert "mobilenet_v2 has 19 blocks" in str(find_usage_error(raised.value))
+
+
+def test_transfer_vs_finetune_experiment_composes_the_tutorial_study():
+    from hydra.types import RunMode
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=transfer_vs_finetune"], return_hydra_config=True)
+    assert cfg.hydra.mode == RunMode.MULTIRUN
+    assert cfg.hydra.sweeper.params.strategy == "transfer,finetune,full"
+    assert (cfg.model.name, cfg.trainer.max_epochs, cfg.seed) == ("mobilenet_v2", 20, 42)
