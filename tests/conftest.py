@@ -64,19 +64,16 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
 
 def run_cli(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     """Runs `python train.py` from the repo root, its run directory in tmp_path/run."""
-    command = [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={tmp_path / 'run'}",
-               "trainer.enable_progress_bar=false", *overrides]
-    result = subprocess.run(command, cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True,
-                            timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit code {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
-    return result
+    return _train(tmp_path, [f"hydra.run.dir={tmp_path / 'run'}", *overrides], check)
 
 
 def run_multirun(tmp_path: Path, sweep_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
     """Runs a sweep, `python train.py -m ...`, from the repo root, its jobs in sweep_dir/0, sweep_dir/1, ..."""
-    command = [sys.executable, str(REPO / "train.py"), "-m", f"hydra.sweep.dir={sweep_dir}",
-               "trainer.enable_progress_bar=false", *overrides]
+    return _train(tmp_path, ["-m", f"hydra.sweep.dir={sweep_dir}", *overrides], check)
+
+
+def _train(tmp_path: Path, arguments: list[str], check: bool) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(REPO / "train.py"), "trainer.enable_progress_bar=false", *arguments]
     result = subprocess.run(command, cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True,
                             timeout=600)
     if check and result.returncode != 0:

@@ -294,12 +294,24 @@ def _replace_module(network: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
+def dropout_before_head(network: nn.Module, head_name: str) -> float:
+    """The dropout probability the architecture applies to the head's input (0 if none)."""
+    dropouts = _sibling_dropouts(network, head_name)
+    if dropouts:
+        return dropouts[0].p
+    return float(getattr(network, "drop_rate", 0.0) or 0.0)
+
+
+def _sibling_dropouts(network: nn.Module, head_name: str) -> list[nn.Dropout]:
+    parent_path = head_name.rpartition(".")[0]
+    parent = network.get_submodule(parent_path) if parent_path else network
+    return [m for m in parent.children() if isinstance(m, nn.Dropout)]
+
+
 def _set_dropout_before_head(network: nn.Module, head_name: str, p: float) -> None:
     """Sets the architecture's own dropout in front of the classifier (torchvision: a sibling Dropout;
     timm: the `drop_rate` the head reads)."""
-    parent_path = head_name.rpartition(".")[0]
-    parent = network.get_submodule(parent_path) if parent_path else network
-    dropouts = [m for m in parent.children() if isinstance(m, nn.Dropout)]
+    dropouts = _sibling_dropouts(network, head_name)
     if dropouts:
         for module in dropouts:
             module.p = p

@@ -11,7 +11,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
@@ -57,6 +57,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         batch_size: images per batch.
         num_workers: loader processes; None picks one per CPU core but one, at most 8.
         image_size: crop size fed to the network; None uses the pretrained weights' own.
+        augment: training-time augmentation (the three settings below); off, training images are prepared
+            exactly as evaluation images are.
         crop_scale: area range of the training-time random resized crop.
         rotation_degrees: training-time random rotation range, in degrees (0 turns it off).
         horizontal_flip: training-time random horizontal flips.
@@ -71,6 +73,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int | None = None,
         image_size: int | None = None,
+        augment: bool = True,
         crop_scale: Sequence[float] = (0.8, 1.0),
         rotation_degrees: float = 15.0,
         horizontal_flip: bool = True,
@@ -92,13 +95,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         # One core stays with the training loop; the others decode and augment images.
         self.num_workers = min((os.cpu_count() or 1) - 1, 8) if num_workers is None else num_workers
         self.image_size = image_size
+        self.augments = augment
         self.crop_scale = tuple(crop_scale)
         self.rotation_degrees = rotation_degrees
         self.horizontal_flip = horizontal_flip
         self.preprocessing: Preprocessing | None = None
         self.splits: dict[str, list[Sample]] | None = None
         self.class_names: list[str] = []
-        self.datasets: dict[str, ImageDataset] = {}
+        self.datasets: dict[str, Dataset] = {}
+        self.serves_features = False
 
     def prepare_data(self) -> None:
         """Finds the images and splits them (materialising the demo data set first if no root was given)."""
@@ -127,11 +132,14 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
+        if self.serves_features:
+            return
         if self.preprocessing is None:
             raise RuntimeError("set datamodule.preprocessing (the model's) before training")
         preprocessing = self.preprocessing.at_size(self.image_size)
         evaluation = eval_transform(preprocessing)
-        training = train_transform(preprocessing, self.crop_scale, self.rotation_degrees, self.horizontal_flip)
+        training = train_transform(preprocessing, self.crop_scale, self.rotation_degrees, self.horizontal_flip) \
+            if self.augments else evaluation
         self.datasets = {
             "train": ImageDataset(self.splits["train"], training),
             "val": ImageDataset(self.splits["val"], evaluation),
@@ -147,6 +155,21 @@ class ImageFolderDataModule(L.LightningDataModule):
                 for image, label in self.splits[split]:
                     writer.writerow([split, self.class_names[label], os.path.relpath(image, self.root)])
 
+    def use_features(self, cache: dict[str, tuple[torch.Tensor, ...]], seed: int) -> None:
+        """Serves cached backbone features (see `finetune.features`) instead of images from now on."""
+        from finetune.features import ViewDataset, ViewSampler
+
+        train = ViewDataset(*cache["train"])
+        self.datasets = {"train": train, **{split: TensorDataset(*cache[split]) for split in ("val", "test")
+                                            if split in cache}}
+        self.train_sampler = ViewSampler(train, seed)
+        self.serves_features = True
+
+    def ordered_dataloader(self, split: str) -> DataLoader:
+        """The split's images in a fixed order (no shuffling), with the split's own transform."""
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=False,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
@@ -157,6 +180,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if self.serves_features:
+            # In-memory tensors: worker processes would only add start-up and copying.
+            sampler = self.train_sampler if split == "train" else None
+            return DataLoader(self.datasets[split], batch_size=self.batch_size, sampler=sampler)
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,

