@@ -73,7 +73,8 @@ def run_multirun(tmp_path: Path, sweep_dir: Path, *overrides: str, check: bool =
 
 
 def _train(tmp_path: Path, arguments: list[str], check: bool) -> subprocess.CompletedProcess:
-    command = [sys.executable, str(REPO / "train.py"), "trainer.enable_progress_bar=false", *arguments]
+    # Hydra's flags (-m) must come before the overrides.
+    command = [sys.executable, str(REPO / "train.py"), *arguments, "trainer.enable_progress_bar=false"]
     result = subprocess.run(command, cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True,
                             timeout=600)
     if check and result.returncode != 0:

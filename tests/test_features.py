@@ -59,6 +59,7 @@ def test_view_sampler_serves_every_image_once_from_view_epoch_mod_k():
     dataset = ViewDataset(views, torch.tensor([0, 1, 0, 1]))
     sampler = ViewSampler(dataset, seed=0)
     for epoch in range(4):
+        sampler.set_epoch(epoch)
         indices = list(sampler)
         assert sorted(indices) == [(epoch % 3) * 4 + i for i in range(4)]
         assert all(dataset[i][1] == [0, 1, 0, 1][i % 4] for i in indices)
@@ -71,3 +72,22 @@ def test_cli_transfer_learning_trains_on_cached_features(tmp_path, image_folder)
     output = result.stdout + result.stderr
     assert "feature cache on" in output and "feature cache: 2 training view(s), (1280,) features" in output
     assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_cached_and_uncached_transfer_learning_train_the_same_head(image_folder):
+    # Same seed, same order (EpochShuffler), same dropout draws: the cache changes only when the backbone runs.
+    import lightning as L
+
+    heads = []
+    for cached in (False, True):
+        L.seed_everything(0)
+        model = ImageClassifier("resnet18", CLASSES, weights=None, unfreeze=0, scheduler="constant")
+        datamodule = prepared(image_folder, model, augment=False)
+        if cached:
+            datamodule.use_features(build_cache(model, datamodule, views=1, device=torch.device("cpu")))
+            model.trains_on_features = True
+        trainer = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+        trainer.fit(model, datamodule=datamodule)
+        heads.append(model.network.fc.weight.detach().clone())
+    assert torch.allclose(heads[0], heads[1], atol=1e-5)

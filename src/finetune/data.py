@@ -11,13 +11,14 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from finetune.backbones import Preprocessing
 from finetune.demo import DEMO_NAMES, demo_root
 from finetune.errors import UsageError
+from finetune.features import EpochShuffler, FeatureDataset, ViewDataset, ViewSampler, as_batch
 from finetune.images import IMAGE_EXTENSIONS, is_image_file, load_rgb
 
 log = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         root: the image folder; None uses the demo data set named by `demo`.
         demo: the demo data set used when `root` is None ("elpv": ELPV solar cells, 2 classes; "elpv4": 4).
         split: fractions of each class for train, val and test.
-        split_seed: seed of the split (not of training: strategies compared under one split_seed see the
-            same images).
+        split_seed: seed of the split and of the training order (each epoch's shuffle depends only on it and the
+            epoch, so strategies compared under one split_seed see the same images in the same order, and a
+            resumed run the order an uninterrupted one would).
         batch_size: images per batch.
         num_workers: loader processes; None picks one per CPU core but one, at most 8.
         image_size: crop size fed to the network; None uses the pretrained weights' own.
@@ -155,14 +157,12 @@ class ImageFolderDataModule(L.LightningDataModule):
                 for image, label in self.splits[split]:
                     writer.writerow([split, self.class_names[label], os.path.relpath(image, self.root)])
 
-    def use_features(self, cache: dict[str, tuple[torch.Tensor, ...]], seed: int) -> None:
+    def use_features(self, cache: dict[str, tuple[torch.Tensor, ...]]) -> None:
         """Serves cached backbone features (see `finetune.features`) instead of images from now on."""
-        from finetune.features import ViewDataset, ViewSampler
-
         train = ViewDataset(*cache["train"])
-        self.datasets = {"train": train, **{split: TensorDataset(*cache[split]) for split in ("val", "test")
+        self.datasets = {"train": train, **{split: FeatureDataset(*cache[split]) for split in ("val", "test")
                                             if split in cache}}
-        self.train_sampler = ViewSampler(train, seed)
+        self.train_sampler = ViewSampler(train, self.split_seed)
         self.serves_features = True
 
     def ordered_dataloader(self, split: str) -> DataLoader:
@@ -180,14 +180,17 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        sampler = None
+        if shuffle:
+            sampler = self.train_sampler if self.serves_features else EpochShuffler(len(self.datasets[split]),
+                                                                                     self.split_seed)
         if self.serves_features:
             # In-memory tensors: worker processes would only add start-up and copying.
-            sampler = self.train_sampler if split == "train" else None
-            return DataLoader(self.datasets[split], batch_size=self.batch_size, sampler=sampler)
+            return DataLoader(self.datasets[split], batch_size=self.batch_size, sampler=sampler, collate_fn=as_batch)
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -99,13 +99,11 @@ def build_cache(model, datamodule, views: int, device: torch.device) -> dict[str
     return cache
 
 
-class ViewDataset(Dataset):
-    """Cached features of K views of N images, served as K*N samples (view-major)."""
+class FeatureDataset(Dataset):
+    """Cached features and labels, fetched a whole batch at a time (one indexing per batch, not per image)."""
 
-    def __init__(self, views: torch.Tensor, labels: torch.Tensor) -> None:
-        self.features = views.reshape(-1, *views.shape[2:])
-        self.labels = labels.repeat(views.shape[0])
-        self.views, self.size = views.shape[0], views.shape[1]
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features, self.labels = features, labels
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -113,18 +111,53 @@ class ViewDataset(Dataset):
     def __getitem__(self, index: int):
         return self.features[index], self.labels[index]
 
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        # The DataLoader hands the batch's indices here when this exists; `as_batch` then passes it through.
+        index = torch.as_tensor(indices)
+        return self.features[index], self.labels[index]
 
-class ViewSampler(Sampler[int]):
-    """Each epoch, every image once, in a new seeded order, from view (epoch mod K)."""
 
-    def __init__(self, dataset: ViewDataset, seed: int) -> None:
-        self.dataset, self.seed, self.epoch = dataset, seed, 0
+def as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The collate function of a FeatureDataset: `__getitems__` already made the batch."""
+    return batch
+
+
+class ViewDataset(FeatureDataset):
+    """Cached features of K views of N images, served as K*N samples (view-major)."""
+
+    def __init__(self, views: torch.Tensor, labels: torch.Tensor) -> None:
+        super().__init__(views.reshape(-1, *views.shape[2:]), labels.repeat(views.shape[0]))
+        self.views, self.size = views.shape[0], views.shape[1]
+
+
+class EpochShuffler(Sampler[int]):
+    """Every index once per epoch, in an order that depends only on (seed, epoch).
+
+    Lightning calls `set_epoch` before each epoch, so a resumed run shuffles as an uninterrupted one, and the cached
+    and uncached paths of one run see their images in the same order.
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.dataset.size
+        return self.size
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        offset = (self.epoch % self.dataset.views) * self.dataset.size
-        self.epoch += 1
-        return iter((offset + torch.randperm(self.dataset.size, generator=generator)).tolist())
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+
+class ViewSampler(EpochShuffler):
+    """Each epoch, every image once, in the EpochShuffler order, from view (epoch mod K)."""
+
+    def __init__(self, dataset: ViewDataset, seed: int) -> None:
+        super().__init__(dataset.size, seed)
+        self.views = dataset.views
+
+    def __iter__(self):
+        offset = (self.epoch % self.views) * self.size
+        return (offset + index for index in super().__iter__())

@@ -51,7 +51,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info(reason)
     if use_cache:
         datamodule.use_features(build_cache(model, datamodule, cfg.strategy.cache_views,
-                                            trainer.strategy.root_device), cfg.seed)
+                                            trainer.strategy.root_device))
         model.trains_on_features = True
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
