@@ -80,3 +80,21 @@ def _train(tmp_path: Path, arguments: list[str], check: bool) -> subprocess.Comp
     if check and result.returncode != 0:
         raise AssertionError(f"exit code {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, image_folder) -> Path:
+    """The folder of one tiny training run on `image_folder`, shared by the tests that need a checkpoint.
+
+    MobileNetV2 at random init (no download), 32 px, one epoch: about 15 s on two CPU cores.
+    """
+    tmp_path = tmp_path_factory.mktemp("trained")
+    run_cli(tmp_path, "model=mobilenet_v2", "model.weights=null", f"data.root={image_folder}", "data.image_size=32",
+            "data.batch_size=8", "data.num_workers=0", "trainer.max_epochs=1")
+    return tmp_path / "run"
+
+
+def run_module(tmp_path: Path, module: str, *arguments: str) -> subprocess.CompletedProcess:
+    """Runs `python -m <module> key=value ...` offline, from tmp_path (relative paths land there)."""
+    return subprocess.run([sys.executable, "-m", module, *arguments], cwd=tmp_path, env=offline_env(tmp_path),
+                          capture_output=True, text=True, timeout=300)

@@ -52,7 +52,8 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
 
     model = ImageClassifier.from_checkpoint(str(run / "checkpoints" / "last.ckpt"))
     assert model.class_names == list(CLASSES)
-    assert model.preprocessing.crop_size == 224  # the weights' own; data.image_size only scaled the data
+    assert model.preprocessing.crop_size == 32  # data.image_size: what the network was trained on
+    assert model.preprocessing.resize_size == round(32 * 232 / 224)  # the weights' resize-to-crop ratio kept
 
 
 def test_bare_command_trains_the_offline_demo_with_real_pretrained_weights(tmp_path):

@@ -28,17 +28,30 @@ Sample = tuple[str, int]  # (path, label)
 
 
 class ImageDataset(Dataset):
-    """Images and labels from a list of (path, label) pairs; every image decoded to RGB."""
+    """Images and labels from a list of (path, label) pairs; every image decoded to RGB.
 
-    def __init__(self, samples: Sequence[Sample], transform) -> None:
+    Indexed by `(index, epoch)` (as `EpochShuffler(keyed=True)` yields), the random transform of an image is
+    seeded by (seed, epoch, index): the same augmentation whichever worker draws it, and after a resume.
+    """
+
+    def __init__(self, samples: Sequence[Sample], transform, seed: int = 0) -> None:
         self.samples = list(samples)
         self.transform = transform
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int):
-        path, label = self.samples[index]
+    def __getitem__(self, key: int | tuple[int, int]):
+        if isinstance(key, tuple):
+            index, epoch = key
+            path, label = self.samples[index]
+            image = load_rgb(path)
+            # fork_rng: the global generator of the process (the training loop's, with workers=0) stays untouched.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63)
+                return self.transform(image), label
+        path, label = self.samples[key]
         return self.transform(load_rgb(path)), label
 
 
@@ -143,7 +156,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         training = train_transform(preprocessing, self.crop_scale, self.rotation_degrees, self.horizontal_flip) \
             if self.augments else evaluation
         self.datasets = {
-            "train": ImageDataset(self.splits["train"], training),
+            "train": ImageDataset(self.splits["train"], training, self.split_seed),
             "val": ImageDataset(self.splits["val"], evaluation),
             "test": ImageDataset(self.splits["test"], evaluation),
         }
@@ -165,9 +178,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.train_sampler = ViewSampler(train, self.split_seed)
         self.serves_features = True
 
-    def ordered_dataloader(self, split: str) -> DataLoader:
-        """The split's images in a fixed order (no shuffling), with the split's own transform."""
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, shuffle=False,
+    def ordered_dataloader(self, split: str, view: int = 0) -> DataLoader:
+        """The split's images in a fixed order (no shuffling), with the split's own transform; training images
+        get the augmentation of epoch `view`."""
+        keys = [(index, view) for index in range(len(self.datasets[split]))] if split == "train" else None
+        return DataLoader(self.datasets[split], batch_size=self.batch_size, sampler=keys,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
@@ -182,8 +197,11 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         sampler = None
         if shuffle:
-            sampler = self.train_sampler if self.serves_features else EpochShuffler(len(self.datasets[split]),
-                                                                                     self.split_seed)
+            sampler = self.train_sampler if self.serves_features else EpochShuffler(
+                len(self.datasets[split]), self.split_seed, keyed=True)
+            # A resumed run's loader starts prefetching before Lightning calls set_epoch: start it at the epoch
+            # Lightning will train next (its own count for set_epoch), or that epoch would replay an earlier order.
+            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0)
         if self.serves_features:
             # In-memory tensors: worker processes would only add start-up and copying.
             return DataLoader(self.datasets[split], batch_size=self.batch_size, sampler=sampler, collate_fn=as_batch)
@@ -191,6 +209,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             self.datasets[split],
             batch_size=self.batch_size,
             sampler=sampler,
+            # Its own generator: creating the loader's iterator then draws nothing from the training loop's.
+            generator=torch.Generator().manual_seed(self.split_seed),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -86,13 +86,12 @@ def build_cache(model, datamodule, views: int, device: torch.device) -> dict[str
     datamodule.setup("fit")
     network = model.network.to(device)
     passes = views if datamodule.augments else 1
-    ordered = {split: datamodule.ordered_dataloader(split) for split in ("train", "val", "test")
-               if datamodule.datasets[split]}
-    train_views = [head_inputs(network, model.head_name, ordered["train"], device) for _ in range(passes)]
+    train_views = [head_inputs(network, model.head_name, datamodule.ordered_dataloader("train", view), device)
+                   for view in range(passes)]
     cache = {"train": (torch.stack([v[0] for v in train_views]), train_views[0][1])}
     for split in ("val", "test"):
-        if split in ordered:
-            cache[split] = head_inputs(network, model.head_name, ordered[split], device)
+        if datamodule.datasets[split]:
+            cache[split] = head_inputs(network, model.head_name, datamodule.ordered_dataloader(split), device)
     size = sum(t.numel() * t.element_size() for tensors in cache.values() for t in tensors)
     log.info("feature cache: %d training view(s), %s features per image, %.1f MB in memory",
              passes, tuple(cache["train"][0].shape[2:]), size / 1e6)
@@ -134,11 +133,12 @@ class EpochShuffler(Sampler[int]):
     """Every index once per epoch, in an order that depends only on (seed, epoch).
 
     Lightning calls `set_epoch` before each epoch, so a resumed run shuffles as an uninterrupted one, and the cached
-    and uncached paths of one run see their images in the same order.
+    and uncached paths of one run see their images in the same order. `keyed=True` yields `(index, epoch)` pairs,
+    which `ImageDataset` uses to seed each image's augmentation.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
+    def __init__(self, size: int, seed: int, keyed: bool = False) -> None:
+        self.size, self.seed, self.epoch, self.keyed = size, seed, 0, keyed
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -148,7 +148,8 @@ class EpochShuffler(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        return iter([(index, self.epoch) for index in order] if self.keyed else order)
 
 
 class ViewSampler(EpochShuffler):

@@ -119,10 +119,15 @@ class ImageClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A checkpoint says how to feed the model, whatever weights it started from.
         checkpoint["preprocessing"] = self.preprocessing.as_dict()
+        # The training loop's random state (dropout), so a resumed run draws what an uninterrupted one would.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "preprocessing" in checkpoint:
             self.preprocessing = Preprocessing.from_dict(checkpoint["preprocessing"])
+        self._rng_to_restore = checkpoint.get("rng_states")
 
     @property
     def class_names(self) -> list[str]:
@@ -163,6 +168,12 @@ class ImageClassifier(L.LightningModule):
         self.train(self.training)
 
     def on_train_epoch_start(self) -> None:
+        # Restored here, not at loading: Lightning's sanity check runs in between and draws random numbers.
+        states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
+        if states:
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])
         # The schedule is a function of the epoch: a run resumed mid-schedule lands on the same depth.
         depth = self.schedule.depth_at(self.current_epoch)
         if depth != self.depth:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torch.utils.tensorboard.summary import hparams
 
 from finetune.data import ImageFolderDataModule
+from finetune.errors import UsageError
 from finetune.features import build_cache, should_cache
 from finetune.module import ImageClassifier
 
@@ -41,6 +42,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     datamodule.save_split(output_dir / "split.csv")
 
     model: ImageClassifier = instantiate(cfg.model, class_names=datamodule.class_names)
+    # The size the network trains at travels in its checkpoints, for predict, evaluate and export.
+    model.preprocessing = model.preprocessing.at_size(cfg.data.image_size)
     datamodule.preprocessing = model.preprocessing
     log.info("model: %s", model.describe())
 
@@ -53,8 +56,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
         datamodule.use_features(build_cache(model, datamodule, cfg.strategy.cache_views,
                                             trainer.strategy.root_device))
         model.trains_on_features = True
+    if cfg.tune.lr_find:
+        find_learning_rate(trainer, model, datamodule, output_dir, cfg.tune.num_training)
     started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from(cfg.ckpt_path, output_dir))
     fit_seconds = time.perf_counter() - started
     last_epoch = {name: float(value) for name, value in trainer.callback_metrics.items()
                   if name.startswith("train/")}
@@ -97,6 +102,46 @@ def _evaluate(cfg: DictConfig, trainer: L.Trainer, model: ImageClassifier, datam
     else:
         log.info("no test split (train/ and val/ folders without test/): test metrics are not computed")
     return {name: float(value) for name, value in results.items()}
+
+
+def resume_from(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """The checkpoint to resume from: a path, or "last" for this run directory's checkpoints/last.ckpt."""
+    if ckpt_path is None:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
+    if not path.is_file():
+        hint = ("pass hydra.run.dir=<the run to resume> with ckpt_path=last" if ckpt_path == "last"
+                else "pass ckpt_path=<an existing .ckpt file> or ckpt_path=last")
+        raise UsageError(f"no checkpoint to resume at {path}: {hint}")
+    log.info("resuming from %s", path)
+    return str(path)
+
+
+def find_learning_rate(trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule,
+                       output_dir: Path, num_training: int) -> None:
+    """Runs Lightning's learning-rate finder, saves its plot, and trains with its suggestion.
+
+    The unfrozen blocks' learning rate keeps its ratio to the head's.
+    """
+    from lightning.pytorch.tuner import Tuner
+
+    before = model.hparams.lr
+    finder = Tuner(trainer).lr_find(model, datamodule=datamodule, num_training=num_training, update_attr=False)
+    # Lightning skips the first 10 points by default; a short search (few batches, early divergence) has fewer.
+    steps = len(finder.results["lr"]) if finder else 0
+    suggestion = finder.suggestion(skip_begin=min(10, steps // 4), skip_end=1) if steps >= 4 else None
+    if suggestion is None:
+        log.info("learning-rate finder: no suggestion (%d steps); keeping lr %.3g", steps, before)
+        return
+    import matplotlib.pyplot as plt
+
+    figure = finder.plot(suggest=True)
+    figure.savefig(output_dir / "lr_find.png")
+    plt.close(figure)
+    model.hparams.lr = suggestion
+    if model.hparams.backbone_lr:
+        model.hparams.backbone_lr *= suggestion / before
+    log.info("learning-rate finder: lr %.3g (was %.3g); plot in %s", suggestion, before, output_dir / "lr_find.png")
 
 
 # Declared to TensorBoard's HPARAMS tab, which then shows them beside every run's hyperparameters.

@@ -1,0 +1,119 @@
+"""`python -m finetune.evaluate`: metrics that agree with each other, the files written, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CLASSES, run_module
+
+from finetune.errors import UsageError
+from finetune.evaluate import class_folder_images, compute_metrics, main
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file and folder under `folder`, with size and modification time: what 'only read' must preserve."""
+    state = {}
+    for directory, subdirectories, files in os.walk(folder):
+        for name in [*subdirectories, *files]:
+            status = os.stat(os.path.join(directory, name))
+            state[os.path.relpath(os.path.join(directory, name), folder)] = (status.st_size, status.st_mtime_ns)
+    return state
+
+
+def test_evaluates_a_labelled_folder(tmp_path, trained_run, image_folder):
+    before = snapshot(image_folder)
+    result = run_module(tmp_path, "finetune.evaluate", f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}",
+                        f"data.root={image_folder}")
+    assert result.returncode == 0, result.stderr
+    output = trained_run / "evaluation" / image_folder.name  # the default: in the run's folder
+    assert f"written to {output}: metrics.json, per_class.csv, confusion_matrix.png" in result.stdout
+    assert snapshot(image_folder) == before  # nothing written inside data.root
+
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert metrics["classes"] == list(CLASSES) and metrics["image_size"] == 32 and metrics["unreadable"] == {}
+    confusion = torch.tensor(metrics["confusion_matrix"])
+    assert confusion.sum() == metrics["images"] == 36
+    assert metrics["accuracy"] == pytest.approx(float(confusion.trace() / confusion.sum()))
+    with open(output / "per_class.csv", newline="") as file:
+        table = {row["class"]: row for row in csv.DictReader(file)}
+    assert list(table) == list(CLASSES)
+    f1s = []
+    for label, name in enumerate(CLASSES):
+        row, hits = metrics["per_class"][name], float(confusion[label, label])
+        assert row["support"] == int(confusion[label].sum()) == 12 == int(table[name]["support"])
+        assert row["recall"] == pytest.approx(hits / 12)
+        predicted = float(confusion[:, label].sum())
+        assert row["precision"] == pytest.approx(hits / predicted if predicted else 0.0)
+        both = row["precision"] + row["recall"]
+        assert row["f1"] == pytest.approx(2 * row["precision"] * row["recall"] / both if both else 0.0, abs=1e-6)
+        for key in ("precision", "recall", "f1"):
+            assert float(table[name][key]) == pytest.approx(row[key], abs=1e-6)
+        f1s.append(row["f1"])
+    assert metrics["macro_f1"] == pytest.approx(sum(f1s) / len(f1s))  # every class is present
+    assert (output / "confusion_matrix.png").read_bytes().startswith(PNG_SIGNATURE)
+    for name in CLASSES:
+        assert name in result.stdout  # the printed table
+    assert f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} on 36 images" in result.stdout
+
+
+def test_unknown_class_folder_is_a_one_line_error(tmp_path, trained_run, image_folder):
+    data = tmp_path / "other"
+    for name, source in (("circle", "circle"), ("triangle", "square")):
+        (data / name).mkdir(parents=True)
+        shutil.copy(image_folder / source / f"{source}_000.png", data / name / "a.png")
+    output = tmp_path / "results"
+    result = run_module(tmp_path, "finetune.evaluate", f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}",
+                        f"data.root={data}", f"output={output}")
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {data} has classes the checkpoint does not know: triangle; it knows circle, square, stripes "
+        "(a subset of them is fine)")
+    assert not output.exists()
+    assert sorted(p.name for p in data.rglob("*")) == ["a.png", "a.png", "circle", "triangle"]
+
+
+def test_a_subset_of_the_classes_is_fine(tmp_path, image_folder):
+    data = tmp_path / "subset"
+    (data / "square").mkdir(parents=True)
+    shutil.copy(image_folder / "square" / "square_000.png", data / "square" / "x.png")
+    (data / ".git").mkdir()  # hidden folders are no classes
+    assert class_folder_images(data, list(CLASSES)) == [(str(data / "square" / "x.png"), 1)]
+    with pytest.raises(UsageError, match="holds no class folders"):
+        class_folder_images(data / "square", list(CLASSES))
+
+
+def test_macro_f1_counts_the_classes_in_the_data_or_the_predictions():
+    # Class 2 neither occurs nor is predicted: torchmetrics leaves it out of the macro average.
+    metrics = compute_metrics(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1]), ["a", "b", "c"])
+    assert metrics["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert metrics["confusion_matrix"] == [[1, 0, 0], [1, 2, 0], [0, 0, 0]]
+
+
+def test_split_test_scores_the_runs_own_test_images(tmp_path, trained_run, capsys):
+    # In process (the CLI path is covered above): the run's data.root and image size come from its config.
+    assert main([f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}", "split=test",
+                 f"output={tmp_path / 'test'}", "num_workers=0"]) == 0
+    metrics = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    trained = json.loads((trained_run / "metrics.json").read_text())
+    assert metrics["images"] == 3  # one test image per class
+    # One epoch: the best checkpoint is the last; the training run tested it at the same 32 px.
+    assert metrics["accuracy"] == pytest.approx(trained["test/acc"])
+    assert metrics["macro_f1"] == pytest.approx(trained["test/f1"])
+
+
+def test_results_never_go_inside_the_data_folder(tmp_path, trained_run, image_folder, capsys):
+    inside = image_folder / "results"
+    assert main([f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}", f"data.root={image_folder}",
+                 f"output={inside}"]) == 2
+    assert "inside data.root" in capsys.readouterr().err
+    assert not inside.exists()

@@ -1,0 +1,44 @@
+"""Resuming and tuning through the real command line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import run_cli
+
+RESUME = ("model=mobilenet_v2", "model.weights=null", "data.image_size=32", "data.num_workers=1",
+          "data.batch_size=8", "strategy.scheduler=constant", "trainer.deterministic=true")
+
+
+def test_interrupted_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path, image_folder):
+    # Dropout in the head and augmentation in a worker process: both must continue as if never stopped.
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run_cli(straight, *RESUME, f"data.root={image_folder}", "trainer.max_epochs=3")
+    run_cli(interrupted, *RESUME, f"data.root={image_folder}", "trainer.max_epochs=2")
+    result = run_cli(interrupted, *RESUME, f"data.root={image_folder}", "trainer.max_epochs=3", "ckpt_path=last")
+    assert "resuming from" in result.stdout + result.stderr
+
+    metrics = [json.loads((run / "run" / "metrics.json").read_text()) for run in (straight, interrupted)]
+    for key in ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss", "best_epoch", "epochs"):
+        assert metrics[0][key] == pytest.approx(metrics[1][key], abs=1e-6), key
+    weights = [torch.load(run / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+               for run in (straight, interrupted)]
+    assert all(torch.allclose(weights[0][k].float(), weights[1][k].float(), atol=1e-6) for k in weights[0])
+
+
+def test_resume_without_a_checkpoint_says_what_to_pass(tmp_path, image_folder):
+    result = run_cli(tmp_path, *RESUME, f"data.root={image_folder}", "ckpt_path=last", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output
+    assert "no checkpoint to resume at" in output and "hydra.run.dir=<the run to resume>" in output
+
+
+def test_learning_rate_finder_runs_before_training(tmp_path, image_folder):
+    result = run_cli(tmp_path, *RESUME, f"data.root={image_folder}", "tune.lr_find=true", "tune.num_training=20",
+                     "strategy=gradual", "trainer.max_epochs=5")
+    output = result.stdout + result.stderr
+    assert "learning-rate finder: lr" in output
+    assert (tmp_path / "run" / "lr_find.png").stat().st_size > 10_000
+    assert (tmp_path / "run" / "metrics.json").exists()
