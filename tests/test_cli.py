@@ -37,6 +37,9 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/f1", "test/acc", "test/f1"} <= scalars
     assert len(events.Scalars("val/acc")) == 2  # one point per epoch: the best checkpoint's re-check is not logged
+    assert {f"{stage}/acc_class/{name}" for stage in ("val", "test") for name in CLASSES} <= scalars
+    assert {"val/confusion_matrix", "test/confusion_matrix"} <= set(events.Tags()["images"])
+    assert len(events.Images("val/confusion_matrix")) == 2
     hparams = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"])
     declared = {info.name.tag for info in hparams.experiment.metric_infos}
     assert {"val/acc", "val/f1", "test/acc", "test/f1"} <= declared

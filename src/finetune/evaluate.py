@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from matplotlib.figure import Figure
 
 from finetune.cli import (
     InferenceOptions,
@@ -32,6 +31,7 @@ from finetune.cli import (
     run_dir,
 )
 from finetune.errors import UsageError
+from finetune.plots import confusion_matrix_figure
 from finetune.predict import classify, list_images
 
 USAGE = """\
@@ -49,8 +49,6 @@ usage: python -m finetune.evaluate checkpoint=<ckpt> data.root=<labelled folder>
 
 FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png")
 SPLIT_FOLDERS = {"train", "val", "test"}
-# Above this many classes the counts no longer fit in the confusion matrix's cells; the colours still show.
-MAX_ANNOTATED_CLASSES = 30
 
 
 @dataclass
@@ -264,26 +262,8 @@ def write_results(output: Path, metrics: dict, title: str) -> None:
 
 def plot_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str,
                           path: Path) -> None:
-    """Draws the confusion matrix (rows: true class, columns: predicted) with the count in every cell."""
-    # A Figure without pyplot: no global backend is switched, and savefig renders with Agg.
-    n = len(class_names)
-    side = min(4 + 0.5 * n, 40)
-    figure = Figure(figsize=(side + 1, side), layout="constrained")
-    axes = figure.subplots()
-    counts = torch.tensor(confusion)
-    image = axes.imshow(counts.numpy(), cmap="Blues", vmin=0)
-    figure.colorbar(image, ax=axes, shrink=0.8)
-    axes.set_xticks(range(n), labels=class_names, rotation=45, ha="right", rotation_mode="anchor")
-    axes.set_yticks(range(n), labels=class_names)
-    axes.set(xlabel="predicted class", ylabel="true class", title=title)
-    if n <= MAX_ANNOTATED_CLASSES:
-        threshold = counts.max().item() / 2
-        for row in range(n):
-            for column in range(n):
-                value = counts[row, column].item()
-                axes.text(column, row, str(value), ha="center", va="center",
-                          color="white" if value > threshold else "black")
-    figure.savefig(path, dpi=120)
+    """Writes the confusion matrix (rows: true class, columns: predicted) as a PNG."""
+    confusion_matrix_figure(confusion, class_names, title).savefig(path, dpi=120)
 
 
 def format_table(metrics: dict) -> str:

@@ -7,9 +7,10 @@ import math
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from finetune.backbones import Preprocessing, create_backbone, dropout_before_head
 from finetune.errors import UsageError
@@ -110,6 +111,8 @@ class ImageClassifier(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        self.confusion = nn.ModuleDict({stage: MulticlassConfusionMatrix(len(class_names))
+                                        for stage in ("val", "test")})
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> ImageClassifier:
@@ -229,10 +232,35 @@ class ImageClassifier(L.LightningModule):
             logits = self(inputs)
         loss = self.loss(logits, labels)
         metrics.update(logits, labels)
+        if stage in self.confusion:
+            self.confusion[stage].update(logits, labels)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test",
                  batch_size=len(labels))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
         return loss
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_confusion("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_confusion("test")
+
+    def _log_confusion(self, stage: str) -> None:
+        """Per-class accuracy (recall) as scalars, and the confusion matrix as an image, in TensorBoard."""
+        confusion = self.confusion[stage].compute().cpu()
+        self.confusion[stage].reset()
+        if self.trainer.sanity_checking:
+            return
+        per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
+        for name, accuracy in zip(self.class_names, per_class.tolist(), strict=True):
+            self.log(f"{stage}/acc_class/{name}", accuracy)
+        if isinstance(self.logger, TensorBoardLogger):
+            from finetune.plots import confusion_matrix_figure
+
+            title = f"{stage}, epoch {self.current_epoch}"
+            self.logger.experiment.add_figure(f"{stage}/confusion_matrix",
+                                              confusion_matrix_figure(confusion, self.class_names, title),
+                                              self.global_step)
 
     def configure_optimizers(self):
         hp = self.hparams
