@@ -40,6 +40,8 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     assert {f"{stage}/acc_class/{name}" for stage in ("val", "test") for name in CLASSES} <= scalars
     assert {"val/confusion_matrix", "test/confusion_matrix"} <= set(events.Tags()["images"])
     assert len(events.Images("val/confusion_matrix")) == 2
+    # Misclassified test images are shown whenever there are any.
+    assert ("test/misclassified" in events.Tags()["images"]) == (metrics["test/acc"] < 1.0)
     hparams = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"])
     declared = {info.name.tag for info in hparams.experiment.metric_infos}
     assert {"val/acc", "val/f1", "test/acc", "test/f1"} <= declared

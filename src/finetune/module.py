@@ -51,6 +51,8 @@ class ImageClassifier(L.LightningModule):
             val/loss stops falling for 2 epochs) or "constant".
         warmup_epochs: length of the linear warmup, in epochs (fractions allowed).
         label_smoothing: label smoothing of the cross-entropy loss.
+        log_misclassified: at test time, log up to this many misclassified images to TensorBoard as one grid
+            (captioned true -> predicted); 0 turns it off.
         channels_last: NHWC memory layout for convolutional networks; "auto" uses it on CUDA, where it is faster.
     """
 
@@ -76,6 +78,7 @@ class ImageClassifier(L.LightningModule):
         warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0,
         channels_last: bool | str = "auto",
+        log_misclassified: int = 16,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -234,6 +237,8 @@ class ImageClassifier(L.LightningModule):
         metrics.update(logits, labels)
         if stage in self.confusion:
             self.confusion[stage].update(logits, labels)
+        if stage == "test" and inputs.dim() == 4:
+            self._keep_misclassified(inputs, labels, logits.argmax(dim=1))
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test",
                  batch_size=len(labels))
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
@@ -242,8 +247,27 @@ class ImageClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_confusion("val")
 
+    def on_test_epoch_start(self) -> None:
+        self.misclassified: list[tuple[torch.Tensor, int, int]] = []
+
     def on_test_epoch_end(self) -> None:
         self._log_confusion("test")
+        if self.misclassified and isinstance(self.logger, TensorBoardLogger):
+            from finetune.plots import image_grid_figure
+
+            mean = torch.tensor(self.preprocessing.mean).view(3, 1, 1)
+            std = torch.tensor(self.preprocessing.std).view(3, 1, 1)
+            images = [(image * std + mean).clamp(0, 1) for image, _, _ in self.misclassified]
+            captions = [f"{self.class_names[t]} -> {self.class_names[p]}" for _, t, p in self.misclassified]
+            self.logger.experiment.add_figure("test/misclassified", image_grid_figure(images, captions),
+                                              self.global_step)
+
+    def _keep_misclassified(self, images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor) -> None:
+        room = self.hparams.log_misclassified - len(getattr(self, "misclassified", []))
+        if room <= 0:
+            return
+        wrong = (predicted != labels).nonzero().flatten()[:room].tolist()
+        self.misclassified.extend((images[i].float().cpu(), int(labels[i]), int(predicted[i])) for i in wrong)
 
     def _log_confusion(self, stage: str) -> None:
         """Per-class accuracy (recall) as scalars, and the confusion matrix as an image, in TensorBoard."""

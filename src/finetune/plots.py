@@ -33,3 +33,15 @@ def confusion_matrix_figure(confusion: Sequence[Sequence[int]] | torch.Tensor, c
                 axes.text(column, row, str(value), ha="center", va="center",
                           color="white" if value > threshold else "black")
     return figure
+
+
+def image_grid_figure(images: Sequence[torch.Tensor], captions: Sequence[str], columns: int = 4) -> Figure:
+    """Images (CHW in [0, 1]) in a grid, each with its caption."""
+    rows = (len(images) + columns - 1) // columns
+    figure = Figure(figsize=(2.5 * columns, 2.7 * rows), layout="constrained")
+    for index, axes in enumerate(figure.subplots(rows, columns, squeeze=False).flat):
+        axes.axis("off")
+        if index < len(images):
+            axes.imshow(images[index].permute(1, 2, 0).numpy())
+            axes.set_title(captions[index], fontsize=8)
+    return figure
