@@ -35,6 +35,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         The final metrics: `val/*` and `test/*` of the best checkpoint, its epoch, parameter counts, fit time.
     """
     output_dir = Path(cfg.paths.output_dir)
+    resume = resume_from(cfg.ckpt_path, output_dir)  # a missing checkpoint stops the run before any work
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule: ImageFolderDataModule = instantiate(cfg.data)
@@ -59,7 +60,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.tune.lr_find:
         find_learning_rate(trainer, model, datamodule, output_dir, cfg.tune.num_training)
     started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from(cfg.ckpt_path, output_dir))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     fit_seconds = time.perf_counter() - started
     last_epoch = {name: float(value) for name, value in trainer.callback_metrics.items()
                   if name.startswith("train/")}
