@@ -87,6 +87,15 @@ def wait_until_idle(max_wait_s: float, use_load: bool = True, poll_s: float = 30
         waited += poll_s
 
 
+def add_idle_arguments(parser, unit: str) -> None:
+    """--max-wait and --retries: how long to wait for an idle machine, and how often to measure a `unit` again."""
+    parser.add_argument("--max-wait", type=float, default=600,
+                        help="seconds to wait for an idle machine (load average <= 1.5 at the start, other "
+                             f"processes under 0.15 cores before each {unit})")
+    parser.add_argument("--retries", type=int, default=3,
+                        help=f"times a {unit} is measured again when other processes used the CPU meanwhile")
+
+
 def release_memory() -> None:
     """Frees what the previous measurement left, so the next one's memory baseline is not flattered."""
     gc.collect()

@@ -24,7 +24,17 @@ import time
 import warnings
 
 import torch
-from common import QUIET_CORES, ResourceSampler, load, machine, resolve_device, revision, today, wait_until_idle
+from common import (  # noqa: E402
+    QUIET_CORES,
+    ResourceSampler,
+    add_idle_arguments,
+    load,
+    machine,
+    resolve_device,
+    revision,
+    today,
+    wait_until_idle,
+)
 from torch import nn
 
 from finetune.module import ImageClassifier
@@ -49,11 +59,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--depths", nargs="+", default=list(DEPTHS), help="unfreeze settings; include 'all'")
     parser.add_argument("--no-optimizer-step", action="store_true", help="time forward + backward only")
-    parser.add_argument("--max-wait", type=float, default=600,
-                        help="seconds to wait for an idle machine (load average <= 1.5 at the start, other "
-                             "processes under 0.15 cores before each setting)")
-    parser.add_argument("--retries", type=int, default=3,
-                        help="times a setting is measured again when other processes used the CPU meanwhile")
+    add_idle_arguments(parser, "setting")
     args = parser.parse_args()
     batch_size = args.batch_size or (8 if args.quick else 32)
     image_size = args.image_size or (128 if args.quick else 224)

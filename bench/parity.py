@@ -45,6 +45,7 @@ import torch
 from common import (
     QUIET_CORES,
     ResourceSampler,
+    add_idle_arguments,
     load,
     machine,
     release_memory,
@@ -96,11 +97,7 @@ def main() -> None:
     parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                         help="an extra Hydra override for our side only, to find where time goes, "
                              "e.g. trainer.num_sanity_val_steps=0 (then it is not the real pipeline)")
-    parser.add_argument("--max-wait", type=float, default=600,
-                        help="seconds to wait for an idle machine (load average <= 1.5 at the start, other "
-                             "processes under 0.15 cores before each run)")
-    parser.add_argument("--retries", type=int, default=3,
-                        help="runs again a measurement during which other processes used the CPU")
+    add_idle_arguments(parser, "run")
     args = parser.parse_args()
     repeats = args.repeats
     epochs = args.epochs or (2 if args.quick else 3)
