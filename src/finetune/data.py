@@ -43,16 +43,15 @@ class ImageDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, key: int | tuple[int, int]):
-        if isinstance(key, tuple):
-            index, epoch = key
-            path, label = self.samples[index]
-            image = load_rgb(path)
-            # fork_rng: the global generator of the process (the training loop's, with workers=0) stays untouched.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63)
-                return self.transform(image), label
-        path, label = self.samples[key]
-        return self.transform(load_rgb(path)), label
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[index]
+        image = load_rgb(path)
+        if epoch is None:
+            return self.transform(image), label
+        # fork_rng: the global generator of the process (the training loop's, with workers=0) stays untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63)
+            return self.transform(image), label
 
 
 class ImageFolderDataModule(L.LightningDataModule):

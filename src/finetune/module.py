@@ -189,15 +189,17 @@ class ImageClassifier(L.LightningModule):
                      f"{trainable:,}", f"{total:,}")
 
     def on_fit_start(self) -> None:
-        if self._use_channels_last():
+        # Decided once, here, where the device is known; _step lays out the batches to match the weights.
+        self.uses_channels_last = self._use_channels_last()
+        if self.uses_channels_last:
             self.network.to(memory_format=torch.channels_last)
 
     def _use_channels_last(self) -> bool:
         setting = self.hparams.channels_last
         if setting == "auto":
-            has_convolutions = any(isinstance(m, nn.Conv2d) and m.kernel_size != (16, 16)
-                                   for m in self.network.modules())
-            return self.device.type == "cuda" and has_convolutions
+            # A ViT's only convolution is its patch embedding: NHWC buys nothing there.
+            convolutions = sum(isinstance(m, nn.Conv2d) for m in self.network.modules())
+            return self.device.type == "cuda" and convolutions > 1
         return bool(setting)
 
     def train(self, mode: bool = True) -> ImageClassifier:
@@ -230,7 +232,7 @@ class ImageClassifier(L.LightningModule):
         if self.trains_on_features:
             logits = self.classify_features(inputs)
         else:
-            if self.hparams.channels_last and inputs.is_cuda:
+            if getattr(self, "uses_channels_last", False):
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             logits = self(inputs)
         loss = self.loss(logits, labels)
