@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from finetune.blocks import Block, split_into_blocks, torchvision_block_matcher
-from finetune.errors import UsageError
+from finetune.errors import UsageError, close_matches
 from finetune.packaged_weights import PACKAGED_WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def _create_torchvision(name: str, weights: str | None) -> tuple[nn.Module, Prep
 
     available = models.list_models()
     if name not in available:
-        close = _close_matches(name, available)
+        close = close_matches(name, available)
         raise UsageError(f"unknown torchvision model {name!r}{close}; `torchvision.models.list_models()` "
                          "lists them all, and model=timm model.name=<name> takes any timm model")
     weights_enum = models.get_model_weights(name)
@@ -171,7 +171,7 @@ def _create_timm(name: str, weights: str | None) -> tuple[nn.Module, Preprocessi
 
     base_name = name.split(".")[0]
     if not timm.is_model(base_name):
-        close = _close_matches(base_name, timm.list_models())
+        close = close_matches(base_name, timm.list_models())
         raise UsageError(f"unknown timm model {name!r}{close}; `timm.list_models('*pattern*')` searches them")
 
     if weights is None:
@@ -320,13 +320,6 @@ def _set_dropout_before_head(network: nn.Module, head_name: str, p: float) -> No
     else:
         raise UsageError(f"{type(network).__name__} has no dropout before its classifier to set; "
                          "use model.head_hidden_dim=<units> for a head with its own dropout")
-
-
-def _close_matches(name: str, choices: list[str]) -> str:
-    import difflib
-
-    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.6)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
 
 
 def _reason(error: BaseException) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import lightning as L
@@ -16,15 +16,19 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from finetune.backbones import Preprocessing
-from finetune.demo import DEMO_NAMES, demo_root
+from finetune.demo import DEMO_NAMES, default_cache_dir, demo_root
 from finetune.errors import UsageError
 from finetune.features import EpochShuffler, FeatureDataset, ViewDataset, ViewSampler, as_batch
 from finetune.images import IMAGE_EXTENSIONS, is_image_file, load_rgb
+from finetune.scan import scan_cache_file, unreadable_images
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 Sample = tuple[str, int]  # (path, label)
+BALANCES = (None, "sampler", "loss_weights")
+# From this ratio of the largest to the smallest class on, the log suggests data.balance.
+STRONG_IMBALANCE = 3.0
 
 
 class ImageDataset(Dataset):
@@ -76,6 +80,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         crop_scale: area range of the training-time random resized crop.
         rotation_degrees: training-time random rotation range, in degrees (0 turns it off).
         horizontal_flip: training-time random horizontal flips.
+        strict: stop on any unreadable image instead of skipping it (skipped images are logged and listed in
+            the run's skipped_files.txt).
+        balance: None trains on the data as they are; "sampler" draws training images with probabilities that
+            make every class equally frequent (with replacement; an epoch stays as long); "loss_weights" weights
+            each class's training loss by total / (classes * class count).
     """
 
     def __init__(
@@ -91,6 +100,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         crop_scale: Sequence[float] = (0.8, 1.0),
         rotation_degrees: float = 15.0,
         horizontal_flip: bool = True,
+        strict: bool = False,
+        balance: str | None = None,
     ) -> None:
         super().__init__()
         if len(split) != 3 or any(f < 0 for f in split) or not 0.999 < sum(split) < 1.001 or split[0] <= 0:
@@ -101,6 +112,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                              "or pass data.root=<your image folder>")
         if split[1] <= 0:
             raise UsageError("data.split needs a validation fraction above 0: the best checkpoint is chosen on it")
+        if balance not in BALANCES:
+            raise UsageError(f"data.balance={balance}: choose sampler, loss_weights or null (leave the data as is)")
+        if batch_size < 1:
+            raise UsageError(f"data.batch_size={batch_size} must be at least 1")
         self.root = Path(root).expanduser() if root is not None else None
         self.demo = demo
         self.split = tuple(split)
@@ -113,6 +128,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.crop_scale = tuple(crop_scale)
         self.rotation_degrees = rotation_degrees
         self.horizontal_flip = horizontal_flip
+        self.strict = strict
+        self.balance = balance
+        self.skipped: dict[str, str] = {}
         self.preprocessing: Preprocessing | None = None
         self.splits: dict[str, list[Sample]] | None = None
         self.class_names: list[str] = []
@@ -131,14 +149,63 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise UsageError(f"data.root {self.root} is not a folder; pass data.root=<folder with one "
                              "sub-folder of images per class>")
         if (self.root / "train").is_dir() and (self.root / "val").is_dir():
-            self.class_names, self.splits = _read_split_folders(self.root)
+            self.class_names, self.splits = _read_split_folders(self.root, self._usable)
             source = "its train/val" + ("/test" if self.splits["test"] else "") + " folders"
         else:
-            self.class_names, by_class = _read_class_folders(self.root)
+            self.class_names, by_class = _read_class_folders(self.root, self._usable)
             self.splits = split_stratified(by_class, self.split, self.split_seed, self.class_names)
             source = f"a stratified {'/'.join(f'{f:g}' for f in self.split)} split (seed {self.split_seed})"
         counts = ", ".join(f"{name} {len(self.splits[name])}" for name in SPLITS)
         log.info("data: %s, %d classes, %s; %s", self.root, len(self.class_names), counts, source)
+        self._report_classes()
+
+    def _usable(self, images: list[str]) -> list[str]:
+        """The images that decode; the others are skipped (logged once each) or, with `strict`, an error."""
+        bad = unreadable_images(images, scan_cache_file(default_cache_dir(), self.root), self.num_workers)
+        if bad and self.strict:
+            path, reason = next(iter(bad.items()))
+            raise UsageError(f"{len(bad)} unreadable image(s) under {self.root}, e.g. {path}: {reason}; fix or "
+                             "remove them, or leave out data.strict=true to skip them")
+        for path, reason in bad.items():
+            log.warning("skipping %s: %s", path, reason)
+        self.skipped.update(bad)
+        return [image for image in images if image not in bad]
+
+    def class_counts(self, split: str = "train") -> list[int]:
+        """Images per class in `split`, in class order."""
+        counts = [0] * len(self.class_names)
+        for _, label in self.splits[split]:
+            counts[label] += 1
+        return counts
+
+    @property
+    def imbalance(self) -> float:
+        """Largest over smallest class count in the training split (1.0: balanced)."""
+        counts = self.class_counts()
+        return max(counts) / max(min(counts), 1)
+
+    def loss_weights(self) -> list[float] | None:
+        """Per-class training loss weights for `balance="loss_weights"` (None otherwise)."""
+        if self.balance != "loss_weights":
+            return None
+        counts = self.class_counts()
+        return [sum(counts) / (len(counts) * count) for count in counts]
+
+    def _sample_weights(self) -> list[float] | None:
+        """Per-image draw weights for `balance="sampler"`: each class drawn equally often."""
+        if self.balance != "sampler":
+            return None
+        counts = self.class_counts()
+        return [1.0 / counts[label] for _, label in self.splits["train"]]
+
+    def _report_classes(self) -> None:
+        totals = [sum(c) for c in zip(*(self.class_counts(split) for split in SPLITS), strict=True)]
+        log.info("classes: %s", ", ".join(f"{name} {count}" for name, count in zip(self.class_names, totals,
+                                                                                      strict=True)))
+        if self.imbalance >= STRONG_IMBALANCE and self.balance is None:
+            log.warning("strong class imbalance: the largest training class has %.1fx the images of the smallest; "
+                        "accuracy will favour it. Consider data.balance=sampler or data.balance=loss_weights, and "
+                        "read the per-class accuracy and F1", self.imbalance)
 
     @property
     def has_test(self) -> bool:
@@ -162,19 +229,26 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def save_split(self, path: str | os.PathLike) -> None:
         """Writes the split as CSV (split, class, path relative to the data root), one row per image."""
-        with open(path, "w", newline="") as file:
+        with open(path, "w", newline="", encoding="utf-8") as file:
             writer = csv.writer(file)
             writer.writerow(["split", "class", "path"])
             for split in SPLITS:
                 for image, label in self.splits[split]:
                     writer.writerow([split, self.class_names[label], os.path.relpath(image, self.root)])
 
+    def save_skipped(self, path: str | os.PathLike) -> None:
+        """Writes the skipped (unreadable) images, one `path<TAB>reason` line each, if there were any."""
+        if self.skipped:
+            Path(path).write_text("".join(f"{image}\t{reason}\n" for image, reason in self.skipped.items()),
+                                  encoding="utf-8")
+            log.warning("skipped %d unreadable image(s); the list is in %s", len(self.skipped), path)
+
     def use_features(self, cache: dict[str, tuple[torch.Tensor, ...]]) -> None:
         """Serves cached backbone features (see `finetune.features`) instead of images from now on."""
         train = ViewDataset(*cache["train"])
         self.datasets = {"train": train, **{split: FeatureDataset(*cache[split]) for split in ("val", "test")
                                             if split in cache}}
-        self.train_sampler = ViewSampler(train, self.split_seed)
+        self.train_sampler = ViewSampler(train, self.split_seed, self._sample_weights())
         self.serves_features = True
 
     def ordered_dataloader(self, split: str, view: int = 0) -> DataLoader:
@@ -197,14 +271,17 @@ class ImageFolderDataModule(L.LightningDataModule):
         sampler = None
         if shuffle:
             sampler = self.train_sampler if self.serves_features else EpochShuffler(
-                len(self.datasets[split]), self.split_seed, keyed=True)
+                len(self.datasets[split]), self.split_seed, keyed=True, weights=self._sample_weights())
             # A resumed run's loader starts prefetching before Lightning calls set_epoch: start it at the epoch
             # Lightning will train next (its own count for set_epoch), or that epoch would replay an earlier order.
             sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0)
+        loader = ResumableLoader if shuffle else DataLoader
+        position = {"trained_batches": self._trained_batches} if shuffle else {}
         if self.serves_features:
             # In-memory tensors: worker processes would only add start-up and copying.
-            return DataLoader(self.datasets[split], batch_size=self.batch_size, sampler=sampler, collate_fn=as_batch)
-        return DataLoader(
+            return loader(self.datasets[split], batch_size=self.batch_size, sampler=sampler, collate_fn=as_batch,
+                          **position)
+        return loader(
             self.datasets[split],
             batch_size=self.batch_size,
             sampler=sampler,
@@ -213,7 +290,36 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            **position,
         )
+
+    def _trained_batches(self) -> int:
+        # Batches of the current epoch whose optimizer step has run (`processed` counts up after the step).
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, whose place in the epoch travels in checkpoints (Lightning's stateful-loader protocol).
+
+    A run resumed from a mid-epoch checkpoint (a step checkpoint, or the one saved on Ctrl-C or SIGTERM) then
+    trains the rest of that epoch in the same order, instead of starting the epoch over.
+
+    Args:
+        trained_batches: how many batches of the current epoch the training loop has trained on.
+    """
+
+    def __init__(self, *args, trained_batches: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.trained_batches = trained_batches
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "samples_done": self.trained_batches() * self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Lightning loads this after `train_dataloader()` set the epoch it resumes at: a checkpoint from the end
+        # of an epoch names the epoch before, which is over.
+        if state["epoch"] == self.sampler.epoch:
+            self.sampler.resume_at(state["epoch"], state["samples_done"])
 
 
 def eval_transform(preprocessing: Preprocessing) -> T.Compose:
@@ -274,22 +380,27 @@ def split_stratified(by_class: dict[int, list[str]], fractions: Sequence[float],
     return splits
 
 
-def _read_class_folders(root: Path) -> tuple[list[str], dict[int, list[str]]]:
+def _read_class_folders(root: Path, usable: Callable[[list[str]], list[str]]
+                        ) -> tuple[list[str], dict[int, list[str]]]:
     class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir()
                          and not entry.name.startswith("."))
     if len(class_names) < 2:
         raise UsageError(f"{root} holds {len(class_names)} class folder(s): a classifier needs at least two "
                          "sub-folders of images, one per class")
-    by_class = {label: _list_images(root / name) for label, name in enumerate(class_names)}
-    for label, paths in by_class.items():
-        if not paths:
-            raise UsageError(f"class folder {root / class_names[label]} holds no images "
-                             f"(accepted: {', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+    by_class = {}
+    for label, name in enumerate(class_names):
+        found = _list_images(root / name)
+        by_class[label] = usable(found)
+        if not by_class[label]:
+            what = f"no usable images ({len(found)} unreadable)" if found else \
+                f"no images (accepted: {', '.join(IMAGE_EXTENSIONS)})"
+            raise UsageError(f"class folder {root / name} holds {what}; add images or remove the folder")
     return class_names, by_class
 
 
-def _read_split_folders(root: Path) -> tuple[list[str], dict[str, list[Sample]]]:
-    found = {split: _read_class_folders(root / split) for split in SPLITS if (root / split).is_dir()}
+def _read_split_folders(root: Path, usable: Callable[[list[str]], list[str]]
+                        ) -> tuple[list[str], dict[str, list[Sample]]]:
+    found = {split: _read_class_folders(root / split, usable) for split in SPLITS if (root / split).is_dir()}
     class_names = found["train"][0]
     for split, (names, _) in found.items():
         if names != class_names:
@@ -305,8 +416,16 @@ def _read_split_folders(root: Path) -> tuple[list[str], dict[str, list[Sample]]]
 
 
 def _list_images(folder: Path) -> list[str]:
-    images = []
+    images, others = [], []
     for directory, subdirectories, files in os.walk(folder, followlinks=True):
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
-        images.extend(os.path.join(directory, name) for name in sorted(files) if is_image_file(name))
+        for name in sorted(files):
+            if is_image_file(name):
+                images.append(os.path.join(directory, name))
+            else:
+                others.append(name)
+    # Hidden files (.DS_Store, AppleDouble ._* companions) and others (Thumbs.db, notes) are not images.
+    if others:
+        log.info("%s: ignored %d file(s) that are not images by name, e.g. %s", folder, len(others),
+                 ", ".join(others[:3]))
     return images

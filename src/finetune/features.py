@@ -10,6 +10,7 @@ views of every training image and epoch e trains on view e mod K.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -134,29 +135,45 @@ class EpochShuffler(Sampler[int]):
 
     Lightning calls `set_epoch` before each epoch, so a resumed run shuffles as an uninterrupted one, and the cached
     and uncached paths of one run see their images in the same order. `keyed=True` yields `(index, epoch)` pairs,
-    which `ImageDataset` uses to seed each image's augmentation.
+    which `ImageDataset` uses to seed each image's augmentation. With `weights`, an epoch is `size` draws with
+    replacement, each index with probability proportional to its weight (a class-balancing sampler).
+
+    A run resumed mid-epoch calls `resume_at(epoch, done)`: the next iteration of that epoch leaves out the `done`
+    samples the interrupted run had already trained on, and still counts as a whole epoch in `len()`.
     """
 
-    def __init__(self, size: int, seed: int, keyed: bool = False) -> None:
+    def __init__(self, size: int, seed: int, keyed: bool = False, weights: Sequence[float] | None = None) -> None:
         self.size, self.seed, self.epoch, self.keyed = size, seed, 0, keyed
+        self.weights = torch.as_tensor(weights, dtype=torch.float64) if weights is not None else None
+        self.skip = 0
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.skip = 0
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, done: int) -> None:
+        """The next iteration serves epoch `epoch` from its `done`-th sample on."""
+        self.epoch, self.skip = epoch, done
 
     def __len__(self) -> int:
         return self.size
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator).tolist()
+        if self.weights is None:
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
+        order, self.skip = order[self.skip:], 0
         return iter([(index, self.epoch) for index in order] if self.keyed else order)
 
 
 class ViewSampler(EpochShuffler):
     """Each epoch, every image once, in the EpochShuffler order, from view (epoch mod K)."""
 
-    def __init__(self, dataset: ViewDataset, seed: int) -> None:
-        super().__init__(dataset.size, seed)
+    def __init__(self, dataset: ViewDataset, seed: int, weights: Sequence[float] | None = None) -> None:
+        super().__init__(dataset.size, seed, weights=weights)
         self.views = dataset.views
 
     def __iter__(self):

@@ -51,6 +51,8 @@ class ImageClassifier(L.LightningModule):
             val/loss stops falling for 2 epochs) or "constant".
         warmup_epochs: length of the linear warmup, in epochs (fractions allowed).
         label_smoothing: label smoothing of the cross-entropy loss.
+        class_weights: per-class weights of the training loss (data.balance=loss_weights); validation and test
+            losses stay unweighted, so they compare across runs.
         log_misclassified: at test time, log up to this many misclassified images to TensorBoard as one grid
             (captioned true -> predicted); 0 turns it off.
         channels_last: NHWC memory layout for convolutional networks; "auto" uses it on CUDA, where it is faster.
@@ -77,6 +79,7 @@ class ImageClassifier(L.LightningModule):
         scheduler: str = "cosine",
         warmup_epochs: float = 0.0,
         label_smoothing: float = 0.0,
+        class_weights: list[float] | None = None,
         channels_last: bool | str = "auto",
         log_misclassified: int = 16,
     ) -> None:
@@ -110,6 +113,9 @@ class ImageClassifier(L.LightningModule):
         self.head_input_dropout = dropout_before_head(self.network, self.head_name)
 
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        self.train_loss = nn.CrossEntropyLoss(
+            weight=torch.tensor(class_weights, dtype=torch.float32) if class_weights else None,
+            label_smoothing=label_smoothing)
         metrics = MetricCollection(_metrics(len(class_names)))
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
@@ -173,13 +179,20 @@ class ImageClassifier(L.LightningModule):
                                             self.hparams.train_bn)
         self.train(self.training)
 
-    def on_train_epoch_start(self) -> None:
-        # Restored here, not at loading: Lightning's sanity check runs in between and draws random numbers.
+    def on_train_batch_start(self, batch, batch_index: int) -> None:
+        # Restored here, not at loading: Lightning's sanity check runs in between and draws random numbers; and
+        # not at epoch start, which a run resumed mid-epoch does not pass through.
         states, self._rng_to_restore = getattr(self, "_rng_to_restore", None), None
         if states:
             torch.set_rng_state(states["torch"])
             if "cuda" in states and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
+
+    def on_train_start(self) -> None:
+        # A run resumed mid-epoch does not pass through on_train_epoch_start.
+        self.on_train_epoch_start()
+
+    def on_train_epoch_start(self) -> None:
         # The schedule is a function of the epoch: a run resumed mid-schedule lands on the same depth.
         depth = self.schedule.depth_at(self.current_epoch)
         if depth != self.depth:
@@ -235,7 +248,7 @@ class ImageClassifier(L.LightningModule):
             if getattr(self, "uses_channels_last", False):
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             logits = self(inputs)
-        loss = self.loss(logits, labels)
+        loss = (self.train_loss if stage == "train" else self.loss)(logits, labels)
         metrics.update(logits, labels)
         if stage in self.confusion:
             self.confusion[stage].update(logits, labels)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -15,10 +18,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
 from torch.utils.tensorboard.summary import hparams
 
+from finetune.checks import check_arguments
 from finetune.data import ImageFolderDataModule
 from finetune.errors import UsageError
 from finetune.features import build_cache, should_cache
 from finetune.module import ImageClassifier
+from finetune.runs import SaveOnInterrupt, resume_from
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +40,19 @@ def run(cfg: DictConfig) -> dict[str, float]:
         The final metrics: `val/*` and `test/*` of the best checkpoint, its epoch, parameter counts, fit time.
     """
     output_dir = Path(cfg.paths.output_dir)
-    resume = resume_from(cfg.ckpt_path, output_dir)  # a missing checkpoint stops the run before any work
+    # Mistakes that would stop the run later stop it now, before any work.
+    resume = resume_from(cfg.ckpt_path, output_dir)
+    for section in ("data", "model", "trainer"):
+        check_arguments(cfg, section)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule: ImageFolderDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.save_split(output_dir / "split.csv")
+    datamodule.save_skipped(output_dir / "skipped_files.txt")
 
-    model: ImageClassifier = instantiate(cfg.model, class_names=datamodule.class_names)
+    model: ImageClassifier = instantiate(cfg.model, class_names=datamodule.class_names,
+                                         class_weights=datamodule.loss_weights())
     # The size the network trains at travels in its checkpoints, for predict, evaluate and export.
     model.preprocessing = model.preprocessing.at_size(cfg.data.image_size)
     datamodule.preprocessing = model.preprocessing
@@ -60,7 +70,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.tune.lr_find:
         find_learning_rate(trainer, model, datamodule, output_dir, cfg.tune.num_training)
     started = time.perf_counter()
-    trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    with memory_hint(cfg):
+        fit(trainer, model, datamodule, resume, output_dir)
     fit_seconds = time.perf_counter() - started
     last_epoch = {name: float(value) for name, value in trainer.callback_metrics.items()
                   if name.startswith("train/")}
@@ -70,12 +81,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("best checkpoint: %s", best)
     else:
         log.info("no checkpoint was saved (checkpointing is off in this run): evaluating the final weights")
-    metrics = _evaluate(cfg, trainer, model, datamodule, best or None)
+    with memory_hint(cfg):
+        metrics = _evaluate(cfg, trainer, model, datamodule, best or None)
     trainable, total = model.parameter_counts()
     metrics |= last_epoch
     metrics.update({
         "params/trainable": trainable,
         "params/total": total,
+        "data/skipped_files": len(datamodule.skipped),
+        "data/imbalance": datamodule.imbalance,
         "epochs": trainer.current_epoch,
         "time/fit_seconds": fit_seconds,
         # Over the whole fit, validation included: what a user waits for, per training image.
@@ -105,17 +119,49 @@ def _evaluate(cfg: DictConfig, trainer: L.Trainer, model: ImageClassifier, datam
     return {name: float(value) for name, value in results.items()}
 
 
-def resume_from(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """The checkpoint to resume from: a path, or "last" for this run directory's checkpoints/last.ckpt."""
-    if ckpt_path is None:
-        return None
-    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
-    if not path.is_file():
-        hint = ("pass hydra.run.dir=<the run to resume> with ckpt_path=last" if ckpt_path == "last"
-                else "pass ckpt_path=<an existing .ckpt file> or ckpt_path=last")
-        raise UsageError(f"no checkpoint to resume at {path}: {hint}")
-    log.info("resuming from %s", path)
-    return str(path)
+def fit(trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule, resume: str | None,
+        output_dir: Path) -> None:
+    """`trainer.fit`; after Ctrl-C or SIGTERM, says where training was saved and how to resume, and exits."""
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+    except SystemExit:  # how Lightning ends a fit on Ctrl-C (after its callbacks) and SIGTERM
+        saver = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
+        if saver is None or saver.signal is None:
+            raise
+        if saver.saved is None:
+            log.warning("%s before training started: nothing to save", saver.signal)
+        else:
+            log.warning("%s: training state saved in %s; resume with: python train.py %s", saver.signal,
+                        saver.saved, resume_command(output_dir))
+        sys.exit(130 if saver.signal == "Ctrl-C" else 143)  # the shell's codes for SIGINT and SIGTERM
+
+
+def resume_command(output_dir: Path) -> str:
+    """The overrides that resume this run where it stopped (Hydra's record of this run's, plus two)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+    return " ".join([*(shlex.quote(o) for o in overrides), shlex.quote(f"hydra.run.dir={output_dir}"),
+                     "ckpt_path=last"])
+
+
+@contextmanager
+def memory_hint(cfg: DictConfig):
+    """Turns an out-of-memory error into one line naming the settings that lower memory use."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        text = str(error)
+        if not isinstance(error, torch.OutOfMemoryError | MemoryError) and "can't allocate memory" not in text:
+            raise
+        where = "GPU" if isinstance(error, torch.OutOfMemoryError) else "CPU"
+        size = cfg.data.image_size or "null (the weights' size)"
+        bf16 = where == "GPU" and "bf16" not in str(cfg.trainer.precision)
+        raise UsageError(
+            f"out of {where} memory with data.batch_size={cfg.data.batch_size}, data.image_size={size}, "
+            f"unfreeze={cfg.unfreeze}: lower data.batch_size first, then data.image_size or unfreeze"
+            f"{', or use trainer.precision=bf16-mixed' if bf16 else ''}; the checkpoints saved so far are in "
+            f"{cfg.paths.output_dir}/checkpoints") from error
 
 
 def find_learning_rate(trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule,

@@ -1,0 +1,95 @@
+"""A run's directory: never overwritten by a new run, and left resumable when training is interrupted.
+
+- `RefuseToOverwrite` (a Hydra callback, see conf/train.yaml) stops a run before Hydra writes anything into a
+  directory that already holds an earlier run, unless that run is being resumed (`ckpt_path=last`).
+- `SaveOnInterrupt` (a Lightning callback) saves `checkpoints/last.ckpt` on Ctrl-C or SIGTERM, mid-epoch
+  included, and `resume_from` finds it again: `python train.py <same overrides> hydra.run.dir=<run> ckpt_path=last`
+  continues where training stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+from hydra.experimental.callback import Callback as HydraCallback
+from lightning.pytorch.trainer.states import RunningStage
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from omegaconf import DictConfig
+
+from finetune.errors import UsageError
+
+log = logging.getLogger(__name__)
+
+# What a run leaves in its directory; any of them there means the directory holds a run.
+RUN_OUTPUTS = ("metrics.json", "checkpoints", "tensorboard", "split.csv", ".hydra")
+
+
+class RefuseToOverwrite(HydraCallback):
+    """Stops a run, or a sweep, whose output directory already holds an earlier run's outputs."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        # Lightning's DDP launcher starts the other ranks with hydra.run.dir set to rank 0's directory.
+        if os.environ.get("LOCAL_RANK", "0") != "0" or config.get("ckpt_path") == "last":
+            return
+        _refuse_if_used(Path(config.hydra.run.dir), "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        if sweep_dir.is_dir() and any((entry / ".hydra").is_dir() for entry in sweep_dir.iterdir()):
+            raise UsageError(f"hydra.sweep.dir={sweep_dir} already holds a sweep's runs; pass another "
+                             "hydra.sweep.dir (the default, multirun/<date>/<time>, is new for every sweep)")
+
+
+def _refuse_if_used(run_dir: Path, key: str) -> None:
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if found:
+        raise UsageError(f"{key}={run_dir} already holds a run ({', '.join(found)}); pass another {key}, or add "
+                         "ckpt_path=last to resume that run")
+
+
+class SaveOnInterrupt(L.Callback):
+    """On Ctrl-C or SIGTERM during training: saves a resumable checkpoint where training stands, then stops.
+
+    Lightning alone acts on SIGTERM only at the end of an epoch, in a single process; this stops after the batch
+    in progress, so a cluster's grace period (often 30 s) is enough.
+
+    Args:
+        dirpath: the run's checkpoint folder; the checkpoint is `last.ckpt` there, what `ckpt_path=last` resumes.
+    """
+
+    def __init__(self, dirpath: str) -> None:
+        self.dirpath = Path(dirpath)
+        self.saved: Path | None = None
+        self.signal: str | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args) -> None:
+        if trainer.received_sigterm:
+            raise SIGTERMException()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.signal = "Ctrl-C"
+        elif isinstance(exception, SIGTERMException):
+            self.signal = "SIGTERM"
+        else:
+            return
+        if trainer.state.stage not in (RunningStage.TRAINING, RunningStage.VALIDATING) or trainer.sanity_checking:
+            return  # nothing trained yet: there is nothing to keep
+        self.saved = self.dirpath / "last.ckpt"
+        trainer.save_checkpoint(self.saved)
+
+
+def resume_from(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """The checkpoint to resume from: a path, or "last" for this run directory's checkpoints/last.ckpt."""
+    if ckpt_path is None:
+        return None
+    path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
+    if not path.is_file():
+        hint = ("pass hydra.run.dir=<the run to resume> with ckpt_path=last" if ckpt_path == "last"
+                else "pass ckpt_path=<an existing .ckpt file> or ckpt_path=last")
+        raise UsageError(f"no checkpoint to resume at {path}: {hint}")
+    log.info("resuming from %s", path)
+    return str(path)
