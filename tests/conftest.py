@@ -58,13 +58,16 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
         "PYTHONWARNINGS": "ignore",
         # The demo data set is materialised here, not in the user's cache.
         "FINETUNE_CACHE": str(tmp_path / "cache"),
+        # tests/faults.py: callbacks that interrupt a run at an exact step (+callbacks.fault._target_=faults...).
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
     })
     return env
 
 
-def run_cli(tmp_path: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:
-    """Runs `python train.py` from the repo root, its run directory in tmp_path/run."""
-    return _train(tmp_path, [f"hydra.run.dir={tmp_path / 'run'}", *overrides], check)
+def run_cli(tmp_path: Path, *overrides: str, check: bool = True, run_dir: Path | None = None
+            ) -> subprocess.CompletedProcess:
+    """Runs `python train.py` from the repo root, its run directory in tmp_path/run (or run_dir)."""
+    return _train(tmp_path, [f"hydra.run.dir={run_dir or tmp_path / 'run'}", *overrides], check)
 
 
 def run_multirun(tmp_path: Path, sweep_dir: Path, *overrides: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -148,6 +148,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if not self.root.is_dir():
             raise UsageError(f"data.root {self.root} is not a folder; pass data.root=<folder with one "
                              "sub-folder of images per class>")
+        self.skipped = self._scan(_list_images(self.root, quiet=True))
         if (self.root / "train").is_dir() and (self.root / "val").is_dir():
             self.class_names, self.splits = _read_split_folders(self.root, self._usable)
             source = "its train/val" + ("/test" if self.splits["test"] else "") + " folders"
@@ -159,8 +160,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         log.info("data: %s, %d classes, %s; %s", self.root, len(self.class_names), counts, source)
         self._report_classes()
 
-    def _usable(self, images: list[str]) -> list[str]:
-        """The images that decode; the others are skipped (logged once each) or, with `strict`, an error."""
+    def _scan(self, images: list[str]) -> dict[str, str]:
+        """The unreadable images: skipped (each logged once) or, with `strict`, an error."""
         bad = unreadable_images(images, scan_cache_file(default_cache_dir(), self.root), self.num_workers)
         if bad and self.strict:
             path, reason = next(iter(bad.items()))
@@ -168,8 +169,10 @@ class ImageFolderDataModule(L.LightningDataModule):
                              "remove them, or leave out data.strict=true to skip them")
         for path, reason in bad.items():
             log.warning("skipping %s: %s", path, reason)
-        self.skipped.update(bad)
-        return [image for image in images if image not in bad]
+        return bad
+
+    def _usable(self, images: list[str]) -> list[str]:
+        return [image for image in images if image not in self.skipped]
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Images per class in `split`, in class order."""
@@ -415,7 +418,7 @@ def _read_split_folders(root: Path, usable: Callable[[list[str]], list[str]]
     return class_names, splits
 
 
-def _list_images(folder: Path) -> list[str]:
+def _list_images(folder: Path, quiet: bool = False) -> list[str]:
     images, others = [], []
     for directory, subdirectories, files in os.walk(folder, followlinks=True):
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
@@ -425,7 +428,7 @@ def _list_images(folder: Path) -> list[str]:
             else:
                 others.append(name)
     # Hidden files (.DS_Store, AppleDouble ._* companions) and others (Thumbs.db, notes) are not images.
-    if others:
+    if others and not quiet:
         log.info("%s: ignored %d file(s) that are not images by name, e.g. %s", folder, len(others),
                  ", ".join(others[:3]))
     return images

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -28,26 +29,31 @@ RUN_OUTPUTS = ("metrics.json", "checkpoints", "tensorboard", "split.csv", ".hydr
 
 
 class RefuseToOverwrite(HydraCallback):
-    """Stops a run, or a sweep, whose output directory already holds an earlier run's outputs."""
+    """Stops a run, or a sweep, whose output directory already holds an earlier run's outputs.
+
+    Hydra turns exceptions raised in callbacks into warnings, so this one prints its error and exits (code 2).
+    """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         # Lightning's DDP launcher starts the other ranks with hydra.run.dir set to rank 0's directory.
         if os.environ.get("LOCAL_RANK", "0") != "0" or config.get("ckpt_path") == "last":
             return
-        _refuse_if_used(Path(config.hydra.run.dir), "hydra.run.dir")
+        run_dir = Path(config.hydra.run.dir)
+        found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+        if found:
+            _stop(f"hydra.run.dir={run_dir} already holds a run ({', '.join(found)}); pass another hydra.run.dir, "
+                  "or add ckpt_path=last to resume that run")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
         if sweep_dir.is_dir() and any((entry / ".hydra").is_dir() for entry in sweep_dir.iterdir()):
-            raise UsageError(f"hydra.sweep.dir={sweep_dir} already holds a sweep's runs; pass another "
-                             "hydra.sweep.dir (the default, multirun/<date>/<time>, is new for every sweep)")
+            _stop(f"hydra.sweep.dir={sweep_dir} already holds a sweep's runs; pass another hydra.sweep.dir (the "
+                  "default, multirun/<date>/<time>, is new for every sweep)")
 
 
-def _refuse_if_used(run_dir: Path, key: str) -> None:
-    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
-    if found:
-        raise UsageError(f"{key}={run_dir} already holds a run ({', '.join(found)}); pass another {key}, or add "
-                         "ckpt_path=last to resume that run")
+def _stop(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 class SaveOnInterrupt(L.Callback):

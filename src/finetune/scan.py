@@ -59,6 +59,8 @@ def unreadable_images(paths: Sequence[str], cache_file: Path | None, workers: in
             found = [why_unreadable(path) for path in to_check]
         verdicts.update(zip(to_check, found, strict=True))
         _write_cache(cache_file, cached, verdicts)
+    log.info("data scan: %d image(s), %d decoded now, %d known from an earlier scan (%s)", len(paths),
+             len(to_check), len(paths) - len(to_check), cache_file)
     return {path: verdicts[path] for path in paths if verdicts[path] is not None}
 
 
