@@ -151,6 +151,8 @@ def test_data_that_cannot_train_stops_with_one_line(tmp_path, case):
                             "+data.batch_sizee=4")),
     ("data.batch_size=abc", ("data.batch_size='abc' is not a whole number", "data.batch_size=32")),
     ("trainer.max_epochs=2.5", ("trainer.max_epochs=2.5 is not a whole number or null",)),
+    ("strategy.lr=fast", ("strategy.lr='fast' is not a number; e.g. strategy.lr=0.5",)),
+    ("seed=abc", ("seed='abc' is not a whole number",)),
     ("unfreeze=two", ("unfreeze='two' is not accepted: use 0 (head only)",)),
     ("unfreeze=30", ("unfreeze=30 is out of range: mobilenet_v2 has 19 blocks",)),
     ("data.split=[0.7,0.2", ("cannot read the override 'data.split=[0.7,0.2'",)),

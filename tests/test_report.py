@@ -222,3 +222,19 @@ def test_transfer_vs_finetune_notebook_runs_a_tiny_sweep(tmp_path, image_folder,
     assert "| transfer" in markdown and "| finetune" in markdown and "| done " in markdown
     assert sum("image/png" in output.get("data", {}) for output in outputs) == len(PLOTS)
     assert {row["status"] for row in read_csv(sweep / "report.csv")} == {"done"}
+
+
+def test_report_flags_strong_class_imbalance_and_skipped_images(tmp_path):
+    sweep = tmp_path / "sweep"
+    make_run(sweep / "0", metrics={"val/acc": 0.9, "test/acc": 0.9, "data/imbalance": 1.2, "data/skipped_files": 0})
+    make_run(sweep / "1", strategy="finetune", unfreeze=2,
+             metrics={"val/acc": 0.9, "test/acc": 0.9, "data/imbalance": 6.5, "data/skipped_files": 3})
+    text = build_report(sweep).to_markdown()
+    assert "Strong class imbalance in 1 run(s): the largest training class has up to 6.5x" in text
+    assert "data.balance=sampler" in text
+    assert "3 unreadable image(s) were left out of 1 run(s)" in text
+
+    balanced = tmp_path / "balanced"
+    make_run(balanced / "0", metrics={"val/acc": 0.9, "test/acc": 0.9, "data/imbalance": 2.9})
+    make_run(balanced / "1", metrics={"val/acc": 0.9, "test/acc": 0.9, "data/imbalance": 6.5, "data/balanced": 1.0})
+    assert "imbalance" not in build_report(balanced).to_markdown()

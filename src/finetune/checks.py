@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections.abc
 import inspect
+import re
 import types
 import typing
 from typing import Any
@@ -28,10 +29,14 @@ def check_arguments(cfg: DictConfig, key: str) -> None:
     section = cfg[key]
     hints = _parameter_types(get_object(section._target_))
     values = OmegaConf.to_container(section, resolve=True)
+    written = OmegaConf.to_container(section, resolve=False)
     for name, value in values.items():
         if name in hints and not matches(value, hints[name]):
-            raise UsageError(f"{key}.{name}={_shown(value)} is not {describe(hints[name])}; "
-                             f"e.g. {key}.{name}={_example(hints[name])}")
+            # A value taken from elsewhere (model.lr: ${strategy.lr}) is named where the user sets it.
+            source = re.fullmatch(r"\$\{([\w.]+)\}", str(written[name]))
+            shown_key = source.group(1) if source else f"{key}.{name}"
+            raise UsageError(f"{shown_key}={_shown(value)} is not {describe(hints[name])}; "
+                             f"e.g. {shown_key}={_example(hints[name])}")
 
 
 def _parameter_types(target) -> dict[str, Any]:

@@ -20,15 +20,13 @@ from finetune.demo import DEMO_NAMES, default_cache_dir, demo_root
 from finetune.errors import UsageError
 from finetune.features import EpochShuffler, FeatureDataset, ViewDataset, ViewSampler, as_batch
 from finetune.images import IMAGE_EXTENSIONS, is_image_file, load_rgb
-from finetune.scan import scan_cache_file, unreadable_images
+from finetune.scan import STRONG_IMBALANCE, scan_cache_file, unreadable_images
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 Sample = tuple[str, int]  # (path, label)
 BALANCES = (None, "sampler", "loss_weights")
-# From this ratio of the largest to the smallest class on, the log suggests data.balance.
-STRONG_IMBALANCE = 3.0
 
 
 class ImageDataset(Dataset):

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.errors import UsageError
+from finetune.scan import STRONG_IMBALANCE
 
 DONE, FAILED, INCOMPLETE = "done", "failed", "incomplete"
 PLOTS = ("val_acc_per_epoch.png", "test_acc_vs_unfreeze.png", "acc_vs_trainable_params.png")
@@ -157,10 +158,27 @@ class Report:
         problems = [_problem_line(row) for row in self.rows if row.status != DONE]
         if problems:
             parts.append("\n".join(problems))
+        parts.extend(self._data_notes())
         if any(len(point.runs) > 1 for point in self.points):
             parts.append("Mean ± standard deviation over seeds, n finished runs per point:\n\n"
                          + _markdown_table(_POINT_COLUMNS, self.points))
         return "\n\n".join(parts)
+
+    def _data_notes(self) -> list[str]:
+        notes = []
+        imbalanced = [row for row in self.rows if (row.get("data/imbalance") or 0) >= STRONG_IMBALANCE
+                      and not row.get("data/balanced")]
+        if imbalanced:
+            worst = max(row.get("data/imbalance") for row in imbalanced)
+            notes.append(f"Strong class imbalance in {len(imbalanced)} run(s): the largest training class has up to "
+                         f"{worst:.1f}x the images of the smallest, so accuracy favours it. Compare F1 and the "
+                         "per-class accuracy (TensorBoard), and consider data.balance=sampler or "
+                         "data.balance=loss_weights.")
+        skipped = [row for row in self.rows if row.get("data/skipped_files")]
+        if skipped:
+            notes.append(f"{int(max(row.get('data/skipped_files') for row in skipped))} unreadable image(s) were left "
+                         f"out of {len(skipped)} run(s): see skipped_files.txt in the run folders.")
+        return notes
 
 
 def build_report(sweep_dir: Path) -> Report:

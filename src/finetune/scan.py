@@ -24,6 +24,8 @@ from finetune.images import load_rgb
 
 log = logging.getLogger(__name__)
 
+# From this ratio of the largest to the smallest training class on, the log and the sweep report warn.
+STRONG_IMBALANCE = 3.0
 # Below this many files to decode, worker processes cost more to start than they save.
 _PARALLEL_FROM = 256
 

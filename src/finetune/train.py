@@ -90,6 +90,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         "params/total": total,
         "data/skipped_files": len(datamodule.skipped),
         "data/imbalance": datamodule.imbalance,
+        "data/balanced": float(datamodule.balance is not None),
         "epochs": trainer.current_epoch,
         "time/fit_seconds": fit_seconds,
         # Over the whole fit, validation included: what a user waits for, per training image.
