@@ -308,3 +308,32 @@ def test_a_resumed_sampler_serves_the_rest_of_its_epoch():
     sampler.set_epoch(2)  # Lightning sets the same epoch again before iterating: the place is kept
     assert list(sampler) == whole[6:] and len(sampler) == 10
     assert list(sampler) == whole  # only the first iteration after a resume is shortened
+
+
+def test_the_scan_gives_the_same_verdicts_in_parallel_and_remembers_them(tmp_path):
+    from finetune.scan import unreadable_images
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for index in range(300):
+        path = tmp_path / f"{index:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    (tmp_path / "007.png").write_bytes(b"")
+    (tmp_path / "123.png").write_text("text")
+    expected = {paths[7]: "empty file (0 bytes)", paths[123]: "not an image (unknown format or damaged header)"}
+
+    assert unreadable_images(paths, None, workers=1) == expected
+    cache = tmp_path / "cache" / "scan.json"
+    assert unreadable_images(paths, cache, workers=2) == expected
+    # Remembered by size and modification time: a file that changes is decoded again.
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(paths[7])
+    assert unreadable_images(paths, cache, workers=1) == {paths[123]: expected[paths[123]]}
+
+
+def test_an_image_over_the_decompression_bomb_limit_is_named_as_too_large(tmp_path, monkeypatch):
+    from finetune.scan import why_unreadable
+
+    Image.new("RGB", (300, 200)).save(tmp_path / "scan.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 60,000 pixels is then more than twice the limit
+    assert why_unreadable(str(tmp_path / "scan.png")).startswith("too large to decode safely (over 40,000 pixels")
