@@ -24,8 +24,9 @@ from finetune.errors import UsageError
 
 log = logging.getLogger(__name__)
 
-# What a run leaves in its directory; any of them there means the directory holds a run.
-RUN_OUTPUTS = ("metrics.json", "checkpoints", "tensorboard", "split.csv", ".hydra")
+# What a run leaves in its directory that is worth keeping; any of them there means the directory holds a run.
+# (A run that stopped at a configuration error leaves only .hydra/ and train.log: trying again may reuse it.)
+RUN_OUTPUTS = ("metrics.json", "checkpoints", "tensorboard")
 
 
 class RefuseToOverwrite(HydraCallback):
