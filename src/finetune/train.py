@@ -31,6 +31,9 @@ warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`
 def run(cfg: DictConfig) -> dict[str, float]:
     """Trains, picks the best checkpoint by `val/acc`, tests it, and writes `metrics.json` to the run dir.
 
+    Under DDP every process runs this function (Lightning starts the others at `trainer.fit`, or the cluster
+    starts them all); each computes the same metrics, and process 0 alone writes files.
+
     Returns:
         The final metrics: `val/*` and `test/*` of the best checkpoint, its epoch, parameter counts, fit time.
     """
@@ -39,8 +42,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule: ImageFolderDataModule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.save_split(output_dir / "split.csv")
+    datamodule.prepare_data()  # the same split in every process: a function of the files and data.split_seed
 
     model: ImageClassifier = instantiate(cfg.model, class_names=datamodule.class_names)
     # The size the network trains at travels in its checkpoints, for predict, evaluate and export.
@@ -50,10 +52,17 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
-    log_hyperparameters(trainer.logger, cfg, model)
+    check_distributed(trainer, datamodule, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
+    writes = trainer.is_global_zero  # known from the environment as soon as the Trainer exists
+    if writes:
+        datamodule.save_split(output_dir / "split.csv")
+        log_hyperparameters(trainer.logger, cfg, model)
     use_cache, reason = should_cache(cfg.strategy.cache_features, model, datamodule)
     log.info(reason)
     if use_cache:
+        if trainer.world_size > 1:
+            log.info("feature cache under DDP: each of the %d processes runs the backbone over all the images "
+                     "once, then trains the head on its share of them", trainer.world_size)
         datamodule.use_features(build_cache(model, datamodule, cfg.strategy.cache_views,
                                             trainer.strategy.root_device))
         model.trains_on_features = True
@@ -62,6 +71,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     started = time.perf_counter()
     trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
     fit_seconds = time.perf_counter() - started
+    # Under DDP, the images every process trained on.
+    images_seen = float(trainer.strategy.reduce(
+        torch.tensor(float(model.train_images_seen), device=trainer.strategy.root_device), reduce_op="sum"))
     last_epoch = {name: float(value) for name, value in trainer.callback_metrics.items()
                   if name.startswith("train/")}
 
@@ -79,14 +91,37 @@ def run(cfg: DictConfig) -> dict[str, float]:
         "epochs": trainer.current_epoch,
         "time/fit_seconds": fit_seconds,
         # Over the whole fit, validation included: what a user waits for, per training image.
-        "time/train_images_per_second": model.train_images_seen / fit_seconds,
+        "time/train_images_per_second": images_seen / fit_seconds,
     })
     if best:
         metrics["best_epoch"] = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    if trainer.world_size > 1:
+        metrics["processes"] = trainer.world_size
 
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    log.info("final metrics (%s):\n%s", output_dir / "metrics.json", format_table(metrics))
+    if writes:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        log.info("final metrics (%s):\n%s", output_dir / "metrics.json", format_table(metrics))
     return metrics
+
+
+def check_distributed(trainer: L.Trainer, datamodule: ImageFolderDataModule, sync_batchnorm: bool) -> None:
+    """Stops a multi-process run that could not work, before Lightning starts the other processes.
+
+    Raises:
+        UsageError: SyncBatchNorm on the CPU, or a validation or test split with fewer images than processes.
+    """
+    processes = trainer.world_size
+    if processes == 1:
+        return
+    if sync_batchnorm and trainer.strategy.root_device.type == "cpu":
+        raise UsageError("trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on the CPU; "
+                         "drop it for trainer=ddp_cpu")
+    # Evaluation shards are not padded with repeated images, so every process needs at least one image of each.
+    for split in ("val", "test"):
+        count = len(datamodule.splits[split])
+        if 0 < count < processes:
+            raise UsageError(f"the {split} split has {count} image(s), fewer than the {processes} processes of "
+                             "this run: each evaluates its own share; add images or lower trainer.devices")
 
 
 def _evaluate(cfg: DictConfig, trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule,
@@ -137,7 +172,8 @@ def find_learning_rate(trainer: L.Trainer, model: ImageClassifier, datamodule: I
     import matplotlib.pyplot as plt
 
     figure = finder.plot(suggest=True)
-    figure.savefig(output_dir / "lr_find.png")
+    if trainer.is_global_zero:  # under DDP the finder's results and suggestion are process 0's, broadcast
+        figure.savefig(output_dir / "lr_find.png")
     plt.close(figure)
     model.hparams.lr = suggestion
     if model.hparams.backbone_lr:
