@@ -19,6 +19,7 @@ from finetune.data import ImageFolderDataModule
 from finetune.errors import UsageError
 from finetune.features import build_cache, should_cache
 from finetune.module import ImageClassifier
+from finetune.scaling import check_distributed
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
-    check_distributed(trainer, datamodule, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
+    check_distributed(trainer, datamodule.splits, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
     writes = trainer.is_global_zero  # known from the environment as soon as the Trainer exists
     if writes:
         datamodule.save_split(output_dir / "split.csv")
@@ -102,26 +103,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         log.info("final metrics (%s):\n%s", output_dir / "metrics.json", format_table(metrics))
     return metrics
-
-
-def check_distributed(trainer: L.Trainer, datamodule: ImageFolderDataModule, sync_batchnorm: bool) -> None:
-    """Stops a multi-process run that could not work, before Lightning starts the other processes.
-
-    Raises:
-        UsageError: SyncBatchNorm on the CPU, or a validation or test split with fewer images than processes.
-    """
-    processes = trainer.world_size
-    if processes == 1:
-        return
-    if sync_batchnorm and trainer.strategy.root_device.type == "cpu":
-        raise UsageError("trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on the CPU; "
-                         "drop it for trainer=ddp_cpu")
-    # Evaluation shards are not padded with repeated images, so every process needs at least one image of each.
-    for split in ("val", "test"):
-        count = len(datamodule.splits[split])
-        if 0 < count < processes:
-            raise UsageError(f"the {split} split has {count} image(s), fewer than the {processes} processes of "
-                             "this run: each evaluates its own share; add images or lower trainer.devices")
 
 
 def _evaluate(cfg: DictConfig, trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule,
