@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -118,6 +119,27 @@ def test_ddp_on_two_processes_trains_what_one_process_trains(tmp_path, uneven_fo
             assert "feature cache on" in rank_1
         if strategy == "gradual":
             assert "DDP: wrapped the model again" in rank_1
+
+
+@pytest.mark.slow
+def test_processes_started_by_the_cluster_find_their_ranks(tmp_path, image_folder):
+    # As on several nodes: torchrun (or SLURM's srun) starts every process, each a whole `python train.py`;
+    # Lightning reads the ranks from the environment. They share the run folder given on the command line.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
+               str(REPO / "train.py"), f"hydra.run.dir={run}", "trainer=ddp_cpu", "trainer.devices=2",
+               "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "model=mobilenet_v2", "model.weights=null",
+               "unfreeze=2", f"data.root={image_folder}", *TINY]
+    result = subprocess.run(command, cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True,
+                            timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in output and "GLOBAL_RANK: 1, MEMBER: 2/2" in output
+    assert json.loads((run / "metrics.json").read_text())["processes"] == 2
+    assert (run / "train.log").read_text().count("final metrics") == 1  # both log here; process 0 writes
 
 
 def test_ddp_settings_that_cannot_work_stop_with_one_line(tmp_path, image_folder):
