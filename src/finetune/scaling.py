@@ -44,7 +44,8 @@ def check_distributed(trainer: L.Trainer, splits: dict[str, list], sync_batchnor
     if sync_batchnorm and trainer.strategy.root_device.type == "cpu":
         raise UsageError("trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on the CPU; "
                          "drop it for trainer=ddp_cpu")
-    if "SUBMITIT_LOCAL_JOB_ID" in os.environ and not trainer.strategy.cluster_environment.creates_processes_externally:
+    started_by_cluster = trainer.strategy.cluster_environment.creates_processes_externally
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local" and not started_by_cluster:
         raise UsageError(f"trainer.devices={trainer.num_devices} under hydra/launcher=local: Lightning cannot start "
                          "the other processes of a job from inside a submitit job; sweep DDP jobs with the default "
                          "launcher (one job after the other) or hydra/launcher=slurm (one task per GPU)")
