@@ -208,7 +208,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         elif shards["num_replicas"] > 1:
             # Every image evaluated exactly once: no padding with repeated images (Lightning's DistributedSampler
             # pads, which biases the metrics). Processes may run one batch more than others, which is safe without
-            # gradients as long as each runs at least one (check_distributed_data makes sure).
+            # gradients as long as each runs at least one (finetune.scaling.check_distributed makes sure).
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **shards)
         if self.serves_features:
             # In-memory tensors: worker processes would only add start-up and copying.

@@ -117,8 +117,10 @@ class ImageClassifier(L.LightningModule):
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
         # The mean loss per image as a torchmetrics metric, like the others: under DDP it sums every process's
-        # losses and image counts (Lightning's own sync_dist averages an integer count, which rounds).
-        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        # losses and image counts exactly (self.log(sync_dist=True) averages the image count as an integer,
+        # which truncates: 13 images on 2 processes count as 6). nan_strategy=nan: a NaN loss shows as NaN
+        # ("warn" would drop it; "disable" would also drop the weights, torchmetrics 1.9).
+        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy=math.nan) for _ in range(3))
         self.confusion = nn.ModuleDict({stage: MulticlassConfusionMatrix(len(class_names))
                                         for stage in ("val", "test")})
 
