@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from finetune.errors import config_error_message, find_usage_error
+from finetune.scaling import ddp_processes_run_this_job
 from finetune.train import run
 
 log = logging.getLogger("finetune")
@@ -21,7 +22,8 @@ log = logging.getLogger("finetune")
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     try:
-        metrics = run(cfg)
+        with ddp_processes_run_this_job():
+            metrics = run(cfg)
     except Exception as error:
         usage_error = find_usage_error(error)
         if usage_error is None or _verbose():

@@ -337,3 +337,14 @@ def test_an_image_over_the_decompression_bomb_limit_is_named_as_too_large(tmp_pa
     Image.new("RGB", (300, 200)).save(tmp_path / "scan.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 60,000 pixels is then more than twice the limit
     assert why_unreadable(str(tmp_path / "scan.png")).startswith("too large to decode safely (over 40,000 pixels")
+
+
+def test_a_sweep_never_overwrites_an_earlier_sweep(tmp_path, image_folder):
+    from conftest import run_multirun
+
+    sweep = tmp_path / "sweep"
+    run_multirun(tmp_path, sweep, *TINY, f"data.root={image_folder}", "trainer.limit_train_batches=1", "seed=1")
+    before = (sweep / "0" / "metrics.json").read_text()
+    again = run_multirun(tmp_path, sweep, *TINY, f"data.root={image_folder}", "seed=2", check=False)
+    assert_one_line_error(again, f"hydra.sweep.dir={sweep} already holds a sweep's runs")
+    assert (sweep / "0" / "metrics.json").read_text() == before

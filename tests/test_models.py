@@ -74,6 +74,12 @@ def test_model_contract(name):
         counts.append(deeper.parameter_counts()[0])
     full = build(name, "all")
     assert trainable(full) == everything
+    # Every parameter gets a gradient: DDP with find_unused_parameters=false (trainer=ddp) has nothing to wait for
+    # at any depth, since frozen parameters are never registered with it.
+    full.train()
+    size = crop if name == "vit_b_16" else 32  # small and quick; torchvision's ViT takes only its own size
+    full(torch.rand(2, 3, size, size)).logsumexp(dim=1).sum().backward()
+    assert {n for n, p in full.network.named_parameters() if p.grad is None} == set()
     assert model.parameter_counts()[0] < counts[0] < counts[1] < full.parameter_counts()[0]
 
 

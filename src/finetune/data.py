@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
@@ -71,7 +72,8 @@ class ImageFolderDataModule(L.LightningDataModule):
             epoch, so strategies compared under one split_seed see the same images in the same order, and a
             resumed run the order an uninterrupted one would).
         batch_size: images per batch.
-        num_workers: loader processes; None picks one per CPU core but one, at most 8.
+        num_workers: loader processes; None picks one per CPU core this process may use (a SLURM job's
+            allocation, not the whole node) but one, at most 8.
         image_size: crop size fed to the network; None uses the pretrained weights' own.
         augment: training-time augmentation (the three settings below); off, training images are prepared
             exactly as evaluation images are.
@@ -119,8 +121,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.split = tuple(split)
         self.split_seed = split_seed
         self.batch_size = batch_size
-        # One core stays with the training loop; the others decode and augment images.
-        self.num_workers = min((os.cpu_count() or 1) - 1, 8) if num_workers is None else num_workers
+        self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.image_size = image_size
         self.augments = augment
         self.crop_scale = tuple(crop_scale)
@@ -249,7 +250,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         train = ViewDataset(*cache["train"])
         self.datasets = {"train": train, **{split: FeatureDataset(*cache[split]) for split in ("val", "test")
                                             if split in cache}}
-        self.train_sampler = ViewSampler(train, self.split_seed, self._sample_weights())
         self.serves_features = True
 
     def ordered_dataloader(self, split: str, view: int = 0) -> DataLoader:
@@ -269,21 +269,31 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        # Under DDP every process loads its own share; the samplers are DistributedSamplers, so Lightning keeps them.
+        shards = {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer \
+            else {"num_replicas": 1, "rank": 0}
+        dataset = self.datasets[split]
         sampler = None
         if shuffle:
-            sampler = self.train_sampler if self.serves_features else EpochShuffler(
-                len(self.datasets[split]), self.split_seed, keyed=True, weights=self._sample_weights())
+            sampler = (ViewSampler(dataset, self.split_seed, self._sample_weights(), **shards)
+                       if self.serves_features else
+                       EpochShuffler(len(dataset), self.split_seed, keyed=True, weights=self._sample_weights(),
+                                     **shards))
             # A resumed run's loader starts prefetching before Lightning calls set_epoch: start it at the epoch
             # Lightning will train next (its own count for set_epoch), or that epoch would replay an earlier order.
             sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0)
+        elif shards["num_replicas"] > 1:
+            # Every image evaluated exactly once: no padding with repeated images (Lightning's DistributedSampler
+            # pads, which biases the metrics). Processes may run one batch more than others, which is safe without
+            # gradients as long as each runs at least one (finetune.scaling.check_distributed makes sure).
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **shards)
         loader = ResumableLoader if shuffle else DataLoader
         position = {"trained_batches": self._trained_batches} if shuffle else {}
         if self.serves_features:
             # In-memory tensors: worker processes would only add start-up and copying.
-            return loader(self.datasets[split], batch_size=self.batch_size, sampler=sampler, collate_fn=as_batch,
-                          **position)
+            return loader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=as_batch, **position)
         return loader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
             sampler=sampler,
             # Its own generator: creating the loader's iterator then draws nothing from the training loop's.
@@ -321,6 +331,13 @@ class ResumableLoader(DataLoader):
         # of an epoch names the epoch before, which is over.
         if state["epoch"] == self.sampler.epoch:
             self.sampler.resume_at(state["epoch"], state["samples_done"])
+
+
+def default_num_workers() -> int:
+    """Loader processes: one per CPU core this process may use but one (which stays with the training loop),
+    at most 8. The cores are those of the process's affinity: under SLURM, the job's allocation."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(cores - 1, 8))
 
 
 def eval_transform(preprocessing: Preprocessing) -> T.Compose:

@@ -8,8 +8,10 @@ import math
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
-from torchmetrics import MetricCollection
+from torch.nn.parallel import DistributedDataParallel
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from finetune.backbones import Preprocessing, create_backbone, dropout_before_head
@@ -120,6 +122,11 @@ class ImageClassifier(L.LightningModule):
         self.train_metrics = metrics.clone(prefix="train/")
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        # The mean loss per image as a torchmetrics metric, like the others: under DDP it sums every process's
+        # losses and image counts exactly (self.log(sync_dist=True) averages the image count as an integer,
+        # which truncates: 13 images on 2 processes count as 6). nan_strategy=nan: a NaN loss shows as NaN
+        # ("warn" would drop it; "disable" would also drop the weights, torchmetrics 1.9).
+        self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy=math.nan) for _ in range(3))
         self.confusion = nn.ModuleDict({stage: MulticlassConfusionMatrix(len(class_names))
                                         for stage in ("val", "test")})
 
@@ -200,6 +207,22 @@ class ImageClassifier(L.LightningModule):
             trainable, total = self.parameter_counts()
             log.info("epoch %d: %s; trainable parameters %s of %s", self.current_epoch, self._what_trains(depth),
                      f"{trainable:,}", f"{total:,}")
+            self._rewrap_for_ddp()
+
+    def _rewrap_for_ddp(self) -> None:
+        """Wraps the model in DistributedDataParallel again after the trainable parameters changed.
+
+        DDP registers the parameters that require gradients when it wraps the model, and all-reduces only those:
+        a block unfrozen later would train on each process's own gradients, and the processes would drift apart
+        without an error. Wrapping again registers exactly the parameters that train now (frozen ones never are,
+        so no find_unused_parameters is needed) and broadcasts process 0's weights, which all processes share.
+        """
+        strategy = self.trainer.strategy
+        if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
+            strategy.model = self
+            strategy.configure_ddp()
+            log.info("DDP: wrapped the model again, so the gradients of the newly unfrozen block(s) are averaged "
+                     "across the %d processes", self.trainer.world_size)
 
     def on_fit_start(self) -> None:
         # Decided once, here, where the device is known; _step lays out the batches to match the weights.
@@ -254,8 +277,9 @@ class ImageClassifier(L.LightningModule):
             self.confusion[stage].update(logits, labels)
         if stage == "test" and inputs.dim() == 4:
             self._keep_misclassified(inputs, labels, logits.argmax(dim=1))
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test",
-                 batch_size=len(labels))
+        mean_loss = getattr(self, f"{stage}_loss")
+        mean_loss.update(loss.detach(), weight=len(labels))
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "test")
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
         return loss
 
@@ -267,7 +291,8 @@ class ImageClassifier(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         self._log_confusion("test")
-        if self.misclassified and isinstance(self.logger, TensorBoardLogger):
+        # Under DDP, the images process 0 got wrong (each process keeps those of its own share).
+        if self.misclassified and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
             from finetune.plots import image_grid_figure
 
             mean = torch.tensor(self.preprocessing.mean).view(3, 1, 1)
@@ -292,8 +317,9 @@ class ImageClassifier(L.LightningModule):
             return
         per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
         for name, accuracy in zip(self.class_names, per_class.tolist(), strict=True):
-            self.log(f"{stage}/acc_class/{name}", accuracy)
-        if isinstance(self.logger, TensorBoardLogger):
+            # Already over every process's images (torchmetrics syncs the matrix): the mean of equal values.
+            self.log(f"{stage}/acc_class/{name}", accuracy, sync_dist=True)
+        if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
             from finetune.plots import confusion_matrix_figure
 
             title = f"{stage}, epoch {self.current_epoch}"

@@ -18,7 +18,7 @@ import lightning as L
 from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.errors import UsageError
 
@@ -47,6 +47,9 @@ class RefuseToOverwrite(HydraCallback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
+        # Job folders named by the time (hparams_search=optuna's, to continue a study there) cannot collide.
+        if "${now:" in str(OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"]):
+            return
         if sweep_dir.is_dir() and any((entry / ".hydra").is_dir() for entry in sweep_dir.iterdir()):
             _stop(f"hydra.sweep.dir={sweep_dir} already holds a sweep's runs; pass another hydra.sweep.dir (the "
                   "default, multirun/<date>/<time>, is new for every sweep)")

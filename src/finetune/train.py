@@ -24,6 +24,7 @@ from finetune.errors import UsageError
 from finetune.features import build_cache, should_cache
 from finetune.module import ImageClassifier
 from finetune.runs import SaveOnInterrupt, resume_from
+from finetune.scaling import check_distributed
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,9 @@ warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`
 def run(cfg: DictConfig) -> dict[str, float]:
     """Trains, picks the best checkpoint by `val/acc`, tests it, and writes `metrics.json` to the run dir.
 
+    Under DDP every process runs this function (Lightning starts the others at `trainer.fit`, or the cluster
+    starts them all); each computes the same metrics, and process 0 alone writes files.
+
     Returns:
         The final metrics: `val/*` and `test/*` of the best checkpoint, its epoch, parameter counts, fit time.
     """
@@ -47,9 +51,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule: ImageFolderDataModule = instantiate(cfg.data)
-    datamodule.prepare_data()
-    datamodule.save_split(output_dir / "split.csv")
-    datamodule.save_skipped(output_dir / "skipped_files.txt")
+    datamodule.prepare_data()  # the same split in every process: a function of the files and data.split_seed
 
     model: ImageClassifier = instantiate(cfg.model, class_names=datamodule.class_names,
                                          class_weights=datamodule.loss_weights())
@@ -60,10 +62,18 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
-    log_hyperparameters(trainer.logger, cfg, model)
+    check_distributed(trainer, datamodule.splits, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
+    writes = trainer.is_global_zero  # known from the environment as soon as the Trainer exists
+    if writes:
+        datamodule.save_split(output_dir / "split.csv")
+        datamodule.save_skipped(output_dir / "skipped_files.txt")
+        log_hyperparameters(trainer.logger, cfg, model)
     use_cache, reason = should_cache(cfg.strategy.cache_features, model, datamodule)
     log.info(reason)
     if use_cache:
+        if trainer.world_size > 1:
+            log.info("feature cache under DDP: each of the %d processes runs the backbone over all the images "
+                     "once, then trains the head on its share of them", trainer.world_size)
         datamodule.use_features(build_cache(model, datamodule, cfg.strategy.cache_views,
                                             trainer.strategy.root_device))
         model.trains_on_features = True
@@ -73,6 +83,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     with memory_hint(cfg):
         fit(trainer, model, datamodule, resume, output_dir)
     fit_seconds = time.perf_counter() - started
+    # Under DDP, the images every process trained on.
+    images_seen = float(trainer.strategy.reduce(
+        torch.tensor(float(model.train_images_seen), device=trainer.strategy.root_device), reduce_op="sum"))
     last_epoch = {name: float(value) for name, value in trainer.callback_metrics.items()
                   if name.startswith("train/")}
 
@@ -94,13 +107,16 @@ def run(cfg: DictConfig) -> dict[str, float]:
         "epochs": trainer.current_epoch,
         "time/fit_seconds": fit_seconds,
         # Over the whole fit, validation included: what a user waits for, per training image.
-        "time/train_images_per_second": model.train_images_seen / fit_seconds,
+        "time/train_images_per_second": images_seen / fit_seconds,
     })
     if best:
         metrics["best_epoch"] = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    if trainer.world_size > 1:
+        metrics["processes"] = trainer.world_size
 
-    (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-    log.info("final metrics (%s):\n%s", output_dir / "metrics.json", format_table(metrics))
+    if writes:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        log.info("final metrics (%s):\n%s", output_dir / "metrics.json", format_table(metrics))
     return metrics
 
 
@@ -184,7 +200,8 @@ def find_learning_rate(trainer: L.Trainer, model: ImageClassifier, datamodule: I
     import matplotlib.pyplot as plt
 
     figure = finder.plot(suggest=True)
-    figure.savefig(output_dir / "lr_find.png")
+    if trainer.is_global_zero:  # under DDP the finder's results and suggestion are process 0's, broadcast
+        figure.savefig(output_dir / "lr_find.png")
     plt.close(figure)
     model.hparams.lr = suggestion
     if model.hparams.backbone_lr:
