@@ -115,7 +115,7 @@ class ImageClassifier(L.LightningModule):
         self.head_input_dropout = dropout_before_head(self.network, self.head_name)
 
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
-        self.train_loss = nn.CrossEntropyLoss(
+        self.training_loss_fn = nn.CrossEntropyLoss(
             weight=torch.tensor(class_weights, dtype=torch.float32) if class_weights else None,
             label_smoothing=label_smoothing)
         metrics = MetricCollection(_metrics(len(class_names)))
@@ -271,7 +271,7 @@ class ImageClassifier(L.LightningModule):
             if getattr(self, "uses_channels_last", False):
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             logits = self(inputs)
-        loss = (self.train_loss if stage == "train" else self.loss)(logits, labels)
+        loss = (self.training_loss_fn if stage == "train" else self.loss)(logits, labels)
         metrics.update(logits, labels)
         if stage in self.confusion:
             self.confusion[stage].update(logits, labels)
