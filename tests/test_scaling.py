@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -19,9 +20,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from finetune.errors import UsageError
 from finetune.features import EpochShuffler, ViewDataset, ViewSampler
 from finetune.module import ImageClassifier
-from finetune.scaling import _config_flags
+from finetune.scaling import _config_flags, check_distributed
 
 TINY = ("data.image_size=32", "data.batch_size=8", "data.num_workers=0")
 
@@ -150,6 +152,16 @@ def test_ddp_settings_that_cannot_work_stop_with_one_line(tmp_path, image_folder
     assert "Traceback" not in output
     assert "trainer.sync_batchnorm=true needs GPUs" in output
     assert not (tmp_path / "run" / "train_ddp_process_1.log").exists()  # stopped before starting process 1
+
+
+def test_every_process_needs_an_image_of_each_evaluation_split():
+    # Evaluation shards are not padded, so a process without a validation image would have nothing to evaluate.
+    trainer = SimpleNamespace(world_size=4, num_devices=4, strategy=SimpleNamespace(
+        root_device=torch.device("cpu"), cluster_environment=SimpleNamespace(creates_processes_externally=True)))
+    splits = {"train": list(range(30)), "val": list(range(3)), "test": []}
+    with pytest.raises(UsageError, match="the val split has 3 image.*fewer than the 4 processes"):
+        check_distributed(trainer, splits, sync_batchnorm=False)
+    check_distributed(trainer, {**splits, "val": list(range(4))}, sync_batchnorm=False)  # no test split: fine
 
 
 def test_sync_batchnorm_keeps_frozen_blocks_frozen():
