@@ -10,8 +10,9 @@ this measures the training pipeline. The variants (`--variants`, in order; the f
 - cached:  data.cache_images=true: decoded once into memory (timed apart, as "cache s"), augmented in the workers.
 - device:  data.cache_images=true data.augment_on=device: the workers only batch uint8 images; crop, rotation, flip
            and normalisation run on the device, a batch at a time.
-- any of them with +compile (model.compile=true), +bf16 (trainer.precision=bf16-mixed), +nchw
-  (model.channels_last=false) or +nhwc (model.channels_last=true): e.g. `--variants device,device+compile`.
+- any of them with +compile (model.compile=true), +bf16 (trainer.precision=bf16-mixed), +fp32
+  (trainer.precision=32-true), +nchw (model.channels_last=false) or +nhwc (model.channels_last=true): e.g.
+  `--variants device,device+compile`. On CUDA the variants start from bf16-mixed and channels-last (trainer=gpu).
 
 Per training step, a callback takes the **data wait** (from the end of the previous step, or the start of the epoch,
 to the start of this step: waiting for the loader, the transfer to the device, device-side augmentation) and the
@@ -67,6 +68,7 @@ VARIANTS = {
 SWITCHES = {
     "compile": ["model.compile=true"],
     "bf16": ["trainer.precision=bf16-mixed"],
+    "fp32": ["trainer.precision=32-true"],
     "nchw": ["model.channels_last=false"],
     "nhwc": ["model.channels_last=true"],
 }

@@ -4,8 +4,8 @@ With `augment_on=loader` (the default) every loader worker crops, rotates, flips
 the CPU. With `augment_on=device` the workers only hand over the decoded images (see `finetune.image_cache`) as
 uint8 tensors of one fixed size, with each image's random parameters, and the device does the rest for the
 whole batch at once: one `affine_grid` + `grid_sample` covers the random resized crop, the rotation and the
-flip, then the batch is normalised. A GPU then gets a quarter of the bytes over PCIe (uint8, not float32) and no
-per-image work waits on the CPU.
+flip, then the batch is normalised. A GPU then gets a third of the bytes over PCIe (uint8 at the resize size, not
+float32 at the crop size) and no per-image work waits on the CPU.
 
 The random parameters are drawn exactly as the loader-side transform draws them (the same torchvision
 `make_params` calls, in the same order, from a generator seeded by (seed, epoch, index)), so both places train
