@@ -81,11 +81,11 @@ def test_unknown_compile_mode_names_the_valid_ones():
 
 
 @pytest.mark.slow
-def test_inductor_compiled_steps_train_what_eager_steps_train(image_folder, monkeypatch):
+def test_inductor_compiled_steps_train_what_eager_steps_train(image_folder):
     # The real backend on this CPU (code generation for forward and backward: about half a minute). Full batches
     # only, no validation: one compilation. Inductor draws dropout masks from its own generator unless told to use
     # eager's; at 32 px the last blocks see 1x1 maps, whose BatchNorm over 8 values amplifies rounding: 64 px.
-    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    # config.patch, not monkeypatch: undoing a setattr on torch's config module deletes the key for good.
     results = []
     for compile in (False, True):
         L.seed_everything(0)
@@ -98,7 +98,8 @@ def test_inductor_compiled_steps_train_what_eager_steps_train(image_folder, monk
         data.preprocessing = model.preprocessing
         trainer = L.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
-        trainer.fit(model, datamodule=data)
+        with torch._inductor.config.patch(fallback_random=True):
+            trainer.fit(model, datamodule=data)
         results.append(model.network.state_dict())
     trained = [k for k in results[0] if k.startswith(("features.17.", "features.18.", "classifier."))
                and k.endswith("weight")]
