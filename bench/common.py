@@ -8,6 +8,7 @@ import datetime
 import gc
 import os
 import platform
+import shutil
 import subprocess
 import threading
 import time
@@ -49,6 +50,18 @@ def revision() -> str:
                               cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def subset(root: Path, target: Path, per_class: int) -> Path:
+    """The first `per_class` images of each class folder (sorted by name), hard-linked (or copied) to target."""
+    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        (target / class_dir.name).mkdir(parents=True)
+        for image in sorted(p for p in class_dir.iterdir() if p.is_file())[:per_class]:
+            try:
+                os.link(image, target / class_dir.name / image.name)
+            except OSError:
+                shutil.copy2(image, target / class_dir.name / image.name)
+    return target
 
 
 def load() -> float:

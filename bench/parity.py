@@ -30,7 +30,6 @@ import argparse
 import copy
 import logging
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -51,6 +50,7 @@ from common import (
     release_memory,
     resolve_device,
     revision,
+    subset,
     today,
     wait_until_idle,
 )
@@ -138,18 +138,6 @@ def main() -> None:
         report(runs, epochs, bench.train_images, device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def subset(root: Path, target: Path, per_class: int) -> Path:
-    """The first `per_class` images of each class folder (sorted by name), hard-linked (or copied) to target."""
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        (target / class_dir.name).mkdir(parents=True)
-        for image in sorted(p for p in class_dir.iterdir() if p.is_file())[:per_class]:
-            try:
-                os.link(image, target / class_dir.name / image.name)
-            except OSError:
-                shutil.copy2(image, target / class_dir.name / image.name)
-    return target
 
 
 class Parity:

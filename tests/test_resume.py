@@ -12,12 +12,15 @@ RESUME = ("model=mobilenet_v2", "model.weights=null", "data.image_size=32", "dat
           "data.batch_size=8", "strategy.scheduler=constant", "trainer.deterministic=true")
 
 
-def test_interrupted_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path, image_folder):
-    # Dropout in the head and augmentation in a worker process: both must continue as if never stopped.
+@pytest.mark.parametrize("augment_on", ["loader", "device"])
+def test_interrupted_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path, image_folder, augment_on):
+    # Dropout in the head and augmentation (in a worker process, or its parameters drawn there for the device):
+    # both must continue as if never stopped.
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    run_cli(straight, *RESUME, f"data.root={image_folder}", "trainer.max_epochs=3")
-    run_cli(interrupted, *RESUME, f"data.root={image_folder}", "trainer.max_epochs=2")
-    result = run_cli(interrupted, *RESUME, f"data.root={image_folder}", "trainer.max_epochs=3", "ckpt_path=last")
+    options = (*RESUME, f"data.root={image_folder}", f"data.augment_on={augment_on}")
+    run_cli(straight, *options, "trainer.max_epochs=3")
+    run_cli(interrupted, *options, "trainer.max_epochs=2")
+    result = run_cli(interrupted, *options, "trainer.max_epochs=3", "ckpt_path=last")
     assert "resuming from" in result.stdout + result.stderr
 
     metrics = [json.loads((run / "run" / "metrics.json").read_text()) for run in (straight, interrupted)]

@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
+from finetune import image_cache
+from finetune.augment import PLACES, CanvasDataset, DeviceAugmentation, RandomSteps, augmentation_seed
 from finetune.backbones import Preprocessing
 from finetune.demo import DEMO_NAMES, default_cache_dir, demo_root
 from finetune.errors import UsageError
@@ -26,21 +28,25 @@ from finetune.scan import STRONG_IMBALANCE, scan_cache_file, unreadable_images
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
+STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
 Sample = tuple[str, int]  # (path, label)
 BALANCES = (None, "sampler", "loss_weights")
 
 
 class ImageDataset(Dataset):
-    """Images and labels from a list of (path, label) pairs; every image decoded to RGB.
+    """Images and labels from a list of (path, label) pairs; every image decoded to RGB, or taken from `images`
+    (the same images decoded beforehand, see `finetune.image_cache`).
 
     Indexed by `(index, epoch)` (as `EpochShuffler(keyed=True)` yields), the random transform of an image is
     seeded by (seed, epoch, index): the same augmentation whichever worker draws it, and after a resume.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform, seed: int = 0) -> None:
+    def __init__(self, samples: Sequence[Sample], transform, seed: int = 0,
+                 images: Sequence[torch.Tensor] | None = None) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.seed = seed
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -48,12 +54,12 @@ class ImageDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]):
         index, epoch = key if isinstance(key, tuple) else (key, None)
         path, label = self.samples[index]
-        image = load_rgb(path)
+        image = load_rgb(path) if self.images is None else self.images[index]
         if epoch is None:
             return self.transform(image), label
         # fork_rng: the global generator of the process (the training loop's, with workers=0) stays untouched.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63)
+            torch.manual_seed(augmentation_seed(self.seed, epoch, index))
             return self.transform(image), label
 
 
@@ -85,6 +91,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         balance: None trains on the data as they are; "sampler" draws training images with probabilities that
             make every class equally frequent (with replacement; an epoch stays as long); "loss_weights" weights
             each class's training loss by total / (classes * class count).
+        cache_images: keep every image decoded and resized in memory (`finetune.image_cache`) instead of
+            decoding it again every epoch: "auto" where results stay the same (validation and test images, and
+            training images when augmentation is off or runs on the device), True for every split (training-time
+            augmentation then runs on the stored copies), False never. Each split is cached only if it fits under
+            `cache_images_max_gb`: otherwise "auto" leaves it on disk and logs why, True stops.
+        cache_images_max_gb: the most memory the decoded images may take, in GB; None: half of the memory
+            available when the first split is cached.
+        augment_on: where training-time augmentation runs: "loader" (each worker, image by image) or "device"
+            (whole batches on the training device, `finetune.augment`; needs the training images cached).
     """
 
     def __init__(
@@ -102,6 +117,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         horizontal_flip: bool = True,
         strict: bool = False,
         balance: str | None = None,
+        cache_images: str | bool = "auto",
+        cache_images_max_gb: float | None = None,
+        augment_on: str = "loader",
     ) -> None:
         super().__init__()
         if len(split) != 3 or any(f < 0 for f in split) or not 0.999 < sum(split) < 1.001 or split[0] <= 0:
@@ -116,6 +134,13 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise UsageError(f"data.balance={balance}: choose sampler, loss_weights or null (leave the data as is)")
         if batch_size < 1:
             raise UsageError(f"data.batch_size={batch_size} must be at least 1")
+        if cache_images not in image_cache.MODES:
+            raise UsageError(f"data.cache_images={cache_images!r}: use auto, true or false")
+        if augment_on not in PLACES:
+            raise UsageError(f"data.augment_on={augment_on!r}: use {' or '.join(PLACES)}")
+        if augment_on == "device" and cache_images is False:
+            raise UsageError("data.augment_on=device augments decoded images held in memory: set "
+                             "data.cache_images=auto or true, or data.augment_on=loader")
         self.root = Path(root).expanduser() if root is not None else None
         self.demo = demo
         self.split = tuple(split)
@@ -130,6 +155,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.strict = strict
         self.balance = balance
         self.skipped: dict[str, str] = {}
+        self.cache_images = cache_images
+        self.cache_images_max_gb = cache_images_max_gb
+        self.augment_on = augment_on
+        self.decoded: dict[str, image_cache.DecodedImages] = {}  # split -> its images, decoded (cache_images)
+        self.not_cached: dict[str, str] = {}  # split -> why it is read from disk
+        self._cached_as: tuple | None = None  # the resize the decoded images were made with
+        self._cache_limit: int | None = None
+        self.device_augmentation: DeviceAugmentation | None = None
         self.preprocessing: Preprocessing | None = None
         self.splits: dict[str, list[Sample]] | None = None
         self.class_names: list[str] = []
@@ -220,14 +253,78 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.preprocessing is None:
             raise RuntimeError("set datamodule.preprocessing (the model's) before training")
         preprocessing = self.preprocessing.at_size(self.image_size)
+        for split in STAGE_SPLITS.get(stage, SPLITS):
+            self._cache(split, preprocessing)
+        if self.augment_on == "device":
+            self.device_augmentation = DeviceAugmentation(preprocessing.crop_size, preprocessing.mean,
+                                                          preprocessing.std, preprocessing.interpolation,
+                                                          rotates=bool(self.rotation_degrees))
+        self.datasets = {split: self._dataset(split, preprocessing, self.augment_on) for split in SPLITS}
+
+    def _dataset(self, split: str, preprocessing: Preprocessing, augment_on: str) -> Dataset:
+        """The split's dataset: from the decoded images if cached, else from the files; finished in the loader
+        (normalised float images) or, with augment_on="device", as uint8 images for `on_after_batch_transfer`."""
+        images, samples = self.decoded.get(split), self.splits[split]
+        seed = self.split_seed if split == "train" else 0
+        if split == "train" and self.augments:
+            training = train_transform(preprocessing, self.crop_scale, self.rotation_degrees, self.horizontal_flip)
+            # Without decoded images (a stage that does not train, such as test, set up before fit) the loader
+            # prepares them: its float batches pass through on_after_batch_transfer.
+            if augment_on == "device" and images is not None:
+                return CanvasDataset(images, [label for _, label in samples], RandomSteps(training), seed)
+            return ImageDataset(samples, training, seed, images)
         evaluation = eval_transform(preprocessing)
-        training = train_transform(preprocessing, self.crop_scale, self.rotation_degrees, self.horizontal_flip) \
-            if self.augments else evaluation
-        self.datasets = {
-            "train": ImageDataset(self.splits["train"], training, self.split_seed),
-            "val": ImageDataset(self.splits["val"], evaluation),
-            "test": ImageDataset(self.splits["test"], evaluation),
-        }
+        if augment_on == "device":  # normalised on the device, by the same kernels
+            evaluation = T.Compose([*evaluation.transforms[:2], T.PILToTensor()])
+        return ImageDataset(samples, evaluation, seed, images)
+
+    def _cache(self, split: str, preprocessing: Preprocessing) -> None:
+        """Decodes the split into memory where `cache_images` and the memory limit allow it (once)."""
+        resize = eval_transform(preprocessing).transforms[0]
+        if self._cached_as != (preprocessing.resize_size, preprocessing.interpolation):
+            self.decoded, self.not_cached = {}, {}
+            self._cached_as = (preprocessing.resize_size, preprocessing.interpolation)
+        if split in self.decoded or split in self.not_cached or not self.splits[split]:
+            return
+        reason = self._why_not_cached(split)
+        if reason is None:
+            if self._cache_limit is None:
+                self._cache_limit = image_cache.memory_limit(self.cache_images_max_gb)
+            room = None if self._cache_limit is None else \
+                self._cache_limit - sum(images.nbytes for images in self.decoded.values())
+            images, note = image_cache.cache_split(split, [path for path, _ in self.splits[split]], resize,
+                                                   preprocessing.resize_size, room)
+            if images is not None:
+                self.decoded[split] = images
+                log.info("image cache: %s", note)
+                return
+            needed = "data.augment_on=device" if split == "train" and self.augment_on == "device" else \
+                "data.cache_images=true" if self.cache_images is True else None
+            if needed:
+                raise UsageError(f"{needed} needs the decoded images in memory, but {note}: raise "
+                                 "data.cache_images_max_gb, or use data.image_size=<smaller> or "
+                                 "data.augment_on=loader data.cache_images=auto")
+            reason = note
+        self.not_cached[split] = reason
+        log.info("image cache off for %s", reason if reason.startswith(split) else f"{split}: {reason}")
+
+    def _why_not_cached(self, split: str) -> str | None:
+        if self.cache_images is False:
+            return "data.cache_images=false"
+        if split != "train" or self.cache_images is True or not self.augments or self.augment_on == "device":
+            return None
+        return ("training-time augmentation runs on the original files; data.cache_images=true runs it on "
+                "decoded copies in memory instead (faster; random crops then come from the stored copy)")
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """With augment_on="device": augments (training) or only normalises (evaluation) the uint8 batch where it
+        now is; batches already prepared by the loader pass through."""
+        images = batch[0]
+        if self.device_augmentation is None or not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+            return batch
+        if len(batch) == 3:  # a CanvasDataset batch: images, labels, random parameters
+            return self.device_augmentation(images, batch[2]), batch[1]
+        return self.device_augmentation.normalise(images), batch[1]
 
     def save_split(self, path: str | os.PathLike) -> None:
         """Writes the split as CSV (split, class, path relative to the data root), one row per image."""
@@ -247,6 +344,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def use_features(self, cache: dict[str, tuple[torch.Tensor, ...]]) -> None:
         """Serves cached backbone features (see `finetune.features`) instead of images from now on."""
+        self.decoded.clear()  # the images are not needed any more
         train = ViewDataset(*cache["train"])
         self.datasets = {"train": train, **{split: FeatureDataset(*cache[split]) for split in ("val", "test")
                                             if split in cache}}
@@ -255,8 +353,11 @@ class ImageFolderDataModule(L.LightningDataModule):
     def ordered_dataloader(self, split: str, view: int = 0) -> DataLoader:
         """The split's images in a fixed order (no shuffling), with the split's own transform; training images
         get the augmentation of epoch `view`."""
-        keys = [(index, view) for index in range(len(self.datasets[split]))] if split == "train" else None
-        return DataLoader(self.datasets[split], batch_size=self.batch_size, sampler=keys,
+        dataset = self.datasets[split]
+        if self.augment_on == "device":  # whatever the training loop gets, these batches come ready
+            dataset = self._dataset(split, self.preprocessing.at_size(self.image_size), "loader")
+        keys = [(index, view) for index in range(len(dataset))] if split == "train" else None
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=keys,
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:

@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
 SCHEDULERS = ("cosine", "plateau", "constant")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+COMPILE_BACKEND = "inductor"  # torch.compile's own default; the tests swap in a cheaper one
 
 
 class ImageClassifier(L.LightningModule):
@@ -58,6 +60,9 @@ class ImageClassifier(L.LightningModule):
         log_misclassified: at test time, log up to this many misclassified images to TensorBoard as one grid
             (captioned true -> predicted); 0 turns it off.
         channels_last: NHWC memory layout for convolutional networks; "auto" uses it on CUDA, where it is faster.
+        compile: compile the network with `torch.compile` when fitting starts: False, True (its default mode) or a
+            mode name ("reduce-overhead", "max-autotune", ...). The module is compiled in place
+            (`nn.Module.compile`), so checkpoints keep their plain parameter names and load uncompiled anywhere.
     """
 
     def __init__(
@@ -84,6 +89,7 @@ class ImageClassifier(L.LightningModule):
         class_weights: list[float] | None = None,
         channels_last: bool | str = "auto",
         log_misclassified: int = 16,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -92,6 +98,9 @@ class ImageClassifier(L.LightningModule):
             raise UsageError(f"unknown scheduler {scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
         if len(class_names) < 2:
             raise UsageError(f"the data has {len(class_names)} class(es); a classifier needs at least two")
+        if compile not in (True, False, *COMPILE_MODES):
+            raise UsageError(f"model.compile={compile!r}: use false, true or a torch.compile mode "
+                             f"({', '.join(COMPILE_MODES)})")
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise UsageError(f"layer_decay={layer_decay} must be in (0, 1]: each block trains at that factor "
                              "times the learning rate of the block above it")
@@ -229,6 +238,18 @@ class ImageClassifier(L.LightningModule):
         self.uses_channels_last = self._use_channels_last()
         if self.uses_channels_last:
             self.network.to(memory_format=torch.channels_last)
+        self._compile()
+
+    def _compile(self) -> None:
+        """Compiles the network in place, once (model.compile); on cached features the network never runs."""
+        setting = self.hparams.get("compile", False)
+        if not setting or self.trains_on_features or getattr(self, "compiled", False):
+            return
+        options = {} if setting is True else {"mode": setting}
+        log.info("compiling the network with torch.compile (%s, mode %s): the first training and evaluation "
+                 "steps wait for it", COMPILE_BACKEND, options.get("mode", "default"))
+        self.network.compile(backend=COMPILE_BACKEND, **options)
+        self.compiled = True
 
     def _use_channels_last(self) -> bool:
         setting = self.hparams.channels_last
