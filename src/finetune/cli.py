@@ -5,7 +5,6 @@ one-line errors, and a trained checkpoint made ready for inference (device, imag
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import sys
 import typing
 from collections.abc import Callable, Sequence
@@ -18,7 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.backbones import Preprocessing
-from finetune.errors import UsageError, find_usage_error
+from finetune.errors import UsageError, close_matches, find_usage_error
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -69,9 +68,7 @@ def parse_options(schema: type, argv: Sequence[str], usage: str) -> Any:
         if not equals or not key:
             raise UsageError(f"{argument!r} is not key=value; valid keys: {keys}")
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise UsageError(f"unknown key {key!r}{hint}; valid keys: {keys}")
+            raise UsageError(f"unknown key {key!r}{close_matches(key, list(fields), n=1)}; valid keys: {keys}")
     try:
         config = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(list(argv)))
         for argument in argv:

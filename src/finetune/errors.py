@@ -33,9 +33,8 @@ def config_error_message(error: BaseException) -> str | None:
     cause = error.__cause__
     if isinstance(error, CompactHydraException) and isinstance(cause, OmegaConfBaseException) and cause.full_key:
         keys = list(cause.parent_node.keys()) if cause.parent_node is not None else []
-        prefix = cause.full_key.rpartition(".")[0]
-        close = close_matches(str(cause.key), keys)
-        close = close.replace("(did you mean ", f"(did you mean {prefix}." if prefix else "(did you mean ")
+        parent = cause.full_key.rpartition(".")[0]
+        close = close_matches(str(cause.key), keys, prefix=f"{parent}." if parent else "")
         append = next((line.strip() for line in str(error).splitlines() if line.strip().startswith("To append")),
                       "")
         return f"unknown key {cause.full_key}{close}" + (f"; {append[0].lower()}{append[1:]}" if append else "")
@@ -45,9 +44,10 @@ def config_error_message(error: BaseException) -> str | None:
     return None
 
 
-def close_matches(name: str, choices: list[str]) -> str:
-    """" (did you mean a, b?)" for the choices that look like `name`, or ""."""
+def close_matches(name: str, choices: list[str], n: int = 5, prefix: str = "") -> str:
+    """" (did you mean a, b?)" for the (at most `n`) choices that look like `name`, each shown after `prefix`,
+    or ""."""
     import difflib
 
-    close = difflib.get_close_matches(name, choices, n=5, cutoff=0.6)
-    return f" (did you mean {', '.join(close)}?)" if close else ""
+    close = difflib.get_close_matches(name, choices, n=n, cutoff=0.6)
+    return f" (did you mean {', '.join(prefix + choice for choice in close)}?)" if close else ""
