@@ -323,12 +323,12 @@ def test_the_scan_gives_the_same_verdicts_in_parallel_and_remembers_them(tmp_pat
     (tmp_path / "123.png").write_text("text")
     expected = {paths[7]: "empty file (0 bytes)", paths[123]: "not an image (unknown format or damaged header)"}
 
-    assert unreadable_images(paths, None, workers=1) == expected
+    assert unreadable_images(paths, None, threads=1) == expected
     cache = tmp_path / "cache" / "scan.json"
-    assert unreadable_images(paths, cache, workers=2) == expected
+    assert unreadable_images(paths, cache, threads=2) == expected
     # Remembered by size and modification time: a file that changes is decoded again.
     Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(paths[7])
-    assert unreadable_images(paths, cache, workers=1) == {paths[123]: expected[paths[123]]}
+    assert unreadable_images(paths, cache, threads=1) == {paths[123]: expected[paths[123]]}
 
 
 def test_an_image_over_the_decompression_bomb_limit_is_named_as_too_large(tmp_path, monkeypatch):

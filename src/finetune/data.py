@@ -194,7 +194,7 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _scan(self, images: list[str]) -> dict[str, str]:
         """The unreadable images: skipped (each logged once) or, with `strict`, an error."""
-        bad = unreadable_images(images, scan_cache_file(default_cache_dir(), self.root), self.num_workers)
+        bad = unreadable_images(images, scan_cache_file(default_cache_dir(), self.root))
         if bad and self.strict:
             path, reason = next(iter(bad.items()))
             raise UsageError(f"{len(bad)} unreadable image(s) under {self.root}, e.g. {path}: {reason}; fix or "

@@ -12,10 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
@@ -26,17 +25,16 @@ log = logging.getLogger(__name__)
 
 # From this ratio of the largest to the smallest training class on, the log and the sweep report warn.
 STRONG_IMBALANCE = 3.0
-# Below this many files to decode, worker processes cost more to start than they save.
-_PARALLEL_FROM = 256
 
 
-def unreadable_images(paths: Sequence[str], cache_file: Path | None, workers: int) -> dict[str, str]:
+def unreadable_images(paths: Sequence[str], cache_file: Path | None, threads: int | None = None) -> dict[str, str]:
     """The images among `paths` that cannot be decoded, with the reason for each.
 
     Args:
         paths: image files.
         cache_file: where verdicts are remembered between runs (None: nowhere).
-        workers: processes that decode in parallel (0 or 1: this one).
+        threads: decoding threads (Pillow decodes outside the GIL, as for `finetune.image_cache`); None: one per
+            CPU core.
 
     Returns:
         path -> reason, for each unreadable image, in the order of `paths`.
@@ -52,13 +50,8 @@ def unreadable_images(paths: Sequence[str], cache_file: Path | None, workers: in
         else:
             to_check.append(path)
     if to_check:
-        if len(to_check) >= _PARALLEL_FROM and workers > 1:
-            log.info("data scan: decoding %d image(s) on %d processes", len(to_check), workers)
-            # spawn: a fork of a process that runs torch threads can deadlock.
-            with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-                found = list(pool.map(why_unreadable, to_check, chunksize=32))
-        else:
-            found = [why_unreadable(path) for path in to_check]
+        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+            found = list(pool.map(why_unreadable, to_check))
         verdicts.update(zip(to_check, found, strict=True))
         _write_cache(cache_file, cached, verdicts)
     log.info("data scan: %d image(s), %d decoded now, %d known from an earlier scan (%s)", len(paths),
