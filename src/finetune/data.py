@@ -180,14 +180,22 @@ class ImageFolderDataModule(L.LightningDataModule):
         if not self.root.is_dir():
             raise UsageError(f"data.root {self.root} is not a folder; pass data.root=<folder with one "
                              "sub-folder of images per class>")
-        self.skipped = self._scan(_list_images(self.root, quiet=True))
         if (self.root / "train").is_dir() and (self.root / "val").is_dir():
-            self.class_names, self.splits = _read_split_folders(self.root, self._usable)
-            source = "its train/val" + ("/test" if self.splits["test"] else "") + " folders"
+            self.class_names, listed = _read_split_folders(self.root)
         else:
-            self.class_names, by_class = _read_class_folders(self.root, self._usable)
-            self.splits = split_stratified(by_class, self.split, self.split_seed, self.class_names)
+            self.class_names, by_class = _read_class_folders(self.root)
+            listed = {"": by_class}
+        self.skipped = self._scan([path for by_class in listed.values() for paths in by_class.values()
+                                   for path in paths])
+        usable = {split: _usable_images(self.root / split, self.class_names, by_class, self.skipped)
+                  for split, by_class in listed.items()}
+        if "" in usable:
+            self.splits = split_stratified(usable[""], self.split, self.split_seed, self.class_names)
             source = f"a stratified {'/'.join(f'{f:g}' for f in self.split)} split (seed {self.split_seed})"
+        else:
+            self.splits = {split: [(path, label) for label in sorted(usable.get(split, {}))
+                                   for path in sorted(usable[split][label])] for split in SPLITS}
+            source = "its train/val" + ("/test" if self.splits["test"] else "") + " folders"
         counts = ", ".join(f"{name} {len(self.splits[name])}" for name in SPLITS)
         log.info("data: %s, %d classes, %s; %s", self.root, len(self.class_names), counts, source)
         self._report_classes()
@@ -202,9 +210,6 @@ class ImageFolderDataModule(L.LightningDataModule):
         for path, reason in bad.items():
             log.warning("skipping %s: %s", path, reason)
         return bad
-
-    def _usable(self, images: list[str]) -> list[str]:
-        return [image for image in images if image not in self.skipped]
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Images per class in `split`, in class order."""
@@ -499,27 +504,17 @@ def split_stratified(by_class: dict[int, list[str]], fractions: Sequence[float],
     return splits
 
 
-def _read_class_folders(root: Path, usable: Callable[[list[str]], list[str]]
-                        ) -> tuple[list[str], dict[int, list[str]]]:
+def _read_class_folders(root: Path) -> tuple[list[str], dict[int, list[str]]]:
     class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir()
                          and not entry.name.startswith("."))
     if len(class_names) < 2:
         raise UsageError(f"{root} holds {len(class_names)} class folder(s): a classifier needs at least two "
                          "sub-folders of images, one per class")
-    by_class = {}
-    for label, name in enumerate(class_names):
-        found = _list_images(root / name)
-        by_class[label] = usable(found)
-        if not by_class[label]:
-            what = f"no usable images ({len(found)} unreadable)" if found else \
-                f"no images (accepted: {', '.join(IMAGE_EXTENSIONS)})"
-            raise UsageError(f"class folder {root / name} holds {what}; add images or remove the folder")
-    return class_names, by_class
+    return class_names, {label: _list_images(root / name) for label, name in enumerate(class_names)}
 
 
-def _read_split_folders(root: Path, usable: Callable[[list[str]], list[str]]
-                        ) -> tuple[list[str], dict[str, list[Sample]]]:
-    found = {split: _read_class_folders(root / split, usable) for split in SPLITS if (root / split).is_dir()}
+def _read_split_folders(root: Path) -> tuple[list[str], dict[str, dict[int, list[str]]]]:
+    found = {split: _read_class_folders(root / split) for split in SPLITS if (root / split).is_dir()}
     class_names = found["train"][0]
     for split, (names, _) in found.items():
         if names != class_names:
@@ -527,14 +522,28 @@ def _read_split_folders(root: Path, usable: Callable[[list[str]], list[str]]
             extra = sorted(set(names) - set(class_names))
             raise UsageError(f"{root / split} has other classes than {root / 'train'} (missing: {missing}, "
                              f"extra: {extra}); every split folder needs the same class sub-folders")
-    splits: dict[str, list[Sample]] = {split: [] for split in SPLITS}
-    for split, (_, by_class) in found.items():
-        for label in sorted(by_class):
-            splits[split].extend((path, label) for path in sorted(by_class[label]))
-    return class_names, splits
+    return class_names, {split: by_class for split, (_, by_class) in found.items()}
 
 
-def _list_images(folder: Path, quiet: bool = False) -> list[str]:
+def _usable_images(folder: Path, class_names: list[str], by_class: dict[int, list[str]],
+                   skipped: dict[str, str]) -> dict[int, list[str]]:
+    """Each class's images less the unreadable ones.
+
+    Raises:
+        UsageError: a class folder under `folder` is left with no image.
+    """
+    usable = {}
+    for label, paths in by_class.items():
+        usable[label] = [path for path in paths if path not in skipped]
+        if not usable[label]:
+            what = f"no usable images ({len(paths)} unreadable)" if paths else \
+                f"no images (accepted: {', '.join(IMAGE_EXTENSIONS)})"
+            raise UsageError(f"class folder {folder / class_names[label]} holds {what}; add images or remove "
+                             "the folder")
+    return usable
+
+
+def _list_images(folder: Path) -> list[str]:
     images, others = [], []
     for directory, subdirectories, files in os.walk(folder, followlinks=True):
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
@@ -544,7 +553,7 @@ def _list_images(folder: Path, quiet: bool = False) -> list[str]:
             else:
                 others.append(name)
     # Hidden files (.DS_Store, AppleDouble ._* companions) and others (Thumbs.db, notes) are not images.
-    if others and not quiet:
+    if others:
         log.info("%s: ignored %d file(s) that are not images by name, e.g. %s", folder, len(others),
                  ", ".join(others[:3]))
     return images
