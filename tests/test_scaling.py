@@ -85,8 +85,9 @@ def state(run: Path) -> dict[str, torch.Tensor]:
 def test_ddp_on_two_processes_trains_what_one_process_trains(tmp_path, uneven_folder):
     # ConvNeXt normalises with LayerNorm and has no dropout: nothing depends on how a batch is split, so 2
     # processes with batches of 6 compute what 1 process computes with batches of 12, up to float rounding
-    # (the order of the gradient all-reduce). transfer runs on the feature cache (data.augment=false);
-    # gradual unfreezes 2 blocks at epoch 2, after DDP wrapped the model.
+    # (the order of the gradient all-reduce). All three run on the feature cache (data.augment=false): transfer
+    # from the head's input, finetune and gradual from the frozen prefix; gradual unfreezes 2 blocks at epoch 2,
+    # after DDP wrapped the model.
     common = ("model=timm", "model.name=convnext_atto", "model.weights=null", f"data.root={uneven_folder}",
               "data.image_size=32", "data.num_workers=0", "data.augment=false", "trainer.max_epochs=3",
               "trainer.deterministic=true", "strategy.lr=1e-2", "strategy.backbone_lr=1e-2",
@@ -117,8 +118,7 @@ def test_ddp_on_two_processes_trains_what_one_process_trains(tmp_path, uneven_fo
         assert "optimizer adamw" in rank_1 and "final metrics" not in rank_1
         assert "final metrics" in (ddp_run / "train.log").read_text()
         assert len(list((ddp_run / "checkpoints").iterdir())) == 2  # the best and last.ckpt
-        if strategy == "transfer":
-            assert "feature cache on" in rank_1
+        assert "feature cache on" in rank_1
         if strategy == "gradual":
             assert "DDP: wrapped the model again" in rank_1
 

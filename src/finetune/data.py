@@ -362,7 +362,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.augment_on == "device":  # whatever the training loop gets, these batches come ready
             dataset = self._dataset(split, self.preprocessing.at_size(self.image_size), "loader")
         keys = [(index, view) for index in range(len(dataset))] if split == "train" else None
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=keys,
+        # Its own generator: otherwise each pass draws its workers' base seed from the global one, and a run that
+        # builds a feature cache would draw different dropout masks from one that does not.
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=keys, generator=torch.Generator(),
                           num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
@@ -396,8 +398,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         loader = ResumableLoader if shuffle else DataLoader
         position = {"trained_batches": self._trained_batches} if shuffle else {}
         if self.serves_features:
-            # In-memory tensors: worker processes would only add start-up and copying.
-            return loader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=as_batch, **position)
+            # In-memory tensors: worker processes would only add start-up and copying. Its own generator, as below:
+            # the training loop's draws (dropout) stay those of an uncached run.
+            return loader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=as_batch,
+                          generator=torch.Generator(), **position)
         return loader(
             dataset,
             batch_size=self.batch_size,

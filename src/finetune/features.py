@@ -1,10 +1,16 @@
-"""Feature caching for transfer learning: the frozen backbone runs once over the data, then the head trains alone.
+"""Feature caching: the frozen part of the network runs once over the data, then each step runs only the rest.
 
-With `unfreeze=0` every epoch would repeat the same backbone forward pass over the same images. The cache keeps,
-for each image, what the frozen backbone hands the head (its input, computed in eval mode, as the frozen blocks
-always run), and training then applies only the architecture's dropout and the head. Without training-time
+With `unfreeze=0` every epoch would repeat the same backbone forward pass over the same images; with `unfreeze=N`
+the same holds for the frozen blocks before the N that train. The cache keeps, for each image, what the frozen
+part hands the first module that trains (computed in eval mode, as frozen blocks always run): the head's input for
+transfer learning, the first trained block's input for fine-tuning. Training then runs from there on: the
+architecture's dropout and the head, or the trained blocks and the head (`skipping`). Without training-time
 augmentation this is the same computation, epochs later for free; with augmentation the cache holds K augmented
 views of every training image and epoch e trains on view e mod K.
+
+Where a network is cut is found, and checked, on a random batch (`find_cut`): a network whose forward pass does
+work between its modules (a ViT adds its position embedding outside any module) cannot run from a cached
+activation, and is then trained uncached, with the reason in the log.
 """
 
 from __future__ import annotations
@@ -12,27 +18,54 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.dropout import _DropoutNd
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from finetune.blocks import Block, trainable_parameter_names
 from finetune.errors import UsageError
+from finetune.freezing import keep_frozen_in_eval_mode
+from finetune.image_cache import memory_limit
 
 log = logging.getLogger(__name__)
 
 MODES = ("auto", True, False)
 
 
-def should_cache(mode: str | bool, model, datamodule) -> tuple[bool, str]:
-    """Whether to train on cached backbone features, and why (or why not), for the log.
+@dataclass(frozen=True)
+class Cut:
+    """Where a network is cut for the feature cache.
+
+    Attributes:
+        module: the module whose input is cached: the head (transfer learning) or the first block that ever trains.
+        skipped: the outermost modules that run before `module` (none at the head, which runs alone); while
+            training on the cache they hand their input on unchanged, so the network runs from `module` on.
+        shape: the cached tensor of one image.
+    """
+
+    module: str
+    skipped: tuple[str, ...]
+    shape: tuple[int, ...]
+
+    @property
+    def bytes_per_image(self) -> int:
+        return 4 * math.prod(self.shape)  # kept as float32
+
+
+def should_cache(mode: str | bool, model, datamodule, views: int = 1) -> tuple[Cut | None, str]:
+    """Where to cut the network for training on cached features, or None; and why, for the log.
 
     Args:
-        mode: "auto" caches where it cannot change results (transfer learning without training-time
-            augmentation); True caches transfer learning whatever the augmentation (K augmented views);
-            False never caches.
+        mode: "auto" caches where it cannot change results (no training-time augmentation); True caches whatever
+            the augmentation (K augmented views); False never caches.
         model: the `ImageClassifier`.
-        datamodule: the `ImageFolderDataModule`.
+        datamodule: the `ImageFolderDataModule`, prepared, with the model's preprocessing.
+        views: augmented views cached per training image (strategy.cache_views), for the memory estimate.
 
     Raises:
         UsageError: `mode` is not one of the accepted values, or True where caching cannot apply.
@@ -40,63 +73,219 @@ def should_cache(mode: str | bool, model, datamodule) -> tuple[bool, str]:
     if mode not in MODES:
         raise UsageError(f"strategy.cache_features={mode!r}: use auto, true or false")
     if mode is False:
-        return False, "feature cache off (strategy.cache_features=false)"
+        return None, "feature cache off (strategy.cache_features=false)"
+    depth = model.schedule.max_depth
     blockers = []
-    if model.schedule.max_depth:
-        blockers.append(f"unfreeze={model.schedule.max_depth} trains backbone blocks, so their output changes "
-                        "every step (the cache covers transfer learning, unfreeze=0)")
+    if depth == len(model.blocks):
+        blockers.append("every block trains (unfreeze=all, or a gradual schedule that reaches all), so no frozen "
+                        "part stays the same")
     if model.hparams.train_bn:
         blockers.append("train_bn=true changes the backbone's BatchNorm layers while training")
+    if not blockers and datamodule.augments and mode == "auto":
+        return None, ("feature cache off: training-time augmentation (data.crop_scale, data.rotation_degrees, "
+                      "data.horizontal_flip) gives new images every epoch; strategy.cache_features=true caches "
+                      "strategy.cache_views augmented views per image instead")
+    cut = None
+    if not blockers:
+        crop_size = datamodule.preprocessing.at_size(datamodule.image_size).crop_size
+        cut, why_not = find_cut(model.network, model.blocks, model.head_name, depth, crop_size)
+        if cut is None:
+            blockers.append(why_not)
+    if cut is not None:
+        needed, limit = _cache_bytes(cut, datamodule, views), memory_limit(None)
+        if limit is not None and needed > limit:
+            blockers.append(f"the cached features would take {needed / 1e9:.1f} GB, over half the memory "
+                            f"available ({2 * limit / 1e9:.1f} GB)")
     if blockers:
         if mode is True:
             raise UsageError(f"strategy.cache_features=true cannot apply: {'; '.join(blockers)}")
-        return False, f"feature cache off: {'; '.join(blockers)}"
-    if datamodule.augments and mode == "auto":
-        return False, ("feature cache off: training-time augmentation (data.crop_scale, data.rotation_degrees, "
-                       "data.horizontal_flip) gives new images every epoch; strategy.cache_features=true caches "
-                       "strategy.cache_views augmented views per image instead")
-    return True, "feature cache on: the frozen backbone runs once over the data, then the head trains alone"
+        return None, f"feature cache off: {'; '.join(blockers)}; training runs uncached"
+    if not depth:
+        return cut, "feature cache on: the frozen backbone runs once over the data, then the head trains alone"
+    trained = " + ".join(block.label for block in model.blocks[len(model.blocks) - depth:])
+    return cut, (f"feature cache on: the frozen blocks before {cut.module} run once over the data, then each step "
+                 f"runs {trained} + head")
+
+
+def find_cut(network: nn.Module, blocks: list[Block], head_name: str, depth: int,
+             crop_size: int) -> tuple[Cut | None, str | None]:
+    """Where to cut `network` when its last `depth` blocks (0: none) and its head train, checked on a random batch.
+
+    The cut module is the first one of the first trained block that the forward pass calls (or the head). The
+    modules whose forward passes finish before it starts are skipped. The cut is accepted only if, on a random
+    batch, (1) running the network from the cut gives the whole network's output, (2) every parameter that trains
+    gets a gradient that way, and (3) nothing skipped behaves differently while training (dropout or BatchNorm
+    outside the frozen blocks).
+
+    Returns:
+        (the cut, None), or (None, why the network cannot run from a cached activation).
+    """
+    first = blocks[len(blocks) - depth] if depth else None
+    targets = first.modules if first else (head_name,)
+    device = next(network.parameters()).device
+    images = torch.randn(2, 3, crop_size, crop_size, generator=torch.Generator().manual_seed(0)).to(device)
+    events: list[tuple[str, str]] = []
+    captured: list[torch.Tensor] = []
+    hooks = []
+    for name, module in network.named_modules():
+        if name:
+            hooks.append(module.register_forward_pre_hook(lambda _, a, name=name: events.append(("start", name))))
+            hooks.append(module.register_forward_hook(lambda _, a, o, name=name: events.append(("end", name))))
+    modes = _modes(network)
+    network.eval()
+    try:
+        with torch.no_grad():
+            output = network(images)
+        starts = [i for i, (kind, name) in enumerate(events) if kind == "start" and
+                  any(name == target or name.startswith(target + ".") for target in targets)]
+        if not starts:
+            return None, f"the forward pass never calls {targets[0]}"
+        module = events[starts[0]][1]
+        hooks.append(network.get_submodule(module).register_forward_pre_hook(
+            lambda _, arguments: captured.append(arguments[0].detach())))
+        finished = {name for kind, name in events[:starts[0]] if kind == "end"}
+        skipped = tuple(name for name in dict.fromkeys(n for kind, n in events[:starts[0]] if kind == "end")
+                        if name.rpartition(".")[0] not in finished) if first else ()
+        with torch.no_grad():
+            network(images)
+        cut = Cut(module, skipped, tuple(captured[0].shape[1:]))
+        if first:
+            why_not = _why_not_runnable_from(network, cut, captured[0], output,
+                                             trainable_parameter_names(blocks, depth) | _parameter_names(
+                                                 network, head_name), blocks[:len(blocks) - depth])
+            if why_not:
+                return None, why_not
+        return cut, None
+    finally:
+        for hook in hooks:
+            hook.remove()
+        _restore(modes)
+
+
+def _why_not_runnable_from(network: nn.Module, cut: Cut, activation: torch.Tensor, output: torch.Tensor,
+                           trained: set[str], frozen: list[Block]) -> str | None:
+    cannot = f"the network cannot run from a cached input of {cut.module}"
+    try:
+        with torch.no_grad(), skipping(network, cut.skipped):
+            rerun = network(activation)
+    except Exception as error:  # any failure means the same: this architecture does not split there
+        return f"{cannot} ({type(error).__name__}: {str(error).splitlines()[0][:120]})"
+    scale = output.abs().max().item() or 1.0
+    if rerun.shape != output.shape or not torch.allclose(rerun, output, rtol=1e-3, atol=1e-4 * scale):
+        return f"{cannot} (its forward pass does work outside its modules before that block)"
+    parameters = dict(network.named_parameters())
+    wanted = [parameters[name] for name in sorted(trained)]
+    requires = [parameter.requires_grad for parameter in wanted]
+    try:
+        for parameter in wanted:
+            parameter.requires_grad_(True)
+        with skipping(network, cut.skipped):
+            gradients = torch.autograd.grad(network(activation).float().sum(), wanted, allow_unused=True)
+    finally:
+        for parameter, flag in zip(wanted, requires, strict=True):
+            parameter.requires_grad_(flag)
+    untrained = [name for name, gradient in zip(sorted(trained), gradients, strict=True) if gradient is None]
+    if untrained:
+        return f"{cannot} ({untrained[0]} would not train from there)"
+    # While training, frozen blocks run in eval mode; a skipped module outside every block would not.
+    network.train()
+    keep_frozen_in_eval_mode(network, frozen)
+    for name in cut.skipped:
+        for inner, module in network.get_submodule(name).named_modules(prefix=name):
+            stochastic = isinstance(module, _DropoutNd) and module.p > 0 or "droppath" in type(module).__name__.lower()
+            if module.training and (stochastic or isinstance(module, _BatchNorm)):
+                return f"{inner} ({type(module).__name__}) acts differently while training, before {cut.module}"
+    return None
+
+
+def _modes(network: nn.Module) -> dict[nn.Module, bool]:
+    """Every module's train/eval mode, to put back exactly (frozen blocks stay in eval mode in a training model)."""
+    return {module: module.training for module in network.modules()}
+
+
+def _restore(modes: dict[nn.Module, bool]) -> None:
+    for module, training in modes.items():
+        module.training = training
+
+
+def _parameter_names(network: nn.Module, module_name: str) -> set[str]:
+    return {f"{module_name}.{name}" for name, _ in network.get_submodule(module_name).named_parameters()}
+
+
+def _cache_bytes(cut: Cut, datamodule, views: int) -> int:
+    training_views = views if datamodule.augments else 1
+    images = training_views * len(datamodule.splits["train"]) + len(datamodule.splits["val"]) + \
+        len(datamodule.splits["test"])
+    return cut.bytes_per_image * images
+
+
+def _pass_through(inputs, *args, **kwargs):
+    return inputs
+
+
+@contextmanager
+def skipping(network: nn.Module, names: Sequence[str]):
+    """Within this block, the named modules hand their input on unchanged: the network runs from the cut on.
+
+    Only the instances' `forward` is replaced, for the duration: parameters, buffers and state dicts stay as they
+    are, so checkpoints hold the whole network.
+    """
+    modules = [network.get_submodule(name) for name in names]
+    for module in modules:
+        module.forward = _pass_through
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward
+
+
+class _Captured(Exception):
+    """Stops a forward pass once the cached module's input is in hand: the rest would be thrown away."""
 
 
 @torch.no_grad()
-def head_inputs(network: nn.Module, head_name: str, loader: DataLoader,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs the network over `loader` in eval mode and returns what its head receives, with the labels."""
+def module_inputs(network: nn.Module, module_name: str, loader: DataLoader,
+                  device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Runs the network over `loader` in eval mode, up to `module_name`; returns that module's inputs and the
+    labels."""
     captured: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
 
     def capture(module, arguments):
         captured.append(arguments[0].detach().float().cpu())
+        raise _Captured
 
-    handle = network.get_submodule(head_name).register_forward_pre_hook(capture)
-    was_training = network.training
+    handle = network.get_submodule(module_name).register_forward_pre_hook(capture)
+    modes = _modes(network)
     network.eval()
     try:
         for images, batch_labels in loader:
-            network(images.to(device))
+            with suppress(_Captured):
+                network(images.to(device))
             labels.append(batch_labels)
     finally:
         handle.remove()
-        network.train(was_training)
+        _restore(modes)
     return torch.cat(captured), torch.cat(labels)
 
 
-def build_cache(model, datamodule, views: int, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
-    """The head inputs of every split: `views` passes over the training images, one over val and test."""
+def build_cache(model, datamodule, cut: Cut, views: int, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
+    """The cut module's inputs for every split: `views` passes over the training images, one over val and test."""
     if views < 1:
         raise UsageError(f"strategy.cache_views={views} must be at least 1")
     datamodule.setup("fit")
     network = model.network.to(device)
     passes = views if datamodule.augments else 1
-    train_views = [head_inputs(network, model.head_name, datamodule.ordered_dataloader("train", view), device)
+    train_views = [module_inputs(network, cut.module, datamodule.ordered_dataloader("train", view), device)
                    for view in range(passes)]
     cache = {"train": (torch.stack([v[0] for v in train_views]), train_views[0][1])}
     for split in ("val", "test"):
         if datamodule.datasets[split]:
-            cache[split] = head_inputs(network, model.head_name, datamodule.ordered_dataloader(split), device)
+            cache[split] = module_inputs(network, cut.module, datamodule.ordered_dataloader(split), device)
     size = sum(t.numel() * t.element_size() for tensors in cache.values() for t in tensors)
-    log.info("feature cache: %d training view(s), %s features per image, %.1f MB in memory",
-             passes, tuple(cache["train"][0].shape[2:]), size / 1e6)
+    log.info("feature cache: %d training view(s), %s features per image (the input of %s), %.1f MB in memory",
+             passes, tuple(cache["train"][0].shape[2:]), cut.module, size / 1e6)
     return cache
 
 

@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from finetune.backbones import Preprocessing, create_backbone, dropout_before_head
 from finetune.errors import UsageError
+from finetune.features import Cut, skipping
 from finetune.freezing import UnfreezeSchedule, apply_unfreeze, keep_frozen_in_eval_mode, parse_unfreeze
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,8 @@ class ImageClassifier(L.LightningModule):
         self.frozen_blocks = []
         self._set_depth(self.schedule.depth_at(0))
         self.train_images_seen = 0
-        # Feature caching (finetune.features): batches then hold what the frozen backbone gives the head.
-        self.trains_on_features = False
+        # Feature caching (finetune.features): batches then hold what the frozen part gives the cut module.
+        self.features_cut: Cut | None = None
         self.head_input_dropout = dropout_before_head(self.network, self.head_name)
 
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -240,10 +241,20 @@ class ImageClassifier(L.LightningModule):
             self.network.to(memory_format=torch.channels_last)
         self._compile()
 
+    @property
+    def trains_on_features(self) -> bool:
+        return self.features_cut is not None
+
     def _compile(self) -> None:
-        """Compiles the network in place, once (model.compile); on cached features the network never runs."""
+        """Compiles the network in place, once (model.compile); not on cached features (see below)."""
         setting = self.hparams.get("compile", False)
-        if not setting or self.trains_on_features or getattr(self, "compiled", False):
+        if not setting or getattr(self, "compiled", False):
+            return
+        if self.trains_on_features:
+            # Training from the cut swaps the skipped modules' forward for the duration of each step, which a
+            # compiled graph would not see; and the frozen part, most of the work, no longer runs at all.
+            log.info("model.compile: not compiling, the network trains on cached features "
+                     "(strategy.cache_features=false compiles it)")
             return
         options = {} if setting is True else {"mode": setting}
         log.info("compiling the network with torch.compile (%s, mode %s): the first training and evaluation "
@@ -269,9 +280,13 @@ class ImageClassifier(L.LightningModule):
         return self.network(images)
 
     def classify_features(self, features: torch.Tensor) -> torch.Tensor:
-        """The head on cached backbone features, with the architecture's own dropout in front, as in forward."""
-        features = nn.functional.dropout(features, self.head_input_dropout, training=self.training)
-        return self.network.get_submodule(self.head_name)(features)
+        """The network from the cut on, on cached features: at the head, the head with the architecture's own
+        dropout in front, as in forward; at a block, the network with the frozen modules before it skipped."""
+        if self.features_cut.module == self.head_name:
+            features = nn.functional.dropout(features, self.head_input_dropout, training=self.training)
+            return self.network.get_submodule(self.head_name)(features)
+        with skipping(self.network, self.features_cut.skipped):
+            return self.network(features)
 
     def training_step(self, batch, batch_index):
         return self._step(batch, self.train_metrics, "train")
@@ -286,17 +301,14 @@ class ImageClassifier(L.LightningModule):
         inputs, labels = batch
         if stage == "train":
             self.train_images_seen += len(labels)
-        if self.trains_on_features:
-            logits = self.classify_features(inputs)
-        else:
-            if getattr(self, "uses_channels_last", False):
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            logits = self(inputs)
+        if getattr(self, "uses_channels_last", False) and inputs.dim() == 4:  # images, or cached feature maps
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        logits = self.classify_features(inputs) if self.trains_on_features else self(inputs)
         loss = (self.training_loss_fn if stage == "train" else self.loss)(logits, labels)
         metrics.update(logits, labels)
         if stage in self.confusion:
             self.confusion[stage].update(logits, labels)
-        if stage == "test" and inputs.dim() == 4:
+        if stage == "test" and not self.trains_on_features:
             self._keep_misclassified(inputs, labels, logits.argmax(dim=1))
         mean_loss = getattr(self, f"{stage}_loss")
         mean_loss.update(loss.detach(), weight=len(labels))

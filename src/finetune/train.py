@@ -68,15 +68,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
         datamodule.save_split(output_dir / "split.csv")
         datamodule.save_skipped(output_dir / "skipped_files.txt")
         log_hyperparameters(trainer.logger, cfg, model)
-    use_cache, reason = should_cache(cfg.strategy.cache_features, model, datamodule)
+    cut, reason = should_cache(cfg.strategy.cache_features, model, datamodule, cfg.strategy.cache_views)
     log.info(reason)
-    if use_cache:
+    if cut:
         if trainer.world_size > 1:
-            log.info("feature cache under DDP: each of the %d processes runs the backbone over all the images "
-                     "once, then trains the head on its share of them", trainer.world_size)
-        datamodule.use_features(build_cache(model, datamodule, cfg.strategy.cache_views,
+            log.info("feature cache under DDP: each of the %d processes runs the frozen part over all the images "
+                     "once, then trains on its share of them", trainer.world_size)
+        datamodule.use_features(build_cache(model, datamodule, cut, cfg.strategy.cache_views,
                                             trainer.strategy.root_device))
-        model.trains_on_features = True
+        model.features_cut = cut
     if cfg.tune.lr_find:
         find_learning_rate(trainer, model, datamodule, output_dir, cfg.tune.num_training)
     started = time.perf_counter()
