@@ -2,11 +2,11 @@
 
 A step is what the training loop does per batch: zero_grad, forward, cross-entropy loss, backward and, unless
 `--no-optimizer-step`, an AdamW step over the trainable parameters. The models are `finetune.module.
-ImageClassifier(name, class_names=["a", "b"], weights=None, unfreeze=...)` at random init (the cost does not
-depend on the weights) in `.train()` mode, so frozen blocks run in eval mode as in a real run; on CUDA the
-network and batch are channels-last, as `model.channels_last=auto` does. The batch is synthetic, from a fixed
-seed. Each setting: `--warmup` untimed steps, then the median of `--steps` timed ones (more, until they add
-up to `--min-time` seconds).
+ImageClassifier(name, class_names=["a", "b"], weights=None, unfreeze=...)` at random init (the cost does not depend
+on the weights) in `.train()` mode, so frozen blocks run in eval mode as in a real run; the network and batch are
+channels-last where `model.channels_last=auto` makes them so (CUDA, and the CPU in eager mode). The batch is
+synthetic, from a fixed seed. Each setting: `--warmup` untimed steps, then the median of `--steps` timed ones
+(more, until they add up to `--min-time` seconds).
 
 Also checked for every depth: no parameter of a frozen block receives a `.grad`, and no frozen block's output
 requires grad, i.e. backward never runs through the frozen prefix.
@@ -81,8 +81,6 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, image_size, image_size, generator=generator).to(device)
     labels = torch.randint(0, 2, (batch_size,), generator=generator).to(device)
-    if device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
 
     results: dict[tuple[str, str], dict] = {}
     print("| model | unfreeze | trainable params | ms/step | relative to all | frozen params with .grad "
@@ -123,8 +121,9 @@ def measure(name: str, unfreeze, images: torch.Tensor, labels: torch.Tensor, dev
             warmup: int, optimizer_step: bool, max_wait: float, retries: int, min_time: float) -> dict:
     torch.manual_seed(0)
     model = ImageClassifier(name, class_names=["a", "b"], weights=None, unfreeze=unfreeze).to(device)
-    if device.type == "cuda":
-        model.network.to(memory_format=torch.channels_last)
+    model.use_memory_format(device)  # as model.channels_last=auto does
+    if model.uses_channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
     model.train()  # frozen blocks go back to eval mode
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3) if optimizer_step else None

@@ -64,7 +64,7 @@ from finetune.backbones import create_backbone
 from finetune.data import ImageFolderDataModule
 from finetune.demo import demo_root
 from finetune.freezing import apply_unfreeze, keep_frozen_in_eval_mode
-from finetune.module import ImageClassifier
+from finetune.module import ImageClassifier, prefers_channels_last
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SEED = 42
@@ -227,13 +227,14 @@ class Parity:
         started = time.perf_counter()
         network, frozen = self.plain_network()
         network.to(self.device)
-        if self.device.type == "cuda":
+        channels_last = prefers_channels_last(network, self.device)  # as ours does (model.channels_last=auto)
+        if channels_last:
             network.to(memory_format=torch.channels_last)
         size, crop = self.datamodule.batch_size, self.datamodule.preprocessing.at_size(self.image_size).crop_size
         shapes = {size, self.train_images % size or size, self.val_images % size or size}
         for batch in sorted(shapes):
             images = torch.randn(batch, 3, crop, crop, device=self.device)
-            if self.device.type == "cuda":
+            if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             network.train()
             keep_frozen_in_eval_mode(network, frozen)
@@ -278,7 +279,7 @@ class Parity:
         out_dir = Path(tempfile.mkdtemp(dir=self.work, prefix="plain-"))
         started = self._sync()
         device = self.device
-        channels_last = device.type == "cuda"  # as ours does by default (model.channels_last=auto)
+        channels_last = prefers_channels_last(network, device)  # as ours does by default (model.channels_last=auto)
         network.to(device)
         if channels_last:
             network.to(memory_format=torch.channels_last)

@@ -60,7 +60,8 @@ class ImageClassifier(L.LightningModule):
             losses stay unweighted, so they compare across runs.
         log_misclassified: at test time, log up to this many misclassified images to TensorBoard as one grid
             (captioned true -> predicted); 0 turns it off.
-        channels_last: NHWC memory layout for convolutional networks; "auto" uses it on CUDA, where it is faster.
+        channels_last: NHWC memory layout for convolutional networks; "auto" uses it where it is faster: on CUDA,
+            and on the CPU unless compiled (`prefers_channels_last`).
         compile: compile the network with `torch.compile` when fitting starts: False, True (its default mode) or a
             mode name ("reduce-overhead", "max-autotune", ...). The module is compiled in place
             (`nn.Module.compile`), so checkpoints keep their plain parameter names and load uncompiled anywhere.
@@ -235,11 +236,18 @@ class ImageClassifier(L.LightningModule):
                      "across the %d processes", self.trainer.world_size)
 
     def on_fit_start(self) -> None:
-        # Decided once, here, where the device is known; _step lays out the batches to match the weights.
-        self.uses_channels_last = self._use_channels_last()
+        self.use_memory_format(self.device)
+        self._compile()
+
+    def use_memory_format(self, device: torch.device) -> None:
+        """Lays the network out NHWC where that is faster (`channels_last`); `_step` lays out the batches to match.
+        Called where the device is known: at fit start, and before a feature cache runs the frozen part."""
+        setting = self.hparams.channels_last
+        compiles = bool(self.hparams.get("compile")) and not self.trains_on_features
+        self.uses_channels_last = prefers_channels_last(self.network, device, compiles) if setting == "auto" \
+            else bool(setting)
         if self.uses_channels_last:
             self.network.to(memory_format=torch.channels_last)
-        self._compile()
 
     @property
     def trains_on_features(self) -> bool:
@@ -261,14 +269,6 @@ class ImageClassifier(L.LightningModule):
                  "steps wait for it", COMPILE_BACKEND, options.get("mode", "default"))
         self.network.compile(backend=COMPILE_BACKEND, **options)
         self.compiled = True
-
-    def _use_channels_last(self) -> bool:
-        setting = self.hparams.channels_last
-        if setting == "auto":
-            # A ViT's only convolution is its patch embedding: NHWC buys nothing there.
-            convolutions = sum(isinstance(m, nn.Conv2d) for m in self.network.modules())
-            return self.device.type == "cuda" and convolutions > 1
-        return bool(setting)
 
     def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)
@@ -416,6 +416,17 @@ class ImageClassifier(L.LightningModule):
             groups.setdefault(key, []).append(parameter)
         ordered = sorted(groups.items(), key=lambda item: item[0][1] != "head")
         return [{"params": params, "lr": lr, "name": name} for (lr, name), params in ordered]
+
+
+def prefers_channels_last(network: nn.Module, device: torch.device, compiled: bool = False) -> bool:
+    """What `channels_last=auto` picks: NHWC for convolutional networks on CUDA, and on the CPU unless compiled.
+
+    Measured (bench/RESULTS.md): on the CPU, eager NHWC steps are 1.2-2x faster (oneDNN's convolutions prefer it;
+    EfficientNet-Lite0, MobileNetV2, ResNet-50, ConvNeXt), while compiled code gained nothing from it. A ViT's only
+    convolution is its patch embedding: NHWC buys nothing there.
+    """
+    convolutions = sum(isinstance(module, nn.Conv2d) for module in network.modules())
+    return convolutions > 1 and (device.type == "cuda" or (device.type == "cpu" and not compiled))
 
 
 def _metrics(num_classes: int) -> dict:
