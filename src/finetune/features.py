@@ -231,13 +231,17 @@ def skipping(network: nn.Module, names: Sequence[str]):
     are, so checkpoints hold the whole network.
     """
     modules = [network.get_submodule(name) for name in names]
+    own = [module.__dict__.get("forward") for module in modules]  # a forward set on the instance, kept
     for module in modules:
         module.forward = _pass_through
     try:
         yield
     finally:
-        for module in modules:
-            del module.forward
+        for module, forward in zip(modules, own, strict=True):
+            if forward is None:
+                del module.forward
+            else:
+                module.forward = forward
 
 
 class _Captured(Exception):
