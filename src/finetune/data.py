@@ -311,7 +311,7 @@ class ImageFolderDataModule(L.LightningDataModule):
                                  "data.augment_on=loader data.cache_images=auto")
             reason = note
         self.not_cached[split] = reason
-        log.info("image cache off for %s", reason if reason.startswith(split) else f"{split}: {reason}")
+        log.info("image cache off for %s", reason if reason.startswith(f"{split}:") else f"{split}: {reason}")
 
     def _why_not_cached(self, split: str) -> str | None:
         if self.cache_images is False:
