@@ -180,3 +180,19 @@ def test_cli_fine_tuning_without_augmentation_caches_the_frozen_prefix_by_defaul
             assert "feature cache off (strategy.cache_features=false)" in output
     for name in ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss", "params/trainable"):
         assert metrics["auto"][name] == pytest.approx(metrics["false"][name], abs=1e-5), name
+
+
+def test_a_cache_over_the_memory_limit_stays_off_or_stops_the_run(image_folder, monkeypatch):
+    import finetune.features
+
+    model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze=2)
+    datamodule = prepared(image_folder, model, augment=False)
+    cut, _ = should_cache("auto", model, datamodule)
+    needed = cut.bytes_per_image * 36  # every image of the folder, train + val + test
+    monkeypatch.setattr(finetune.features, "memory_limit", lambda max_gb: needed - 1)
+    cut, reason = should_cache("auto", model, datamodule)
+    assert cut is None and "the cached features would take" in reason and "training runs uncached" in reason
+    with pytest.raises(UsageError, match="cannot apply: the cached features would take"):
+        should_cache(True, model, datamodule)
+    monkeypatch.setattr(finetune.features, "memory_limit", lambda max_gb: needed)
+    assert should_cache("auto", model, datamodule)[0] is not None
