@@ -396,23 +396,19 @@ class ImageFolderDataModule(L.LightningDataModule):
             # gradients as long as each runs at least one (finetune.scaling.check_distributed makes sure).
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **shards)
         loader = ResumableLoader if shuffle else DataLoader
-        position = {"trained_batches": self._trained_batches} if shuffle else {}
+        common = {
+            "batch_size": self.batch_size,
+            "sampler": sampler,
+            # Its own generator: creating the loader's iterator then draws nothing from the training loop's, so
+            # the dropout masks do not depend on how many loaders a run made (or on a feature cache).
+            "generator": torch.Generator().manual_seed(self.split_seed),
+            **({"trained_batches": self._trained_batches} if shuffle else {}),
+        }
         if self.serves_features:
-            # In-memory tensors: worker processes would only add start-up and copying. Its own generator, as below:
-            # the training loop's draws (dropout) stay those of an uncached run.
-            return loader(dataset, batch_size=self.batch_size, sampler=sampler, collate_fn=as_batch,
-                          generator=torch.Generator(), **position)
-        return loader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            # Its own generator: creating the loader's iterator then draws nothing from the training loop's.
-            generator=torch.Generator().manual_seed(self.split_seed),
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            **position,
-        )
+            # In-memory tensors: worker processes would only add start-up and copying.
+            return loader(dataset, collate_fn=as_batch, **common)
+        return loader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                      pin_memory=torch.cuda.is_available(), **common)
 
     def _trained_batches(self) -> int:
         # Batches of the current epoch whose optimizer step has run (`processed` counts up after the step).
