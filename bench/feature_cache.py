@@ -27,7 +27,7 @@ from common import machine, resolve_device, today, wait_until_idle  # noqa: E402
 
 from finetune.data import ImageFolderDataModule  # noqa: E402
 from finetune.demo import demo_root  # noqa: E402
-from finetune.features import build_cache, should_cache  # noqa: E402
+from finetune.features import should_cache, train_on_cache  # noqa: E402
 from finetune.module import ImageClassifier  # noqa: E402
 
 PER_CLASS = 60  # --quick: the first 60 images of each class
@@ -58,8 +58,7 @@ def train(root: Path, args, device: torch.device, cached: bool) -> tuple[float, 
     started = time.perf_counter()
     if cached:
         cut, _ = should_cache(True, model, data)
-        data.use_features(build_cache(model, data, cut, views=1, device=device))
-        model.features_cut = cut
+        train_on_cache(model, data, cut, views=1, device=device)
     building = time.perf_counter() - started
     trainer.fit(model, datamodule=data)
     seconds = time.perf_counter() - started

@@ -11,7 +11,7 @@ from torch import nn
 from finetune.blocks import Block
 from finetune.data import ImageFolderDataModule
 from finetune.errors import UsageError
-from finetune.features import ViewDataset, ViewSampler, build_cache, find_cut, should_cache
+from finetune.features import ViewDataset, ViewSampler, build_cache, find_cut, should_cache, train_on_cache
 from finetune.module import ImageClassifier
 
 CLASSES = ["circle", "square", "stripes"]
@@ -93,8 +93,7 @@ def trained_on(image_folder, cached: bool, epochs: int = 3, **options) -> dict[s
     if cached:
         cut, reason = should_cache("auto", model, datamodule)
         assert cut is not None, reason
-        datamodule.use_features(build_cache(model, datamodule, cut, views=1, device=torch.device("cpu")))
-        model.features_cut = cut
+        train_on_cache(model, datamodule, cut, views=1, device=torch.device("cpu"))
     trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
     trainer.fit(model, datamodule=datamodule)

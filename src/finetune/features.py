@@ -125,32 +125,31 @@ def find_cut(network: nn.Module, blocks: list[Block], head_name: str, depth: int
     device = next(network.parameters()).device
     images = torch.randn(2, 3, crop_size, crop_size, generator=torch.Generator().manual_seed(0)).to(device)
     events: list[tuple[str, str]] = []
-    captured: list[torch.Tensor] = []
+    cut_at: list[tuple[int, str, torch.Tensor]] = []  # the first target module called: event, name, its input
+
+    def start(name: str, arguments: tuple) -> None:
+        if not cut_at and any(name == target or name.startswith(target + ".") for target in targets):
+            cut_at.append((len(events), name, arguments[0].detach()))
+        events.append(("start", name))
+
     hooks = []
     for name, module in network.named_modules():
         if name:
-            hooks.append(module.register_forward_pre_hook(lambda _, a, name=name: events.append(("start", name))))
+            hooks.append(module.register_forward_pre_hook(lambda _, a, name=name: start(name, a)))
             hooks.append(module.register_forward_hook(lambda _, a, o, name=name: events.append(("end", name))))
     modes = _modes(network)
     network.eval()
     try:
         with torch.no_grad():
             output = network(images)
-        starts = [i for i, (kind, name) in enumerate(events) if kind == "start" and
-                  any(name == target or name.startswith(target + ".") for target in targets)]
-        if not starts:
+        if not cut_at:
             return None, f"the forward pass never calls {targets[0]}"
-        module = events[starts[0]][1]
-        hooks.append(network.get_submodule(module).register_forward_pre_hook(
-            lambda _, arguments: captured.append(arguments[0].detach())))
-        finished = {name for kind, name in events[:starts[0]] if kind == "end"}
-        skipped = tuple(name for name in dict.fromkeys(n for kind, n in events[:starts[0]] if kind == "end")
-                        if name.rpartition(".")[0] not in finished) if first else ()
-        with torch.no_grad():
-            network(images)
-        cut = Cut(module, skipped, tuple(captured[0].shape[1:]))
+        index, module, activation = cut_at[0]
+        finished = dict.fromkeys(name for kind, name in events[:index] if kind == "end")  # in order, once each
+        skipped = tuple(name for name in finished if name.rpartition(".")[0] not in finished) if first else ()
+        cut = Cut(module, skipped, tuple(activation.shape[1:]))
         if first:
-            why_not = _why_not_runnable_from(network, cut, captured[0], output,
+            why_not = _why_not_runnable_from(network, cut, activation, output,
                                              trainable_parameter_names(blocks, depth) | _parameter_names(
                                                  network, head_name), blocks[:len(blocks) - depth])
             if why_not:
@@ -293,6 +292,12 @@ def build_cache(model, datamodule, cut: Cut, views: int, device: torch.device) -
     log.info("feature cache: %d training view(s), %s features per image (the input of %s), %.1f MB in memory",
              passes, tuple(cache["train"][0].shape[2:]), cut.module, size / 1e6)
     return cache
+
+
+def train_on_cache(model, datamodule, cut: Cut, views: int, device: torch.device) -> None:
+    """Builds the cache at `cut`; from now on `datamodule` serves it and `model` trains from the cut on it."""
+    model.features_cut = cut  # first: the memory layout the frozen pass runs in depends on it (no compile)
+    datamodule.use_features(build_cache(model, datamodule, cut, views, device))
 
 
 class FeatureDataset(Dataset):

@@ -21,7 +21,7 @@ from torch.utils.tensorboard.summary import hparams
 from finetune.checks import check_arguments
 from finetune.data import ImageFolderDataModule
 from finetune.errors import UsageError
-from finetune.features import build_cache, should_cache
+from finetune.features import should_cache, train_on_cache
 from finetune.module import ImageClassifier
 from finetune.runs import SaveOnInterrupt, resume_from
 from finetune.scaling import check_distributed
@@ -74,9 +74,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         if trainer.world_size > 1:
             log.info("feature cache under DDP: each of the %d processes runs the frozen part over all the images "
                      "once, then trains on its share of them", trainer.world_size)
-        datamodule.use_features(build_cache(model, datamodule, cut, cfg.strategy.cache_views,
-                                            trainer.strategy.root_device))
-        model.features_cut = cut
+        train_on_cache(model, datamodule, cut, cfg.strategy.cache_views, trainer.strategy.root_device)
     if cfg.tune.lr_find:
         find_learning_rate(trainer, model, datamodule, output_dir, cfg.tune.num_training)
     started = time.perf_counter()
