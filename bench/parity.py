@@ -10,8 +10,8 @@ for the same epochs, with the same seed, in this one process:
   the best state_dict by validation loss saved with torch.save.
 - ours: `lightning.Trainer` with the trainer settings, callbacks (checkpoints, learning-rate monitor) and logger
   (TensorBoard) instantiated from the real conf/ with hydra.compose, as `python train.py` does, around
-  `finetune.module.ImageClassifier` (torchmetrics metrics, logging); the sanity check (2 validation batches) is
-  on, as in a real run, and counted. `--override` changes our side only, to find where time goes.
+  `finetune.module.ImageClassifier` (torchmetrics metrics, logging); the sanity check (conf/trainer: 1 validation
+  batch) is on, as in a real run, and counted. `--override` changes our side only, to find where time goes.
 
 Timed: the training alone (plain: its loop; ours: Trainer construction + `trainer.fit`); building the model
 (loading the weights) is outside, on both sides. Sides run plain, ours, plain, ours, ... (`--repeats`); the

@@ -39,7 +39,10 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     assert len(events.Scalars("val/acc")) == 2  # one point per epoch: the best checkpoint's re-check is not logged
     assert {f"{stage}/acc_class/{name}" for stage in ("val", "test") for name in CLASSES} <= scalars
     assert {"val/confusion_matrix", "test/confusion_matrix"} <= set(events.Tags()["images"])
-    assert len(events.Images("val/confusion_matrix")) == 2
+    # One per epoch, at the step where its validation ran (drawn on another thread, written before the run ended).
+    confusion_steps = [image.step for image in events.Images("val/confusion_matrix")]
+    assert confusion_steps == sorted(set(confusion_steps)) and len(confusion_steps) == 2
+    assert [image.step for image in events.Images("test/confusion_matrix")] == confusion_steps[-1:]  # after fit
     # Misclassified test images are shown whenever there are any.
     assert ("test/misclassified" in events.Tags()["images"]) == (metrics["test/acc"] < 1.0)
     hparams = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"])

@@ -18,6 +18,7 @@ from finetune.backbones import Preprocessing, create_backbone, dropout_before_he
 from finetune.errors import UsageError
 from finetune.features import Cut, skipping
 from finetune.freezing import UnfreezeSchedule, apply_unfreeze, keep_frozen_in_eval_mode, parse_unfreeze
+from finetune.plots import BackgroundFigures, confusion_matrix_figure, image_grid_figure
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,8 @@ class ImageClassifier(L.LightningModule):
         self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy=math.nan) for _ in range(3))
         self.confusion = nn.ModuleDict({stage: MulticlassConfusionMatrix(len(class_names))
                                         for stage in ("val", "test")})
+        # The confusion matrices and misclassified images, drawn while training goes on.
+        self.figures = BackgroundFigures()
 
     @classmethod
     def from_checkpoint(cls, path: str, map_location: str | torch.device = "cpu") -> ImageClassifier:
@@ -326,14 +329,16 @@ class ImageClassifier(L.LightningModule):
         self._log_confusion("test")
         # Under DDP, the images process 0 got wrong (each process keeps those of its own share).
         if self.misclassified and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
-            from finetune.plots import image_grid_figure
-
             mean = torch.tensor(self.preprocessing.mean).view(3, 1, 1)
             std = torch.tensor(self.preprocessing.std).view(3, 1, 1)
             images = [(image * std + mean).clamp(0, 1) for image, _, _ in self.misclassified]
             captions = [f"{self.class_names[t]} -> {self.class_names[p]}" for _, t, p in self.misclassified]
-            self.logger.experiment.add_figure("test/misclassified", image_grid_figure(images, captions),
-                                              self.global_step)
+            self.figures.add(self.logger.experiment, "test/misclassified",
+                             lambda: image_grid_figure(images, captions), self.global_step)
+
+    def teardown(self, stage: str) -> None:
+        # Before Lightning closes the logger: every figure of this stage is then in the event file.
+        self.figures.wait()
 
     def _keep_misclassified(self, images: torch.Tensor, labels: torch.Tensor, predicted: torch.Tensor) -> None:
         room = self.hparams.log_misclassified - len(getattr(self, "misclassified", []))
@@ -353,12 +358,9 @@ class ImageClassifier(L.LightningModule):
             # Already over every process's images (torchmetrics syncs the matrix): the mean of equal values.
             self.log(f"{stage}/acc_class/{name}", accuracy, sync_dist=True)
         if isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
-            from finetune.plots import confusion_matrix_figure
-
-            title = f"{stage}, epoch {self.current_epoch}"
-            self.logger.experiment.add_figure(f"{stage}/confusion_matrix",
-                                              confusion_matrix_figure(confusion, self.class_names, title),
-                                              self.global_step)
+            title, names = f"{stage}, epoch {self.current_epoch}", self.class_names
+            self.figures.add(self.logger.experiment, f"{stage}/confusion_matrix",
+                             lambda: confusion_matrix_figure(confusion, names, title), self.global_step)
 
     def configure_optimizers(self):
         hp = self.hparams
