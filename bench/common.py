@@ -1,4 +1,4 @@
-"""What bench/parity.py and bench/depth_cost.py share: the device, an idle machine, and resource sampling."""
+"""What the benchmarks share: the device, an idle machine, a subset of a data set, and resource sampling."""
 
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, resolve_device, today, wait_until_idle  # noqa: E402
+from common import machine, resolve_device, subset, today, wait_until_idle  # noqa: E402
 
 from finetune.data import ImageFolderDataModule  # noqa: E402
 from finetune.demo import demo_root  # noqa: E402
@@ -31,15 +31,6 @@ from finetune.features import should_cache, train_on_cache  # noqa: E402
 from finetune.module import ImageClassifier  # noqa: E402
 
 PER_CLASS = 60  # --quick: the first 60 images of each class
-
-
-def subset(root: Path, per_class: int, into: Path) -> Path:
-    """The first `per_class` images (by name) of every class, hard-linked into `into`."""
-    for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
-        (into / class_dir.name).mkdir(parents=True)
-        for image in sorted(class_dir.iterdir())[:per_class]:
-            os.link(image, into / class_dir.name / image.name)
-    return into
 
 
 def train(root: Path, args, device: torch.device, cached: bool) -> tuple[float, float, float, int]:
@@ -81,7 +72,7 @@ def main() -> None:
         args.workers = min((os.cpu_count() or 1) - 1, 8)
 
     with tempfile.TemporaryDirectory() as scratch:
-        root = subset(demo_root("elpv"), PER_CLASS, Path(scratch) / "elpv") if args.quick else demo_root("elpv")
+        root = subset(demo_root("elpv"), Path(scratch) / "elpv", PER_CLASS) if args.quick else demo_root("elpv")
         load = wait_until_idle(600)
         print(f"{today()}  {machine(device)}  load {load:.2f}")
         print(f"data {root.name}: {f'{PER_CLASS} images a class' if args.quick else 'all 2,624 images'}, "

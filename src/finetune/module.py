@@ -313,19 +313,35 @@ class ImageClassifier(L.LightningModule):
             self.confusion[stage].update(logits, labels)
         if stage == "test" and not self.trains_on_features:
             self._keep_misclassified(inputs, labels, logits.argmax(dim=1))
-        mean_loss = getattr(self, f"{stage}_loss")
-        mean_loss.update(loss.detach(), weight=len(labels))
-        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "test")
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        getattr(self, f"{stage}_loss").update(loss.detach(), weight=len(labels))
         return loss
 
+    def _log_epoch(self, stage: str) -> None:
+        """Logs the stage's epoch metrics (loss, accuracy, F1, ...), updated at every step.
+
+        Logged once an epoch, not at every step: every metric here is an epoch metric, and each `self.log` call
+        costs Lightning about half a millisecond (it walks the logged value's metadata), which is more than a step
+        of the head on cached features takes (bench/RESULTS.md). Lightning computes and resets them as it would
+        have at the epoch's end.
+        """
+        mean_loss = getattr(self, f"{stage}_loss")
+        if not mean_loss.update_count:  # no batch in this stage (limit_*_batches=0): nothing to report
+            return
+        self.log(f"{stage}/loss", mean_loss, prog_bar=stage != "test")
+        self.log_dict(getattr(self, f"{stage}_metrics"), prog_bar=stage == "val")
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
     def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
         self._log_confusion("val")
 
     def on_test_epoch_start(self) -> None:
         self.misclassified: list[tuple[torch.Tensor, int, int]] = []
 
     def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
         self._log_confusion("test")
         # Under DDP, the images process 0 got wrong (each process keeps those of its own share).
         if self.misclassified and isinstance(self.logger, TensorBoardLogger) and self.trainer.is_global_zero:
