@@ -17,6 +17,7 @@ per-epoch order (`EpochShuffler`, seed 0) and the same dropout masks (seeded ali
 
     python bench/step_overhead.py            # 20 epochs (1,160 steps), 3 repeats: about a minute on 2 cores
     python bench/step_overhead.py --quick    # 5 epochs
+    python bench/step_overhead.py --device cuda
 
 The last line is `overhead X ms a step, ratio Y`: (ours - plain) / training steps, and ours / plain.
 """
@@ -83,12 +84,13 @@ def new_model() -> ImageClassifier:
     return model
 
 
-def run_plain(data: CachedFeatures, epochs: int, out_dir: Path) -> tuple[float, float]:
+def run_plain(data: CachedFeatures, epochs: int, out_dir: Path, device: torch.device) -> tuple[float, float]:
     model = new_model()
     network, head = model.network, model.network.get_submodule(model.head_name)
     dropout = model.head_input_dropout
     L.seed_everything(SEED, workers=True, verbose=False)
     started = time.perf_counter()
+    network.to(device)
     optimizer = torch.optim.AdamW(head.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     criterion = nn.CrossEntropyLoss()
     loaders = {"train": data.train_dataloader(), "val": data.val_dataloader()}
@@ -98,6 +100,7 @@ def run_plain(data: CachedFeatures, epochs: int, out_dir: Path) -> tuple[float, 
         head.train()
         running_loss, correct = 0.0, 0
         for features, labels in loaders["train"]:
+            features, labels = features.to(device), labels.to(device)
             optimizer.zero_grad()
             logits = head(nn.functional.dropout(features, dropout, training=True))
             loss = criterion(logits, labels)
@@ -109,6 +112,7 @@ def run_plain(data: CachedFeatures, epochs: int, out_dir: Path) -> tuple[float, 
         val_loss, val_correct = 0.0, 0
         with torch.no_grad():
             for features, labels in loaders["val"]:
+                features, labels = features.to(device), labels.to(device)
                 logits = head(features)
                 val_loss += criterion(logits, labels).item() * len(labels)
                 val_correct += (logits.argmax(1) == labels).sum().item()
@@ -116,13 +120,14 @@ def run_plain(data: CachedFeatures, epochs: int, out_dir: Path) -> tuple[float, 
         if val_loss < best:
             best = val_loss
             torch.save(network.state_dict(), out_dir / "best.pt")
-    return time.perf_counter() - started, val_acc
+    return finished(device) - started, val_acc
 
 
-def run_ours(data: CachedFeatures, epochs: int, out_dir: Path) -> tuple[float, float]:
+def run_ours(data: CachedFeatures, epochs: int, out_dir: Path, device: torch.device) -> tuple[float, float]:
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose("train", overrides=[f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
-                                          "trainer.accelerator=cpu", "+trainer.enable_model_summary=false"])
+                                          f"trainer.accelerator={accelerator}", "+trainer.enable_model_summary=false"])
     cfg.paths.output_dir = str(out_dir)
     OmegaConf.resolve(cfg)
     model = new_model()
@@ -130,23 +135,30 @@ def run_ours(data: CachedFeatures, epochs: int, out_dir: Path) -> tuple[float, f
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
     trainer.fit(model, datamodule=data)
-    return time.perf_counter() - started, float(trainer.callback_metrics["val/acc"])
+    return finished(device) - started, float(trainer.callback_metrics["val/acc"])
+
+
+def finished(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="5 epochs instead of 20")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for an idle machine")
     args = parser.parse_args()
     epochs = 5 if args.quick else 20
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    resolve_device("cpu")  # the overhead of the loop itself: the CPU is where it runs
+    device = resolve_device(args.device)
     generator = torch.Generator().manual_seed(SEED)
     rule = torch.randn(FEATURES, generator=generator)
     data = CachedFeatures(synthetic_features(TRAIN, generator, rule), synthetic_features(VAL, generator, rule))
     steps = epochs * -(-TRAIN // BATCH)
-    print(f"# python bench/step_overhead.py {' '.join(sys.argv[1:])}\n# {today()}; {machine(torch.device('cpu'))}; "
+    print(f"# python bench/step_overhead.py {' '.join(sys.argv[1:])}\n# {today()}; {machine(device)}; "
           f"finetune {revision()}\n# {TRAIN} / {VAL} cached feature vectors of {FEATURES}, batch {BATCH}, "
           f"{epochs} epochs: {steps} training steps; load {wait_until_idle(args.max_wait):.2f}")
     times: dict[str, list[float]] = {"plain": [], "ours": []}
@@ -155,7 +167,7 @@ def main() -> None:
             for side, run in (("plain", run_plain), ("ours", run_ours)):
                 out_dir = Path(scratch) / f"{side}-{repeat}"
                 out_dir.mkdir()
-                seconds, val_acc = run(copy.copy(data), epochs, out_dir)
+                seconds, val_acc = run(copy.copy(data), epochs, out_dir, device)
                 times[side].append(seconds)
                 print(f"  {side:5} repeat {repeat}: {seconds:.2f} s ({1000 * seconds / steps:.2f} ms a step), "
                       f"val acc {val_acc:.4f}", flush=True)
