@@ -14,7 +14,7 @@ for the same epochs, with the same seed, in this one process:
   batch) is on, as in a real run, and counted. `--override` changes our side only, to find where time goes.
 
 Timed: the training alone (plain: its loop; ours: Trainer construction + `trainer.fit`); building the model
-(loading the weights) is outside, on both sides. Sides run plain, ours, plain, ours, ... (`--repeats`); the
+(loading the weights) is outside, on both sides. Sides run plain, ours, ours, plain, ... (`--repeats`); the
 figures are medians. The last line is `ratio X`: our total time / the plain loop's.
 
     python bench/parity.py --quick          # ~2 min on a 2-core CPU: 600 images (300 per class) at 112 px, 2 epochs
@@ -125,7 +125,9 @@ def main() -> None:
         print(f"# load average before measuring: {idle:.2f}")
         runs: dict[str, list[dict]] = {"plain": [], "ours": []}
         for repeat in range(repeats):
-            for side in ("plain", "ours"):
+            # plain, ours, ours, plain, ...: this machine drifts within a session (a side run second was up to
+            # 12% slower), and alternating the order cancels a steady drift out of the medians.
+            for side in ("plain", "ours") if repeat % 2 == 0 else ("ours", "plain"):
                 result = bench.measure(side, tag=f"{side}-{repeat}")
                 runs[side].append(result)
                 phase = {name: sum(e[name] for e in result["epochs"]) for name in ("train", "val", "after_val")}
