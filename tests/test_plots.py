@@ -21,18 +21,20 @@ class RecordingWriter:
 
 
 def test_training_does_not_wait_for_a_figure_and_each_lands_at_its_step():
-    writer, figures, release = RecordingWriter(), BackgroundFigures(), threading.Event()
+    writer, figures = RecordingWriter(), BackgroundFigures()
+    releases = [threading.Event(), threading.Event()]
 
-    def slow_figure():
-        assert release.wait(timeout=30)  # drawing cannot finish until the caller has moved on
-        return confusion_matrix_figure([[3, 1], [0, 4]], ["cats", "dogs"], "val, epoch 0")
+    def slow_figure(epoch: int):
+        # Drawing cannot finish until the caller has moved on.
+        return lambda: releases[epoch].wait(timeout=30) and confusion_matrix_figure(
+            [[3, 1], [epoch, 4]], ["cats", "dogs"], f"val, epoch {epoch}")
 
-    figures.add(writer, "val/confusion_matrix", slow_figure, step=7)
+    figures.add(writer, "val/confusion_matrix", slow_figure(0), step=7)
     assert writer.images == []  # add() returned while the figure was still being drawn
-    release.set()
-    figures.add(writer, "val/confusion_matrix",
-                lambda: confusion_matrix_figure([[4, 0], [1, 3]], ["cats", "dogs"], "val, epoch 1"), step=14)
+    releases[0].set()
+    figures.add(writer, "val/confusion_matrix", slow_figure(1), step=14)
     assert [step for _, _, step, _, _ in writer.images] == [7]  # the second waited for the first, not longer
+    releases[1].set()
     figures.wait()
 
     assert [(tag, step) for tag, _, step, _, _ in writer.images] == [("val/confusion_matrix", 7),
