@@ -15,7 +15,7 @@ per-epoch order (`EpochShuffler`, seed 0) and the same dropout masks (seeded ali
 - ours: `finetune.module.ImageClassifier` training on the cache (`features_cut` at the head), with the Trainer,
   callbacks and logger of the real conf/ (as `python train.py` builds them; no progress bar), `trainer.fit`.
 
-    python bench/step_overhead.py            # 20 epochs (1,160 steps), 3 repeats: about a minute on 2 cores
+    python bench/step_overhead.py            # 20 epochs (1,160 steps), 3 repeats: about 30 s on 2 cores
     python bench/step_overhead.py --quick    # 5 epochs
     python bench/step_overhead.py --device cuda
 
