@@ -36,7 +36,7 @@ def augmentation_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class RandomSteps:
-    """The random steps of a training transform (see `finetune.data.train_transform`), to draw their parameters.
+    """The random steps of a training transform (see `finetune.transforms.train_transform`), to draw their parameters.
 
     Args:
         transform: the loader-side training transform; its RandomResizedCrop, RandomRotation and

@@ -5,62 +5,30 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from finetune import image_cache
-from finetune.augment import PLACES, CanvasDataset, DeviceAugmentation, RandomSteps, augmentation_seed
+from finetune.augment import PLACES, CanvasDataset, DeviceAugmentation, RandomSteps
 from finetune.backbones import Preprocessing
 from finetune.demo import DEMO_NAMES, default_cache_dir, demo_root
 from finetune.errors import UsageError
 from finetune.features import EpochShuffler, FeatureDataset, ViewDataset, ViewSampler, as_batch
-from finetune.images import IMAGE_EXTENSIONS, is_image_file, load_rgb
+from finetune.folders import SPLITS, Sample, read_class_folders, read_split_folders, split_stratified, usable_images
+from finetune.loaders import ImageDataset, ResumableLoader, default_num_workers
 from finetune.scan import STRONG_IMBALANCE, scan_cache_file, unreadable_images
+from finetune.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
-Sample = tuple[str, int]  # (path, label)
 BALANCES = (None, "sampler", "loss_weights")
-
-
-class ImageDataset(Dataset):
-    """Images and labels from a list of (path, label) pairs; every image decoded to RGB, or taken from `images`
-    (the same images decoded beforehand, see `finetune.image_cache`).
-
-    Indexed by `(index, epoch)` (as `EpochShuffler(keyed=True)` yields), the random transform of an image is
-    seeded by (seed, epoch, index): the same augmentation whichever worker draws it, and after a resume.
-    """
-
-    def __init__(self, samples: Sequence[Sample], transform, seed: int = 0,
-                 images: Sequence[torch.Tensor] | None = None) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-        self.seed = seed
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, key: int | tuple[int, int]):
-        index, epoch = key if isinstance(key, tuple) else (key, None)
-        path, label = self.samples[index]
-        image = load_rgb(path) if self.images is None else self.images[index]
-        if epoch is None:
-            return self.transform(image), label
-        # fork_rng: the global generator of the process (the training loop's, with workers=0) stays untouched.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(augmentation_seed(self.seed, epoch, index))
-            return self.transform(image), label
 
 
 class ImageFolderDataModule(L.LightningDataModule):
@@ -181,13 +149,13 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise UsageError(f"data.root {self.root} is not a folder; pass data.root=<folder with one "
                              "sub-folder of images per class>")
         if (self.root / "train").is_dir() and (self.root / "val").is_dir():
-            self.class_names, listed = _read_split_folders(self.root)
+            self.class_names, listed = read_split_folders(self.root)
         else:
-            self.class_names, by_class = _read_class_folders(self.root)
+            self.class_names, by_class = read_class_folders(self.root)
             listed = {"": by_class}
         self.skipped = self._scan([path for by_class in listed.values() for paths in by_class.values()
                                    for path in paths])
-        usable = {split: _usable_images(self.root / split, self.class_names, by_class, self.skipped)
+        usable = {split: usable_images(self.root / split, self.class_names, by_class, self.skipped)
                   for split, by_class in listed.items()}
         if "" in usable:
             self.splits = split_stratified(usable[""], self.split, self.split_seed, self.class_names)
@@ -413,147 +381,3 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _trained_batches(self) -> int:
         # Batches of the current epoch whose optimizer step has run (`processed` counts up after the step).
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
-
-
-class ResumableLoader(DataLoader):
-    """The training loader, whose place in the epoch travels in checkpoints (Lightning's stateful-loader protocol).
-
-    A run resumed from a mid-epoch checkpoint (a step checkpoint, or the one saved on Ctrl-C or SIGTERM) then
-    trains the rest of that epoch in the same order, instead of starting the epoch over.
-
-    Args:
-        trained_batches: how many batches of the current epoch the training loop has trained on.
-    """
-
-    def __init__(self, *args, trained_batches: Callable[[], int], **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.trained_batches = trained_batches
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.sampler.epoch, "samples_done": self.trained_batches() * self.batch_size}
-
-    def load_state_dict(self, state: dict) -> None:
-        # Lightning loads this after `train_dataloader()` set the epoch it resumes at: a checkpoint from the end
-        # of an epoch names the epoch before, which is over.
-        if state["epoch"] == self.sampler.epoch:
-            self.sampler.resume_at(state["epoch"], state["samples_done"])
-
-
-def default_num_workers() -> int:
-    """Loader processes: one per CPU core this process may use but one (which stays with the training loop),
-    at most 8. The cores are those of the process's affinity: under SLURM, the job's allocation."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(cores - 1, 8))
-
-
-def eval_transform(preprocessing: Preprocessing) -> T.Compose:
-    """Resize, centre crop, normalise: exactly what the pretrained weights were evaluated with."""
-    return T.Compose([
-        T.Resize(preprocessing.resize_size, interpolation=InterpolationMode(preprocessing.interpolation),
-                 antialias=True),
-        T.CenterCrop(preprocessing.crop_size),
-        *_to_normalised_tensor(preprocessing),
-    ])
-
-
-def train_transform(preprocessing: Preprocessing, crop_scale: Sequence[float], rotation_degrees: float,
-                    horizontal_flip: bool) -> T.Compose:
-    """The tutorials' augmentation preset at the weights' crop size and interpolation."""
-    interpolation = InterpolationMode(preprocessing.interpolation)
-    steps = [T.RandomResizedCrop(preprocessing.crop_size, scale=tuple(crop_scale), interpolation=interpolation,
-                                 antialias=True)]
-    if rotation_degrees:
-        steps.append(T.RandomRotation(rotation_degrees, interpolation=InterpolationMode.BILINEAR))
-    if horizontal_flip:
-        steps.append(T.RandomHorizontalFlip())
-    return T.Compose([*steps, *_to_normalised_tensor(preprocessing)])
-
-
-def _to_normalised_tensor(preprocessing: Preprocessing) -> list:
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True),
-            T.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std))]
-
-
-def split_stratified(by_class: dict[int, list[str]], fractions: Sequence[float], seed: int,
-                     class_names: list[str]) -> dict[str, list[Sample]]:
-    """Splits every class on its own by `fractions` (train, val, test), shuffled by `seed`.
-
-    Each non-zero fraction gets at least one image of every class, so every class is seen in every split.
-
-    Raises:
-        UsageError: a class has too few images for that.
-    """
-    generator = np.random.default_rng(seed)
-    splits: dict[str, list[Sample]] = {name: [] for name in SPLITS}
-    needed = 1 + sum(1 for f in fractions[1:] if f > 0)
-    for label in sorted(by_class):
-        paths = sorted(by_class[label])
-        if len(paths) < needed:
-            raise UsageError(f"class {class_names[label]!r} has {len(paths)} image(s): too few to split "
-                             f"{'/'.join(f'{f:g}' for f in fractions)} with one in each split; add images "
-                             "or change data.split")
-        order = generator.permutation(len(paths))
-        shuffled = [paths[i] for i in order]
-        sizes = [max(1, round(len(paths) * f)) if f > 0 else 0 for f in fractions[1:]]
-        n_val, n_test = sizes
-        n_train = len(paths) - n_val - n_test
-        pieces = {"train": shuffled[:n_train], "val": shuffled[n_train:n_train + n_val],
-                  "test": shuffled[n_train + n_val:]}
-        for name, chosen in pieces.items():
-            splits[name].extend((path, label) for path in chosen)
-    return splits
-
-
-def _read_class_folders(root: Path) -> tuple[list[str], dict[int, list[str]]]:
-    class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir()
-                         and not entry.name.startswith("."))
-    if len(class_names) < 2:
-        raise UsageError(f"{root} holds {len(class_names)} class folder(s): a classifier needs at least two "
-                         "sub-folders of images, one per class")
-    return class_names, {label: _list_images(root / name) for label, name in enumerate(class_names)}
-
-
-def _read_split_folders(root: Path) -> tuple[list[str], dict[str, dict[int, list[str]]]]:
-    found = {split: _read_class_folders(root / split) for split in SPLITS if (root / split).is_dir()}
-    class_names = found["train"][0]
-    for split, (names, _) in found.items():
-        if names != class_names:
-            missing = sorted(set(class_names) - set(names))
-            extra = sorted(set(names) - set(class_names))
-            raise UsageError(f"{root / split} has other classes than {root / 'train'} (missing: {missing}, "
-                             f"extra: {extra}); every split folder needs the same class sub-folders")
-    return class_names, {split: by_class for split, (_, by_class) in found.items()}
-
-
-def _usable_images(folder: Path, class_names: list[str], by_class: dict[int, list[str]],
-                   skipped: dict[str, str]) -> dict[int, list[str]]:
-    """Each class's images less the unreadable ones.
-
-    Raises:
-        UsageError: a class folder under `folder` is left with no image.
-    """
-    usable = {}
-    for label, paths in by_class.items():
-        usable[label] = [path for path in paths if path not in skipped]
-        if not usable[label]:
-            what = f"no usable images ({len(paths)} unreadable)" if paths else \
-                f"no images (accepted: {', '.join(IMAGE_EXTENSIONS)})"
-            raise UsageError(f"class folder {folder / class_names[label]} holds {what}; add images or remove "
-                             "the folder")
-    return usable
-
-
-def _list_images(folder: Path) -> list[str]:
-    images, others = [], []
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
-        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
-        for name in sorted(files):
-            if is_image_file(name):
-                images.append(os.path.join(directory, name))
-            else:
-                others.append(name)
-    # Hidden files (.DS_Store, AppleDouble ._* companions) and others (Thumbs.db, notes) are not images.
-    if others:
-        log.info("%s: ignored %d file(s) that are not images by name, e.g. %s", folder, len(others),
-                 ", ".join(others[:3]))
-    return images

@@ -154,7 +154,7 @@ def classify(loaded: LoadedModel, paths: Sequence[str], batch_size: int,
         probabilities: (len(paths), number of classes), on the CPU; rows of unreadable images are NaN.
         errors: by index into `paths`, why the image could not be read.
     """
-    from finetune.data import eval_transform
+    from finetune.transforms import eval_transform
 
     if num_workers is None:
         num_workers = min((os.cpu_count() or 1) - 1, 8)

@@ -1,0 +1,103 @@
+"""Image folders: listing the images of one sub-folder per class, and splitting them into train/val/test."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from finetune.errors import UsageError
+from finetune.images import IMAGE_EXTENSIONS, is_image_file
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+Sample = tuple[str, int]  # (path, label)
+
+
+def split_stratified(by_class: dict[int, list[str]], fractions: Sequence[float], seed: int,
+                     class_names: list[str]) -> dict[str, list[Sample]]:
+    """Splits every class on its own by `fractions` (train, val, test), shuffled by `seed`.
+
+    Each non-zero fraction gets at least one image of every class, so every class is seen in every split.
+
+    Raises:
+        UsageError: a class has too few images for that.
+    """
+    generator = np.random.default_rng(seed)
+    splits: dict[str, list[Sample]] = {name: [] for name in SPLITS}
+    needed = 1 + sum(1 for f in fractions[1:] if f > 0)
+    for label in sorted(by_class):
+        paths = sorted(by_class[label])
+        if len(paths) < needed:
+            raise UsageError(f"class {class_names[label]!r} has {len(paths)} image(s): too few to split "
+                             f"{'/'.join(f'{f:g}' for f in fractions)} with one in each split; add images "
+                             "or change data.split")
+        order = generator.permutation(len(paths))
+        shuffled = [paths[i] for i in order]
+        sizes = [max(1, round(len(paths) * f)) if f > 0 else 0 for f in fractions[1:]]
+        n_val, n_test = sizes
+        n_train = len(paths) - n_val - n_test
+        pieces = {"train": shuffled[:n_train], "val": shuffled[n_train:n_train + n_val],
+                  "test": shuffled[n_train + n_val:]}
+        for name, chosen in pieces.items():
+            splits[name].extend((path, label) for path in chosen)
+    return splits
+
+
+def read_class_folders(root: Path) -> tuple[list[str], dict[int, list[str]]]:
+    class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir()
+                         and not entry.name.startswith("."))
+    if len(class_names) < 2:
+        raise UsageError(f"{root} holds {len(class_names)} class folder(s): a classifier needs at least two "
+                         "sub-folders of images, one per class")
+    return class_names, {label: list_images(root / name) for label, name in enumerate(class_names)}
+
+
+def read_split_folders(root: Path) -> tuple[list[str], dict[str, dict[int, list[str]]]]:
+    found = {split: read_class_folders(root / split) for split in SPLITS if (root / split).is_dir()}
+    class_names = found["train"][0]
+    for split, (names, _) in found.items():
+        if names != class_names:
+            missing = sorted(set(class_names) - set(names))
+            extra = sorted(set(names) - set(class_names))
+            raise UsageError(f"{root / split} has other classes than {root / 'train'} (missing: {missing}, "
+                             f"extra: {extra}); every split folder needs the same class sub-folders")
+    return class_names, {split: by_class for split, (_, by_class) in found.items()}
+
+
+def usable_images(folder: Path, class_names: list[str], by_class: dict[int, list[str]],
+                   skipped: dict[str, str]) -> dict[int, list[str]]:
+    """Each class's images less the unreadable ones.
+
+    Raises:
+        UsageError: a class folder under `folder` is left with no image.
+    """
+    usable = {}
+    for label, paths in by_class.items():
+        usable[label] = [path for path in paths if path not in skipped]
+        if not usable[label]:
+            what = f"no usable images ({len(paths)} unreadable)" if paths else \
+                f"no images (accepted: {', '.join(IMAGE_EXTENSIONS)})"
+            raise UsageError(f"class folder {folder / class_names[label]} holds {what}; add images or remove "
+                             "the folder")
+    return usable
+
+
+def list_images(folder: Path) -> list[str]:
+    images, others = [], []
+    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+        subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
+        for name in sorted(files):
+            if is_image_file(name):
+                images.append(os.path.join(directory, name))
+            else:
+                others.append(name)
+    # Hidden files (.DS_Store, AppleDouble ._* companions) and others (Thumbs.db, notes) are not images.
+    if others:
+        log.info("%s: ignored %d file(s) that are not images by name, e.g. %s", folder, len(others),
+                 ", ".join(others[:3]))
+    return images
