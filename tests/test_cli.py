@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 from conftest import CLASSES, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
@@ -46,13 +47,17 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     assert [image.step for image in events.Images("test/confusion_matrix")] == confusion_steps[-1:]  # after fit
     # Misclassified test images are shown whenever there are any.
     assert ("test/misclassified" in events.Tags()["images"]) == (metrics["test/acc"] < 1.0)
-    hparams = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"])
-    declared = {info.name.tag for info in hparams.experiment.metric_infos}
+    # HPARAMS: a session of its own, logged at the end, holding the best checkpoint's metrics (metrics.json).
+    hparams_events = EventAccumulator(str(run / "tensorboard" / "hparams")).Reload()
+    plugin = hparams_events.PluginTagToContent("hparams")
+    declared = {info.name.tag for info in HParamsPluginData.FromString(plugin["_hparams_/experiment"]).experiment
+                .metric_infos}
     assert {"val/acc", "val/f1", "test/acc", "test/f1"} <= declared
-    session = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
-    values = session.session_start_info.hparams
+    values = HParamsPluginData.FromString(plugin["_hparams_/session_start_info"]).session_start_info.hparams
     assert values["strategy"].string_value == "finetune" and values["unfreeze"].string_value == "2"
-    assert values["trainable_params"].number_value == 889_923
+    assert values["trainable_params"].number_value == 889_923 and values["seed"].number_value == 42
+    for name in ("val/acc", "val/loss", "test/acc"):
+        assert [point.value for point in hparams_events.Scalars(name)] == pytest.approx([metrics[name]]), name
 
     with open(run / "split.csv") as file:
         rows = list(csv.DictReader(file))
