@@ -23,10 +23,11 @@ step, or the epoch's start, to the start of this one: the loader, the copy to th
 and any GPU idle while the host waits for them) and the **step** (forward, backward, optimizer). data_wait =
 sum(wait) / sum(wait + step). It also takes the host's own wait for the loader, the validation and the rest of each
 epoch (checkpoints, hooks), the peak GPU memory, and, at one step, how many GPU->host synchronisations the step
-makes (`torch.cuda.set_sync_debug_mode`). The depth study runs last but one (`-m unfreeze=0,1,2,4,all
-seed=0,1,2`, one process, or `experiment=depth_study` where conf/ has it), `model.compile` last: a
-`--budget-seconds` guard skips what would not finish in time and says so, and stops a run that would overrun (a
-cut study is extrapolated from its finished runs).
+makes (`torch.cuda.set_sync_debug_mode`). The cells run in the order given (`--cells`; the default puts the
+depth study, `study`: `-m unfreeze=0,1,2,4,all seed=0,1,2` in one process, or `experiment=depth_study` where conf/
+has a sweep of that name, after the four main cells, and `model.compile` last): a `--budget-seconds` guard skips
+what would not finish in time and says so, and stops a run that would overrun (a cut study is extrapolated from
+its finished runs).
 
 It prints a table (model, depth, data path, images/s, data-wait fraction, GPU memory, ...) and, last, a line
 `gpu mobilenet_v2 unfreeze=all images_per_second X data_wait Y` (the fastest MobileNetV2 `unfreeze=all` cell;
@@ -37,11 +38,11 @@ Preparation, on a machine with the project's virtual environment and `pip` (the 
 Lightning, timm, torchmetrics and psutil, but no hydra-core, omegaconf, antlr4 or elpv-dataset; the tree that
 travels is limited to 64 MiB):
 
-    python bench/elpv_compact.py                     # .elpv/elpv: the 2,624 ELPV images as grayscale JPEG q92, ~36 MB
+    python bench/elpv_compact.py                     # .elpv/elpv: the 2,624 ELPV images as grayscale JPEG q92, 36 MiB
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-        -d .whl hydra-core==1.3.2 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
-    python bench/gpu.py --device cpu --tiny          # the same code path on the CPU, about a minute
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl hydra-core==1.3.8 omegaconf==2.3.1
+    python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # sdist only on PyPI: a pure-Python wheel
+    python bench/gpu.py --device cpu --tiny          # the same code path on the CPU (5 runs of ~30 s on 2 cores)
 
 Then one device call (carry `.whl` and `.elpv`; timeout_s 600; --budget-seconds 480 leaves two minutes spare):
 
@@ -49,7 +50,7 @@ Then one device call (carry `.whl` and `.elpv`; timeout_s 600; --budget-seconds 
         .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 bench/gpu.py \
         --data-root .elpv/elpv --budget-seconds 480 2>&1 | tee $OUT/gpu_console.txt
 
-On the CPU: `python bench/gpu.py --device cpu --tiny` (64 px, 1 epoch, 20 images a class, a 2-run study).
+On the CPU: `python bench/gpu.py --device cpu --tiny` (64 px, 1 epoch, 20 images a class, 4 cells, a 2-run study).
 """
 
 from __future__ import annotations
@@ -85,21 +86,23 @@ PATHS = {
 }
 EXTRAS = {"compile": ["model.compile=true"], "fp32": ["trainer.precision=32-true"],
           "nchw": ["model.channels_last=false"], "nometrics": ["+callbacks.gpu_timer.train_metrics=false"]}
-# In order of priority: the guard skips from the end. The study runs before the compile cells (see `plan`).
+# In order of priority: the guard skips from the end. "study" is the depth study; compiling, the least certain
+# cost (a minute or two of compilation), comes last.
 DEFAULT_CELLS = [
     "mobilenet_v2:all:device:128",
     "mobilenet_v2:all:files:128",
-    "mobilenet_v2:all:cached:128",
     "resnet50:all:device:128",
-    "resnet50:all:files:128",
+    "mobilenet_v2:all:cached:128",
+    "study",
     "mobilenet_v2:all:device:32",
     "mobilenet_v2:all:device:32:nometrics",
     "mobilenet_v2:all:device:256",
     "mobilenet_v2:0:features:128",
+    "resnet50:all:files:128",
     "mobilenet_v2:all:device:128:compile",
 ]
 TINY_CELLS = ["mobilenet_v2:all:device:16", "mobilenet_v2:all:files:16", "mobilenet_v2:0:features:16",
-              "mobilenet_v2:all:device:16:nometrics"]
+              "mobilenet_v2:all:device:16:nometrics", "study"]
 STUDY_DEPTHS = "0,1,2,4,all"
 STUDY_SEEDS = "0,1,2"
 # Seconds a cell needs at least to be worth starting (start-up alone is 5-15 s); compiling takes a minute or two.
@@ -468,6 +471,14 @@ def table(rows: list[dict], device: str) -> str:
     return "\n".join(lines)
 
 
+def skipped_row(item: Cell | str, args) -> dict:
+    if item == "study":
+        return {"cell": "study", "status": "skipped (budget)", "how": "-", "planned_runs": 0, "finished_runs": 0,
+                "wall_s": 0.0, "epochs": args.study_epochs}
+    return {"cell": item.spec, "status": "skipped (budget)", "model": item.model, "unfreeze": item.unfreeze,
+            "path": item.path, "batch": item.batch, "extras": item.extras, "experiment": item.experiment}
+
+
 def study_line(row: dict) -> str:
     return (f"depth study ({row['how']}, {row['epochs']} epochs): {row['status']}; {row['finished_runs']} of "
             f"{row['planned_runs']} runs in {fmt(row['wall_s'])} s wall; whole study "
@@ -485,14 +496,6 @@ def headline(rows: list[dict], device: str) -> tuple[str, dict | None]:
             f"data_wait {best.get('data_wait', float('nan')):.3f}"), best
 
 
-def plan(cells: list[Cell], study: bool) -> list[Cell | str]:
-    """The cells in order, the study before the first compile cell (compiling is the least certain cost)."""
-    ordered: list[Cell | str] = [c for c in cells if "compile" not in c.extras]
-    if study:
-        ordered.append("study")
-    return ordered + [c for c in cells if "compile" in c.extras]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -502,8 +505,8 @@ def main() -> None:
     parser.add_argument("--data-root", default=None,
                         help="an image folder (default: .elpv/elpv from bench/elpv_compact.py, else the ELPV demo)")
     parser.add_argument("--per-class", type=int, default=None, help="only the first N images of each class")
-    parser.add_argument("--cells", default=None, help="comma-separated model:unfreeze:path:batch[:extra...] "
-                        f"(default: {','.join(DEFAULT_CELLS)})")
+    parser.add_argument("--cells", default=None, help="comma-separated model:unfreeze:path:batch[:extra...] or "
+                        f"study, run in that order (default: {','.join(DEFAULT_CELLS)})")
     parser.add_argument("--epochs", type=int, default=None, help="epochs of each cell (default 10; --tiny 1)")
     parser.add_argument("--image-size", type=int, default=None, help="default 224; --tiny 64")
     parser.add_argument("--seed", type=int, default=42)
@@ -530,7 +533,9 @@ def main() -> None:
     args.study_epochs = args.study_epochs or (1 if tiny else 10)
     args.study_batch = args.study_batch or (16 if tiny else 128)
     per_class = args.per_class or (20 if tiny else None)
-    cells = [parse_cell(s) for s in (args.cells.split(",") if args.cells else TINY_CELLS if tiny else DEFAULT_CELLS)]
+    specs = args.cells.split(",") if args.cells else TINY_CELLS if tiny else DEFAULT_CELLS
+    items: list[Cell | str] = [s if s == "study" else parse_cell(s) for s in specs
+                               if not (s == "study" and args.no_study)]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -563,18 +568,15 @@ def main() -> None:
         ]
         print("\n".join(header), flush=True)
         rows: list[dict] = []
-        for item in plan(cells, not args.no_study):
+        for item in items:
             name = "study" if item == "study" else item.spec
             needed = MIN_STUDY_S if item == "study" else MIN_COMPILE_S if "compile" in item.extras else MIN_CELL_S
             if tiny:
                 needed = 5
             if budget.left() - args.reserve < needed:
-                print(f"skipped {name}: {budget.left():.0f} s of the budget left, it needs about {needed} s", flush=True)
-                rows.append({"cell": name, "status": "skipped (budget)", **({} if item == "study" else {
-                    "model": item.model, "unfreeze": item.unfreeze, "path": item.path, "batch": item.batch,
-                    "extras": item.extras, "experiment": item.experiment})} | (
-                    {"how": "-", "planned_runs": 0, "finished_runs": 0, "wall_s": 0.0, "epochs": args.study_epochs}
-                    if item == "study" else {}))
+                print(f"skipped {name}: {budget.left():.0f} s of the budget left, it needs about {needed} s",
+                      flush=True)
+                rows.append(skipped_row(item, args))
                 continue
             if item == "study":
                 row = measure_study(args, data_root, device, work, env, budget)
@@ -585,11 +587,18 @@ def main() -> None:
                       f"wait {fmt(row.get('data_wait'), 3)}, {fmt(row['wall_s'])} s wall "
                       f"({budget.left():.0f} s of the budget left)", flush=True)
             rows.append(row)
+            save(out, work, header, rows, device)  # after every cell: a run stopped from outside keeps what it has
+    report = save(out, None, header, rows, device)
+    print("\n" + "\n".join(report[len(header) + 1:]), flush=True)
+
+
+def save(out: Path, work: Path | None, header: list[str], rows: list[dict], device: str) -> list[str]:
+    """Writes the report (table, notes, last line), the figures as JSON and the runs' logs under `out`."""
+    if work is not None:
         with tarfile.open(out / "gpu_logs.tar.gz", "w:gz") as archive:
             archive.add(work / "logs", arcname="logs")
-            for timer in (work / "runs").glob("*/timer.json"):
+            for timer in sorted(work.glob("runs/*/timer.json")):
                 archive.add(timer, arcname=f"timers/{timer.parent.name}.json")
-
     line, best = headline(rows, device)
     study = next((r for r in rows if r["cell"] == "study"), None)
     report = [*header, "", table(rows, device), ""]
@@ -604,10 +613,9 @@ def main() -> None:
     if best is not None:
         report.append(f"headline cell: {best['cell']} ({best['command']})")
     report.append(line)
-    text = "\n".join(report) + "\n"
-    (out / "gpu_results.md").write_text(text)
+    (out / "gpu_results.md").write_text("\n".join(report) + "\n")
     (out / "gpu_results.json").write_text(json.dumps({"header": header, "rows": rows, "last_line": line}, indent=1))
-    print("\n" + "\n".join(report[len(header) + 1:]), flush=True)
+    return report
 
 
 def default_data_root() -> Path:
