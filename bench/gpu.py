@@ -71,6 +71,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.profilers import Profiler
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -113,6 +114,33 @@ MIN_STUDY_S = 60
 
 # ---------------------------------------------------------------------------------------------------------------
 # Inside each training run: the callback (train.py instantiates it from +callbacks.gpu_timer._target_=gpu.StepTimer).
+
+class HostProfiler(Profiler):
+    """Lightning's profiler hook points, timed for three actions only (host clocks): the training loader's `next`
+    (the host waiting for a batch), the batch's transfer to the device (with on_after_batch_transfer: device-side
+    augmentation is launched there), and ModelCheckpoint's hooks (saving checkpoints). Everything else passes
+    through at the cost of a substring test. Added with `+trainer.profiler._target_=gpu.HostProfiler`."""
+
+    ACTIONS = {"train_dataloader_next": "fetch", "batch_to_device": "transfer", "ModelCheckpoint": "checkpoint"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "train"  # StepTimer switches it to "val" during validation
+        self.totals: dict[str, float] = {}
+        self._open: dict[str, tuple[str, float]] = {}
+
+    def start(self, action_name: str) -> None:
+        for key, category in self.ACTIONS.items():
+            if key in action_name:
+                self._open[action_name] = (category, time.perf_counter())
+                return
+
+    def stop(self, action_name: str) -> None:
+        opened = self._open.pop(action_name, None)
+        if opened is not None:
+            name = f"{self.phase}/{opened[0]}"
+            self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - opened[1]
+
 
 class StepTimer(L.Callback):
     """Times every training step's data wait and compute, validation and the rest of the fit; writes JSON at fit end.
@@ -158,6 +186,7 @@ class StepTimer(L.Callback):
             torch.cuda.reset_peak_memory_stats()
         if not self.train_metrics:
             self._skip_train_metrics(module)
+        self.profiler = trainer.profiler if isinstance(trainer.profiler, HostProfiler) else None
         self.fit_start = self._now()
 
     def _skip_train_metrics(self, module) -> None:
@@ -217,9 +246,13 @@ class StepTimer(L.Callback):
 
     def on_validation_start(self, trainer, module) -> None:
         self._validation_start = self._now()
+        if self.profiler is not None:
+            self.profiler.phase = "val"
 
     def on_validation_end(self, trainer, module) -> None:
         seconds = self._now() - self._validation_start
+        if self.profiler is not None:
+            self.profiler.phase = "train"
         if trainer.sanity_checking:
             self.sanity_s += seconds
         else:
@@ -245,7 +278,8 @@ class StepTimer(L.Callback):
         fit_s = self._now() - self.fit_start
         result = {"fit_start_wall": self.fit_start_wall, "fit_end_wall": time.time(), "callback_fit_s": fit_s,
                   "epochs": self.epochs, "validation_s": self.validation_s, "sanity_s": self.sanity_s,
-                  "syncs": self.syncs, "notes": self.notes, "device": str(module.device)}
+                  "syncs": self.syncs, "notes": self.notes, "device": str(module.device),
+                  "host": self.profiler.totals if self.profiler is not None else None}
         if self.cuda:
             result["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             result["gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -347,7 +381,8 @@ def measure_cell(cell: Cell, args, data_root: Path, device: str, work: Path, env
     timer_file = run_dir / "timer.json"
     arguments = [*common_overrides(args, data_root, device), *cell.overrides(),
                  f"trainer.max_epochs={args.epochs}", f"hydra.run.dir={run_dir}",
-                 "+callbacks.gpu_timer._target_=gpu.StepTimer", f"+callbacks.gpu_timer.path={timer_file}"]
+                 "+callbacks.gpu_timer._target_=gpu.StepTimer", f"+callbacks.gpu_timer.path={timer_file}",
+                 "+trainer.profiler._target_=gpu.HostProfiler"]
     row = {"cell": cell.spec, "model": cell.model, "unfreeze": cell.unfreeze, "path": cell.path,
            "batch": cell.batch, "extras": cell.extras, "epochs": args.epochs, "experiment": cell.experiment,
            "command": "python train.py " + " ".join(arguments)}
@@ -378,8 +413,9 @@ def summarise_timer(timer: dict, batch: int) -> dict:
     step = sum(e["step_s"] for e in epochs)
     steady = [e for e in epochs if e["epoch"] > 0] or epochs
     steady_time = sum(e["wait_s"] + e["step_s"] for e in steady)
-    host_wait = sum(e["host_wait_s"] for e in epochs)
-    host_total = host_wait + sum(e["host_step_s"] for e in epochs)
+    host_between = sum(e["host_wait_s"] for e in epochs)
+    host_total = host_between + sum(e["host_step_s"] for e in epochs)
+    host = timer.get("host") or {}
     steps = sum(e["steps"] for e in epochs)
     train_s = wait + step
     validation_s = sum(timer["validation_s"])
@@ -387,9 +423,13 @@ def summarise_timer(timer: dict, batch: int) -> dict:
         "data_wait": wait / train_s if train_s else float("nan"),
         "steady_data_wait": sum(e["wait_s"] for e in steady) / steady_time if steady_time else float("nan"),
         "steady_images_per_s": sum(e["images"] for e in steady) / steady_time if steady_time else float("nan"),
-        "host_loader_wait": host_wait / host_total if host_total else float("nan"),
+        # The host's wait for the loader's next batch, over the host's time in the training loop.
+        "host_loader_wait": host["train/fetch"] / host_total if host_total and "train/fetch" in host else float("nan"),
+        "host_between_steps": host_between / host_total if host_total else float("nan"),
+        "host_transfer_s": host.get("train/transfer"), "checkpoint_s": host.get("train/checkpoint"),
         "step_ms": 1000 * step / steps if steps else float("nan"),
         "train_s": train_s, "validation_s": validation_s, "sanity_s": timer["sanity_s"],
+        # Checkpoints, epoch-end hooks, the loop between epochs (the callback's fit: on_fit_start to on_fit_end).
         "other_in_fit_s": timer["callback_fit_s"] - train_s - validation_s - timer["sanity_s"],
         "syncs_per_step": timer["syncs"]["count"] if timer.get("syncs") else None,
         "sync_places": timer["syncs"]["places"] if timer.get("syncs") else None,
@@ -452,15 +492,18 @@ def table(rows: list[dict], device: str) -> str:
     memory = "GPU peak GiB" if device == "cuda" else "GPU peak GiB (n/a on CPU)"
     lines = [
         f"| model | unfreeze | data path | batch | extras | images/s (whole fit) | steady images/s | data wait "
-        f"(GPU) | steady data wait | host loader wait | step ms | syncs/step | {memory} | fit s (train / val / "
-        f"other / setup) | start-up s | after fit s | val acc | status |",
+        f"(GPU) | steady data wait | host loader wait | step ms | syncs/step | {memory} | fit s = train + val + "
+        f"checkpoints + other + setup | start-up s | after fit s | val acc | status |",
         "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in rows:
         if r["cell"] == "study":
             continue
-        split = (f"{fmt(r.get('fit_s'))} ({fmt(r.get('train_s'))} / {fmt(r.get('validation_s'))} / "
-                 f"{fmt(r.get('other_in_fit_s'))} / {fmt(r.get('setup_in_fit_s'))})") if r.get("fit_s") else "-"
+        split = "-"
+        if r.get("fit_s") and r.get("train_s") is not None:
+            checkpoints = r.get("checkpoint_s") or 0.0
+            split = (f"{fmt(r['fit_s'])} = {fmt(r['train_s'])} + {fmt(r['validation_s'] + r['sanity_s'])} + "
+                     f"{fmt(checkpoints)} + {fmt(r['other_in_fit_s'] - checkpoints)} + {fmt(r['setup_in_fit_s'])}")
         lines.append(
             f"| {r['model']} | {r['unfreeze']} | {r['path']} | {r['batch']} | {'+'.join(r['extras']) or '-'} "
             f"| {fmt(r.get('images_per_s'), 0)} | {fmt(r.get('steady_images_per_s'), 0)} "

@@ -37,12 +37,15 @@ def test_timer_summary_and_headline():
                          "host_step_s": 1.5},
                         {"epoch": 1, "images": 100, "wait_s": 0.1, "step_s": 0.9, "steps": 4, "host_wait_s": 0.2,
                          "host_step_s": 0.8}],
-             "validation_s": [0.5, 0.5], "sanity_s": 0.1, "callback_fit_s": 5.0, "syncs": {"count": 3, "places": {}}}
+             "validation_s": [0.5, 0.5], "sanity_s": 0.1, "callback_fit_s": 5.0, "syncs": {"count": 3, "places": {}},
+             "host": {"train/fetch": 0.6, "train/checkpoint": 0.4}}
     summary = gpu.summarise_timer(timer, batch=25)
     assert summary["data_wait"] == pytest.approx(1.1 / 3.0)
     assert summary["steady_data_wait"] == pytest.approx(0.1)
     assert summary["steady_images_per_s"] == pytest.approx(100.0)
     assert summary["other_in_fit_s"] == pytest.approx(5.0 - 3.0 - 1.0 - 0.1)
+    assert summary["host_loader_wait"] == pytest.approx(0.6 / 3.0)
+    assert summary["checkpoint_s"] == pytest.approx(0.4)
     rows = [{"cell": "a", "model": "mobilenet_v2", "unfreeze": "all", "experiment": False, "images_per_s": 10.0,
              "data_wait": 0.5},
             {"cell": "b", "model": "mobilenet_v2", "unfreeze": "all", "experiment": True, "images_per_s": 99.0},
@@ -84,5 +87,6 @@ def test_cpu_dry_run(image_folder, tmp_path):
     rows = json.loads((out / "gpu_results.json").read_text())["rows"]
     cell = rows[0]
     assert cell["status"] == "done" and cell["images_per_s"] > 0 and 0 <= cell["data_wait"] < 1
-    assert cell["train_s"] > 0 and cell["validation_s"] > 0
+    assert cell["train_s"] > 0 and cell["validation_s"] > 0 and cell["checkpoint_s"] > 0
+    assert 0 < cell["host_loader_wait"] < 1
     assert (out / "gpu_logs.tar.gz").stat().st_size > 0
