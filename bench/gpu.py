@@ -12,10 +12,10 @@ step costs what a pretrained one does). A cell is `model:unfreeze:path:batch[:ex
 - path `device`:   data.cache_images=true data.augment_on=device: workers stack uint8 images, the GPU augments;
 - path `features`: data.augment=false strategy.cache_features=true: the frozen part runs once (unfreeze=0 trains
                    the head on cached features);
-- extras: `compile` (model.compile=true), `fp32` (trainer.precision=32-true), `nchw` (model.channels_last=false),
-  `wN` (data.num_workers=N), `nometrics` (a bench experiment, not a setting: the training steps skip the
-  torchmetrics updates, whose argument checks and bincounts synchronise the GPU every step; shows what removing
-  those syncs from `module.py` would gain).
+- extras: `compile` (model.compile=true), `graphs` (model.compile=reduce-overhead: CUDA graphs), `fp32`
+  (trainer.precision=32-true), `nchw` (model.channels_last=false), `wN` (data.num_workers=N), `nometrics` (a bench
+  experiment, not a setting: the training steps skip the torchmetrics updates, whose argument checks and bincounts
+  synchronise the GPU every step; shows what removing those syncs from `module.py` would gain).
 
 A `StepTimer` callback (added with `+callbacks.gpu_timer=...`, so the run is otherwise untouched) records per step,
 with CUDA events and no synchronisation inside the epoch: the **data wait** (GPU time from the end of the previous
@@ -85,7 +85,8 @@ PATHS = {
     "device": ["data.cache_images=true", "data.augment_on=device"],
     "features": ["data.augment=false", "strategy.cache_features=true"],
 }
-EXTRAS = {"compile": ["model.compile=true"], "fp32": ["trainer.precision=32-true"],
+EXTRAS = {"compile": ["model.compile=true"], "graphs": ["model.compile=reduce-overhead"],
+          "fp32": ["trainer.precision=32-true"],
           "nchw": ["model.channels_last=false"], "nometrics": ["+callbacks.gpu_timer.train_metrics=false"]}
 # In order of priority: the guard skips from the end. "study" is the depth study; compiling, the least certain
 # cost (a minute or two of compilation), comes last.
@@ -98,6 +99,7 @@ DEFAULT_CELLS = [
     "mobilenet_v2:all:device:32",
     "mobilenet_v2:all:device:32:nometrics",
     "mobilenet_v2:all:device:256",
+    "mobilenet_v2:all:device:128:nchw",
     "mobilenet_v2:0:features:128",
     "resnet50:all:files:128",
     "mobilenet_v2:all:device:128:compile",
@@ -478,6 +480,11 @@ def measure_study(args, data_root: Path, device: str, work: Path, env: dict, bud
     return row
 
 
+def rate(value: float | None) -> str:
+    """Images a second: whole numbers, with a decimal under 100 (a CPU dry run)."""
+    return fmt(value, 0 if value is not None and value >= 100 else 1)
+
+
 def fmt(value, digits: int = 1, empty: str = "-") -> str:
     if value is None:
         return empty
@@ -506,7 +513,7 @@ def table(rows: list[dict], device: str) -> str:
                      f"{fmt(checkpoints)} + {fmt(r['other_in_fit_s'] - checkpoints)} + {fmt(r['setup_in_fit_s'])}")
         lines.append(
             f"| {r['model']} | {r['unfreeze']} | {r['path']} | {r['batch']} | {'+'.join(r['extras']) or '-'} "
-            f"| {fmt(r.get('images_per_s'), 0)} | {fmt(r.get('steady_images_per_s'), 0)} "
+            f"| {rate(r.get('images_per_s'))} | {rate(r.get('steady_images_per_s'))} "
             f"| {fmt(r.get('data_wait'), 3)} | {fmt(r.get('steady_data_wait'), 3)} "
             f"| {fmt(r.get('host_loader_wait'), 3)} | {fmt(r.get('step_ms'))} | {fmt(r.get('syncs_per_step'))} "
             f"| {fmt(r.get('gpu_peak_gib'), 2)} | {split} | {fmt(r.get('before_fit_s'))} "
@@ -525,7 +532,7 @@ def skipped_row(item: Cell | str, args) -> dict:
 def study_line(row: dict) -> str:
     return (f"depth study ({row['how']}, {row['epochs']} epochs): {row['status']}; {row['finished_runs']} of "
             f"{row['planned_runs']} runs in {fmt(row['wall_s'])} s wall; whole study "
-            f"{fmt(row.get('study_wall_s'))} s; mean {fmt(row.get('mean_images_per_s'), 0)} images/s over each fit")
+            f"{fmt(row.get('study_wall_s'))} s; mean {rate(row.get('mean_images_per_s'))} images/s over each fit")
 
 
 def headline(rows: list[dict], device: str) -> tuple[str, dict | None]:
@@ -535,7 +542,7 @@ def headline(rows: list[dict], device: str) -> tuple[str, dict | None]:
     prefix = "gpu" if device == "cuda" else "cpu"
     if best is None:
         return f"{prefix} mobilenet_v2 unfreeze=all images_per_second nan data_wait nan", None
-    return (f"{prefix} mobilenet_v2 unfreeze=all images_per_second {best['images_per_s']:.0f} "
+    return (f"{prefix} mobilenet_v2 unfreeze=all images_per_second {rate(best['images_per_s']).replace(',', '')} "
             f"data_wait {best.get('data_wait', float('nan')):.3f}"), best
 
 
@@ -613,7 +620,8 @@ def main() -> None:
         rows: list[dict] = []
         for item in items:
             name = "study" if item == "study" else item.spec
-            needed = MIN_STUDY_S if item == "study" else MIN_COMPILE_S if "compile" in item.extras else MIN_CELL_S
+            compiles = item != "study" and bool({"compile", "graphs"} & set(item.extras))
+            needed = MIN_STUDY_S if item == "study" else MIN_COMPILE_S if compiles else MIN_CELL_S
             if tiny:
                 needed = 5
             if budget.left() - args.reserve < needed:
@@ -626,7 +634,7 @@ def main() -> None:
                 print(study_line(row), flush=True)
             else:
                 row = measure_cell(item, args, data_root, device, work, env, budget)
-                print(f"{name}: {row['status']}, {fmt(row.get('images_per_s'), 0)} images/s over the fit, data "
+                print(f"{name}: {row['status']}, {rate(row.get('images_per_s'))} images/s over the fit, data "
                       f"wait {fmt(row.get('data_wait'), 3)}, {fmt(row['wall_s'])} s wall "
                       f"({budget.left():.0f} s of the budget left)", flush=True)
             rows.append(row)

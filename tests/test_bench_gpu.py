@@ -46,15 +46,15 @@ def test_timer_summary_and_headline():
     assert summary["other_in_fit_s"] == pytest.approx(5.0 - 3.0 - 1.0 - 0.1)
     assert summary["host_loader_wait"] == pytest.approx(0.6 / 3.0)
     assert summary["checkpoint_s"] == pytest.approx(0.4)
-    rows = [{"cell": "a", "model": "mobilenet_v2", "unfreeze": "all", "experiment": False, "images_per_s": 10.0,
+    rows = [{"cell": "a", "model": "mobilenet_v2", "unfreeze": "all", "experiment": False, "images_per_s": 1000.0,
              "data_wait": 0.5},
-            {"cell": "b", "model": "mobilenet_v2", "unfreeze": "all", "experiment": True, "images_per_s": 99.0},
-            {"cell": "c", "model": "mobilenet_v2", "unfreeze": "all", "experiment": False, "images_per_s": 20.0,
+            {"cell": "b", "model": "mobilenet_v2", "unfreeze": "all", "experiment": True, "images_per_s": 9900.0},
+            {"cell": "c", "model": "mobilenet_v2", "unfreeze": "all", "experiment": False, "images_per_s": 2000.0,
              "data_wait": 0.25},
             {"cell": "study"}]
     line, best = gpu.headline(rows, "cuda")
     assert best["cell"] == "c"
-    assert line == "gpu mobilenet_v2 unfreeze=all images_per_second 20 data_wait 0.250"
+    assert line == "gpu mobilenet_v2 unfreeze=all images_per_second 2000 data_wait 0.250"
 
 
 def test_compact_copy_keeps_the_layout(image_folder, tmp_path):
@@ -79,7 +79,7 @@ def test_cpu_dry_run(image_folder, tmp_path):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
-    assert re.fullmatch(r"cpu mobilenet_v2 unfreeze=all images_per_second \d+ data_wait 0\.\d{3}", lines[-1]), \
+    assert re.fullmatch(r"cpu mobilenet_v2 unfreeze=all images_per_second [\d.]+ data_wait 0\.\d{3}", lines[-1]), \
         result.stdout
     assert any(line.startswith("| mobilenet_v2 | all | device | 8 |") for line in lines)
     assert any(line.startswith("depth study (-m unfreeze=0 seed=0, 1 epochs): done; 1 of 1 runs") for line in lines)
