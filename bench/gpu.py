@@ -153,7 +153,8 @@ class StepTimer(L.Callback):
     Args:
         path: the JSON file written at the end of the fit.
         train_metrics: False: training steps skip the module's torchmetrics updates (a bench experiment).
-        sync_check: count GPU->host synchronisations in one training step of the second epoch (CUDA only).
+        sync_check: count GPU->host synchronisations over one cycle of the second epoch (CUDA only): from the end
+            of its step 1 to the end of its step 2 (the loop between steps, the fetch, the copy, step 2).
     """
 
     def __init__(self, path: str, train_metrics: bool = True, sync_check: bool = True) -> None:
@@ -165,6 +166,7 @@ class StepTimer(L.Callback):
         self.validation_s: list[float] = []
         self.sanity_s = 0.0
         self.syncs: dict | None = None
+        self._catching = None
 
     def _now(self) -> float:
         if self.cuda:
@@ -218,35 +220,45 @@ class StepTimer(L.Callback):
         self._host_start = host
         epoch["marks"].append([self._mark(), None])
         epoch["images"] += len(batch[1])
-        self._catching = None
-        if self.cuda and self.sync_check and self.syncs is None and batch_index == 2 and \
-                trainer.current_epoch == min(1, trainer.max_epochs - 1):
-            try:
-                self._catching = warnings.catch_warnings(record=True)
-                self._caught = self._catching.__enter__()
-                warnings.simplefilter("always")
-                torch.cuda.set_sync_debug_mode("warn")
-            except Exception as error:  # a measurement aid: its failure must not stop the measurement
-                self.notes.append(f"sync count failed: {error!r}")
-                self._catching = None
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_index) -> None:
         self._epoch["marks"][-1][1] = self._mark()
-        if self._catching is not None:
-            torch.cuda.set_sync_debug_mode(0)
-            self._catching.__exit__(None, None, None)
-            places: dict[str, int] = {}
-            for caught in self._caught:
-                if "synchroniz" in str(caught.message):
-                    place = f"{Path(caught.filename).parent.name}/{Path(caught.filename).name}:{caught.lineno}"
-                    places[place] = places.get(place, 0) + 1
-            self.syncs = {"count": sum(places.values()), "places": places}
-            self._catching = None
+        if self._catching is not None:  # one whole cycle counted: the loop between steps, then step 2
+            self._count_syncs()
+        elif self.cuda and self.sync_check and self.syncs is None and batch_index == 1 and \
+                trainer.current_epoch == min(1, trainer.max_epochs - 1):
+            self._start_counting_syncs()
         now = time.perf_counter()
         self._epoch["host_step"] += now - self._host_start
         self._host_ready = now
 
+    def _start_counting_syncs(self) -> None:
+        try:
+            self._catching = warnings.catch_warnings(record=True)
+            self._caught = self._catching.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        except Exception as error:  # a measurement aid: its failure must not stop the measurement
+            self.notes.append(f"sync count failed: {error!r}")
+            self._catching = None
+
+    def _count_syncs(self) -> None:
+        torch.cuda.set_sync_debug_mode(0)
+        self._catching.__exit__(None, None, None)
+        self._catching = None
+        places: dict[str, int] = {}
+        for caught in self._caught:
+            if "synchroniz" in str(caught.message):
+                place = f"{Path(caught.filename).parent.name}/{Path(caught.filename).name}:{caught.lineno}"
+                places[place] = places.get(place, 0) + 1
+        self.syncs = {"count": sum(places.values()), "places": places}
+
     def on_validation_start(self, trainer, module) -> None:
+        if self._catching is not None:  # the epoch ended inside the window (fewer than 3 steps): no count
+            torch.cuda.set_sync_debug_mode(0)
+            self._catching.__exit__(None, None, None)
+            self._catching = None
+            self.notes.append("sync count: the epoch has fewer than 3 steps, not counted")
         self._validation_start = self._now()
         if self.profiler is not None:
             self.profiler.phase = "val"

@@ -90,3 +90,63 @@ def test_cpu_dry_run(image_folder, tmp_path):
     assert cell["train_s"] > 0 and cell["validation_s"] > 0 and cell["checkpoint_s"] > 0
     assert 0 < cell["host_loader_wait"] < 1
     assert (out / "gpu_logs.tar.gz").stat().st_size > 0
+
+
+class FakeEvent:
+    """torch.cuda.Event on a clock the test sets: record() reads it, elapsed_time() is in milliseconds."""
+
+    clock = 0.0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        self.time = None
+
+    def record(self) -> None:
+        self.time = FakeEvent.clock
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        return 1000 * (end.time - self.time)
+
+
+def test_step_timer_cuda_path(monkeypatch, tmp_path):
+    """The CUDA branch of StepTimer (events, the sync count, peak memory) driven hook by hook on a fake clock."""
+    import types
+    import warnings
+
+    import torch
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 4 * 2**30)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    timer = gpu.StepTimer(str(tmp_path / "timer.json"))
+    trainer = types.SimpleNamespace(current_epoch=0, max_epochs=2, sanity_checking=False,
+                                    profiler=gpu.HostProfiler())
+    module = types.SimpleNamespace(device=torch.device("cuda"))
+    batch = (None, [0] * 8)
+    timer.on_fit_start(trainer, module)
+    for epoch in range(2):
+        trainer.current_epoch = epoch
+        FakeEvent.clock = 10.0 * epoch
+        timer.on_train_epoch_start(trainer, module)
+        for index in range(3):
+            FakeEvent.clock += 0.25  # the wait for the batch
+            timer.on_train_batch_start(trainer, module, batch, index)
+            if epoch == 1 and index == 2:
+                warnings.warn("called a synchronizing CUDA operation", UserWarning, stacklevel=1)
+            FakeEvent.clock += 0.75  # the step
+            timer.on_train_batch_end(trainer, module, None, batch, index)
+        timer.on_validation_start(trainer, module)
+        timer.on_validation_end(trainer, module)
+        timer.on_train_epoch_end(trainer, module)
+    timer.on_fit_end(trainer, module)
+    result = json.loads((tmp_path / "timer.json").read_text())
+    assert [e["wait_s"] for e in result["epochs"]] == pytest.approx([0.75, 0.75])
+    assert [e["step_s"] for e in result["epochs"]] == pytest.approx([2.25, 2.25])
+    assert [e["images"] for e in result["epochs"]] == [24, 24]
+    assert result["syncs"]["count"] == 1 and modes == ["warn", 0]
+    assert result["gpu_peak_gib"] == 3 and len(result["validation_s"]) == 2
+    summary = gpu.summarise_timer(result, batch=8)
+    assert summary["data_wait"] == pytest.approx(0.25) and summary["steady_images_per_s"] == pytest.approx(8.0)
