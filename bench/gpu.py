@@ -42,15 +42,17 @@ travels is limited to 64 MiB):
     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl hydra-core==1.3.8 omegaconf==2.3.1
     python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # sdist only on PyPI: a pure-Python wheel
-    python bench/gpu.py --device cpu --tiny          # the same code path on the CPU (5 runs of ~30 s on 2 cores)
+    python bench/gpu.py --device cpu --tiny          # the same code path on the CPU (~8 min on 2 busy cores)
 
-Then one device call (carry `.whl` and `.elpv`; timeout_s 600; --budget-seconds 480 leaves two minutes spare):
+Then one device call, carry [".whl", ".elpv"], timeout_s 600 (the 480 s budget leaves two minutes spare):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl && export PYTHONPATH=/tmp/site || exit; PYTHONUNBUFFERED=1 python3 bench/gpu.py \
-        --data-root .elpv/elpv --budget-seconds 480 2>&1 | tee $OUT/gpu_console.txt
+        .whl/*.whl && export PYTHONPATH=/tmp/site || exit; nvidia-smi --query-gpu=name,memory.used,clocks.sm \
+        --format=csv; set -o pipefail; PYTHONUNBUFFERED=1 python3 bench/gpu.py --data-root .elpv/elpv \
+        --budget-seconds 480 2>&1 | tee $OUT/gpu_console.txt
 
-On the CPU: `python bench/gpu.py --device cpu --tiny` (64 px, 1 epoch, 20 images a class, 4 cells, a 2-run study).
+bench/RESULTS.md has it on one line (351 characters). `--tiny` on the CPU: 64 px, 1 epoch, 20 images a class,
+4 cells and a 2-run study.
 """
 
 from __future__ import annotations
