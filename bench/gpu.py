@@ -1,4 +1,4 @@
-"""Every GPU measurement of issue 16 in one run (about 8 minutes on one H200): training images/s over the whole fit,
+r"""Every GPU measurement of issue 16 in one run (about 8 minutes on one H200): training images/s over the whole fit,
 validation included, steady-state images/s, the fraction of the step the GPU waits on data, peak GPU memory, and
 the wall time of a whole depth study (5 depths x 3 seeds).
 
