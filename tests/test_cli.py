@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 from conftest import CLASSES, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
@@ -29,6 +30,7 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     assert metrics["params/trainable"] == 889_923
     assert metrics["best_epoch"] in (0, 1)
     assert "test/acc" in output and "final metrics" in output  # the table is printed
+    assert "litlogger" not in output and "LeafSpec" not in output  # Lightning's noise stays out of the terminal
 
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(name.startswith("epoch") for name in checkpoints)
@@ -46,13 +48,18 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     assert [image.step for image in events.Images("test/confusion_matrix")] == confusion_steps[-1:]  # after fit
     # Misclassified test images are shown whenever there are any.
     assert ("test/misclassified" in events.Tags()["images"]) == (metrics["test/acc"] < 1.0)
-    hparams = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/experiment"])
+    # HPARAMS: a session of its own, logged at the end, holding the best checkpoint's metrics (metrics.json).
+    hparams_events = EventAccumulator(str(run / "tensorboard" / "hparams")).Reload()
+    hparams = HParamsPluginData.FromString(hparams_events.PluginTagToContent("hparams")["_hparams_/experiment"])
     declared = {info.name.tag for info in hparams.experiment.metric_infos}
     assert {"val/acc", "val/f1", "test/acc", "test/f1"} <= declared
-    session = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    session = HParamsPluginData.FromString(
+        hparams_events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
     values = session.session_start_info.hparams
     assert values["strategy"].string_value == "finetune" and values["unfreeze"].string_value == "2"
-    assert values["trainable_params"].number_value == 889_923
+    assert values["trainable_params"].number_value == 889_923 and values["seed"].number_value == 42
+    for name in ("val/acc", "val/loss", "test/acc"):
+        assert [point.value for point in hparams_events.Scalars(name)] == pytest.approx([metrics[name]]), name
 
     with open(run / "split.csv") as file:
         rows = list(csv.DictReader(file))

@@ -31,6 +31,19 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # The evaluation trainer restores only weights from the best checkpoint: it needs none of the fit's callbacks.
 warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used")
+# Lightning 2.6 builds its batch trees with torch's deprecated LeafSpec(): a FutureWarning about Lightning's code.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+
+class _WithoutAdvertising(logging.Filter):
+    """Drops Lightning's "Tip: ... litlogger" line (an advertisement, logged at every fit)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):  # rank_zero_info's
+    logging.getLogger(_name).addFilter(_WithoutAdvertising())
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
