@@ -1,5 +1,6 @@
 """Callbacks a fit of an `ImageClassifier` needs besides freezing: memory layout and compiling, and the random state
-a resumed run continues from. The model returns them from `configure_callbacks`, so every Trainer runs them."""
+a resumed run continues from (the model returns them from `configure_callbacks`, so every Trainer runs them); and
+the count of training images train.py reports (conf/callbacks)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,19 @@ import lightning as L
 import torch
 from torch import nn
 
+from finetune.errors import UsageError
+
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 COMPILE_BACKEND = "inductor"  # torch.compile's own default; the tests swap in a cheaper one
+
+
+def check_compile_setting(setting) -> None:
+    """Raises UsageError unless `setting` is False, True or a torch.compile mode."""
+    if setting not in (True, False, *COMPILE_MODES):
+        raise UsageError(f"model.compile={setting!r}: use false, true or a torch.compile mode "
+                         f"({', '.join(COMPILE_MODES)})")
 
 
 def prefers_channels_last(network: nn.Module, device: torch.device, compiled: bool = False) -> bool:
@@ -83,3 +93,13 @@ class ResumeRandomState(L.Callback):
             torch.set_rng_state(states["torch"])
             if "cuda" in states and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class ImagesSeen(L.Callback):
+    """Counts the images this process trained on (a throughput measure; under DDP, each process its share)."""
+
+    def __init__(self) -> None:
+        self.images = 0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_index: int) -> None:
+        self.images += len(batch[1])

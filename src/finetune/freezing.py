@@ -214,3 +214,31 @@ def rewrap_for_ddp(trainer: L.Trainer, pl_module) -> None:
         strategy.configure_ddp()
         log.info("DDP: wrapped the model again, so the gradients of the newly unfrozen block(s) are averaged "
                  "across the %d processes", trainer.world_size)
+
+
+def parameter_groups(model) -> list[dict]:
+    """Optimizer groups for every parameter that ever trains in this run, each at its learning rate: blocks a
+    gradual schedule unfreezes later are in their groups from the first step (frozen, they get no gradient and
+    the optimizer skips them), so schedulers see every group from the start and a resumed run the same ones."""
+    hp = model.hparams
+    backbone_lr = hp.backbone_lr or hp.lr
+    ever_trained = model.blocks[len(model.blocks) - model.schedule.max_depth:] if model.schedule.max_depth else []
+    lr_of = {}
+    for distance, block in enumerate(reversed(ever_trained)):
+        rate = backbone_lr * (hp.layer_decay ** distance if hp.layer_decay else 1.0)
+        lr_of.update(dict.fromkeys(block.parameters, (rate, f"block {block.index}" if hp.layer_decay
+                                                       else "backbone")))
+    head_prefix = model.head_name + "."
+    groups: dict[tuple[float, str], list] = {}
+    for name, parameter in model.network.named_parameters():
+        if name.startswith(head_prefix):
+            key = (hp.lr, "head")
+        elif name in lr_of:
+            key = lr_of[name]
+        elif parameter.requires_grad:  # BatchNorm of a frozen block under train_bn
+            key = (backbone_lr, "backbone")
+        else:
+            continue  # frozen for the whole run: no optimizer state
+        groups.setdefault(key, []).append(parameter)
+    ordered = sorted(groups.items(), key=lambda item: item[0][1] != "head")
+    return [{"params": params, "lr": lr, "name": name} for (lr, name), params in ordered]

@@ -16,6 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from finetune.callbacks import ImagesSeen
 from finetune.checks import check_arguments
 from finetune.data import ImageFolderDataModule
 from finetune.errors import UsageError
@@ -108,8 +109,9 @@ def run_facts(trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolde
               best: str) -> dict[str, float]:
     """What the metrics file records besides scores: parameters, data, epochs, time, throughput."""
     # Under DDP, the images every process trained on.
+    seen = sum(callback.images for callback in trainer.callbacks if isinstance(callback, ImagesSeen))
     images_seen = float(trainer.strategy.reduce(
-        torch.tensor(float(model.train_images_seen), device=trainer.strategy.root_device), reduce_op="sum"))
+        torch.tensor(float(seen), device=trainer.strategy.root_device), reduce_op="sum"))
     trainable, total = model.parameter_counts()
     facts = {
         "params/trainable": trainable,
