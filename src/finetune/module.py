@@ -183,8 +183,7 @@ class ImageClassifier(L.LightningModule):
         return {"loss": loss, "logits": logits.detach()}
 
     def _log_epoch(self, stage: str) -> None:
-        """Logs the stage's epoch metrics, updated at every step: once an epoch, as each `self.log` call costs
-        Lightning about half a millisecond, more than a step of the head on cached features (bench/RESULTS.md)."""
+        """Logs the stage's epoch metrics once an epoch (a `self.log` call costs more than a cached-feature step)."""
         mean_loss = getattr(self, f"{stage}_loss")
         if mean_loss.update_count:  # else no batch in this stage (limit_*_batches=0): nothing to report
             self.log(f"{stage}/loss", mean_loss, prog_bar=stage != "test")
@@ -243,7 +242,8 @@ class ImageClassifier(L.LightningModule):
         return parameter_groups(self)
 
 def _metrics(num_classes: int) -> dict:
-    metrics = {"acc": MulticlassAccuracy(num_classes, average="micro"), "f1": MulticlassF1Score(num_classes, average="macro")}
+    metrics = {"acc": MulticlassAccuracy(num_classes, average="micro"),
+               "f1": MulticlassF1Score(num_classes, average="macro")}
     if num_classes > 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return metrics
