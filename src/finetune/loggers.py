@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
@@ -19,7 +20,11 @@ def instantiate_loggers(config: DictConfig | None) -> list[Logger]:
     """Every logger of the `logger` group selection (each option holds one `name: {_target_: ...}` entry)."""
     if not config:
         return []
-    return [instantiate(entry) for entry in config.values() if entry and "_target_" in entry]
+    entries = [entry for entry in config.values() if entry and "_target_" in entry]
+    if any(str(entry.get("tracking_uri", "")).startswith("file:") for entry in entries):
+        # A file store in the run dir, as configured: MLflow 3 asks for this opt-in (it favours a database).
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return [instantiate(entry) for entry in entries]
 
 
 def hyperparameters(cfg: DictConfig, model) -> dict:
