@@ -30,7 +30,8 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     assert metrics["params/trainable"] == 889_923
     assert metrics["best_epoch"] in (0, 1)
     assert "test/acc" in output and "final metrics" in output  # the table is printed
-    assert "litlogger" not in output and "LeafSpec" not in output  # Lightning's noise stays out of the terminal
+    # Lightning's noise stays out of the terminal.
+    assert "litlogger" not in output and "LeafSpec" not in output and "will override existing callbacks" not in output
 
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(name.startswith("epoch") for name in checkpoints)

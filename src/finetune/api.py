@@ -1,7 +1,7 @@
 """The Python API, for notebooks: `finetune.train([...overrides])` and `finetune.load(checkpoint).predict(images)`.
 
 `train` composes the same configuration as `python train.py` (conf/train.yaml, Hydra's compose API), runs the same
-`finetune.train.run` in the same run dir layout (`.hydra/`, checkpoints, loggers, metrics.json) and returns the
+`finetune.training.run` in the same run dir layout (`.hydra/`, checkpoints, loggers, metrics.json) and returns the
 metrics dict.
 """
 
@@ -30,7 +30,7 @@ def train(overrides: Sequence[str] = ()) -> dict[str, float]:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
-    from finetune.train import run
+    from finetune.training import run
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="train"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)

@@ -36,15 +36,18 @@ warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
-class _WithoutAdvertising(logging.Filter):
-    """Drops Lightning's "Tip: ... litlogger" line (an advertisement, logged at every fit)."""
+class _LightningNoise(logging.Filter):
+    """Drops Lightning info lines that tell the user nothing: its "Tip: ... litlogger" advertisement (every fit), and
+    the note that the model's own callbacks (`configure_callbacks`) replace those of the fit when the same Trainer
+    tests the best checkpoint (as intended)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        message = record.getMessage()
+        return "litlogger" not in message and "will override existing callbacks passed to Trainer" not in message
 
 
 for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):  # rank_zero_info's
-    logging.getLogger(_name).addFilter(_WithoutAdvertising())
+    logging.getLogger(_name).addFilter(_LightningNoise())
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
