@@ -93,8 +93,8 @@ class ImageClassifier(L.LightningModule):
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise UsageError(f"layer_decay={layer_decay} must be in (0, 1]: each block trains at that factor "
                              "times the learning rate of the block above it")
-        # train.py logs the hyperparameters itself, at the end, with the best checkpoint's metrics.
-        self.save_hyperparameters(logger=False)
+        # Logged by training.py, at the end; the image size travels as the preprocessing (on_save_checkpoint).
+        self.save_hyperparameters(ignore=["image_size"], logger=False)
 
         backbone = create_backbone(name, len(class_names), source=source, weights=weights,
                                    head_hidden_dim=head_hidden_dim, head_dropout=head_dropout)
