@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from finetune.errors import config_error_message, find_usage_error
 from finetune.scaling import ddp_processes_run_this_job
-from finetune.train import run
+from finetune.training import run
 
 log = logging.getLogger("finetune")
 

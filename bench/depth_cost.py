@@ -37,6 +37,7 @@ from common import (  # noqa: E402
 )
 from torch import nn
 
+from finetune.callbacks import use_memory_format
 from finetune.module import ImageClassifier
 
 MODELS = ("mobilenet_v2", "resnet50")
@@ -121,7 +122,7 @@ def measure(name: str, unfreeze, images: torch.Tensor, labels: torch.Tensor, dev
             warmup: int, optimizer_step: bool, max_wait: float, retries: int, min_time: float) -> dict:
     torch.manual_seed(0)
     model = ImageClassifier(name, class_names=["a", "b"], weights=None, unfreeze=unfreeze).to(device)
-    model.use_memory_format(device)  # as model.channels_last=auto does
+    use_memory_format(model, device)  # as model.channels_last=auto does
     if model.uses_channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     model.train()  # frozen blocks go back to eval mode

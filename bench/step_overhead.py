@@ -45,8 +45,9 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, resolve_device, revision, today, wait_until_idle  # noqa: E402
 
-from finetune.features import Cut, EpochShuffler, FeatureDataset, as_batch  # noqa: E402
+from finetune.features import Cut  # noqa: E402
 from finetune.module import ImageClassifier  # noqa: E402
+from finetune.samplers import EpochShuffler, FeatureDataset, as_batch  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TRAIN, VAL, FEATURES, BATCH, SEED = 1837, 525, 1280, 32, 0

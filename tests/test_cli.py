@@ -30,6 +30,8 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     assert metrics["params/trainable"] == 889_923
     assert metrics["best_epoch"] in (0, 1)
     assert "test/acc" in output and "final metrics" in output  # the table is printed
+    # Lightning's noise stays out of the terminal.
+    assert "litlogger" not in output and "LeafSpec" not in output and "will override existing callbacks" not in output
 
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(name.startswith("epoch") for name in checkpoints)
@@ -49,11 +51,12 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     assert ("test/misclassified" in events.Tags()["images"]) == (metrics["test/acc"] < 1.0)
     # HPARAMS: a session of its own, logged at the end, holding the best checkpoint's metrics (metrics.json).
     hparams_events = EventAccumulator(str(run / "tensorboard" / "hparams")).Reload()
-    plugin = hparams_events.PluginTagToContent("hparams")
-    declared = {info.name.tag for info in HParamsPluginData.FromString(plugin["_hparams_/experiment"]).experiment
-                .metric_infos}
+    hparams = HParamsPluginData.FromString(hparams_events.PluginTagToContent("hparams")["_hparams_/experiment"])
+    declared = {info.name.tag for info in hparams.experiment.metric_infos}
     assert {"val/acc", "val/f1", "test/acc", "test/f1"} <= declared
-    values = HParamsPluginData.FromString(plugin["_hparams_/session_start_info"]).session_start_info.hparams
+    session = HParamsPluginData.FromString(
+        hparams_events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    values = session.session_start_info.hparams
     assert values["strategy"].string_value == "finetune" and values["unfreeze"].string_value == "2"
     assert values["trainable_params"].number_value == 889_923 and values["seed"].number_value == 42
     for name in ("val/acc", "val/loss", "test/acc"):

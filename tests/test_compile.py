@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch._inductor.config
 
-import finetune.module
+import finetune.callbacks
 from finetune.data import ImageFolderDataModule
 from finetune.errors import UsageError
 from finetune.module import ImageClassifier
@@ -31,12 +31,12 @@ def fit(image_folder, tmp_path, compile, epochs=2, **options) -> tuple[ImageClas
     L.seed_everything(0)
     # NCHW on both sides: channels_last=auto picks NHWC for eager CPU runs only, and another layout sums in another
     # order (differences of 1e-4 after training), which is not what this compares.
-    model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, scheduler="constant", compile=compile,
+    model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, scheduler="constant",
+                            compile=compile,
                             channels_last=False, **options)
     before = {k: v.clone() for k, v in model.network.state_dict().items()}
     data = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0, image_size=32)
     data.prepare_data()
-    data.preprocessing = model.preprocessing
     modes = Modes()
     # Validation at the end only: each new state (train or eval mode, depth) is one more compilation.
     trainer = L.Trainer(max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
@@ -48,7 +48,7 @@ def fit(image_folder, tmp_path, compile, epochs=2, **options) -> tuple[ImageClas
 
 def test_compiled_training_matches_eager_and_checkpoints_load_uncompiled(image_folder, tmp_path, monkeypatch):
     # aot_eager traces forward and backward as inductor does, without generating code: seconds, not minutes.
-    monkeypatch.setattr(finetune.module, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(finetune.callbacks, "COMPILE_BACKEND", "aot_eager")
     gradual = {"unfreeze": 2, "unfreeze_epoch": 1}  # the blocks' requires_grad changes between epochs
     eager, before, eager_modes, eager_trainer = fit(image_folder, tmp_path / "eager", False, **gradual)
     compiled, _, compiled_modes, trainer = fit(image_folder, tmp_path / "compiled", True, **gradual)
@@ -93,12 +93,11 @@ def test_inductor_compiled_steps_train_what_eager_steps_train(image_folder):
     for compile in (False, True):
         L.seed_everything(0)
         # SGD: an update proportional to the gradient (Adam's first steps amplify rounding-level differences).
-        model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze=2, optimizer="sgd", lr=0.01,
-                                compile=compile, channels_last=False)  # NCHW on both sides, as in fit() above
+        model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=64, unfreeze=2, optimizer="sgd",
+                                lr=0.01, compile=compile, channels_last=False)  # NCHW on both sides, as in fit() above
         initial = {k: v.clone() for k, v in model.network.state_dict().items()}
         data = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0, image_size=64)
         data.prepare_data()
-        data.preprocessing = model.preprocessing
         trainer = L.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
         with torch._inductor.config.patch(fallback_random=True):

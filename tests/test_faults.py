@@ -289,7 +289,7 @@ def test_class_imbalance_is_reported_and_balanced_on_request(tmp_path):
 
 
 def test_balanced_sampler_draws_every_class_equally_often():
-    from finetune.features import EpochShuffler
+    from finetune.samplers import EpochShuffler
 
     labels = [0] * 90 + [1] * 10
     weights = [1 / 90 if label == 0 else 1 / 10 for label in labels]
@@ -302,7 +302,7 @@ def test_balanced_sampler_draws_every_class_equally_often():
 
 
 def test_a_resumed_sampler_serves_the_rest_of_its_epoch():
-    from finetune.features import EpochShuffler
+    from finetune.samplers import EpochShuffler
 
     sampler = EpochShuffler(10, seed=0, keyed=True)
     sampler.set_epoch(2)

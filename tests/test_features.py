@@ -11,33 +11,34 @@ from torch import nn
 from finetune.blocks import Block
 from finetune.data import ImageFolderDataModule
 from finetune.errors import UsageError
-from finetune.features import ViewDataset, ViewSampler, build_cache, find_cut, should_cache, train_on_cache
+from finetune.features import build_cache, classify_features, find_cut, should_cache, train_on_cache
 from finetune.module import ImageClassifier
+from finetune.samplers import ViewDataset, ViewSampler
 
 CLASSES = ["circle", "square", "stripes"]
 
 
 def prepared(image_folder, model, **options) -> ImageFolderDataModule:
-    datamodule = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0, image_size=32, **options)
+    datamodule = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0, image_size=32,
+                                       preprocessing=model.preprocessing, **options)
     datamodule.prepare_data()
-    datamodule.preprocessing = model.preprocessing
     return datamodule
 
 
 def test_head_on_cached_features_equals_the_whole_network(image_folder):
-    model = ImageClassifier("resnet18", CLASSES, weights=None, unfreeze=0).eval()
+    model = ImageClassifier("resnet18", CLASSES, weights=None, image_size=32, unfreeze=0).eval()
     datamodule = prepared(image_folder, model, augment=False)
     cut, _ = should_cache("auto", model, datamodule)
     model.features_cut = cut
     cache = build_cache(model, datamodule, cut, views=1, device=torch.device("cpu"))
     images = torch.stack([datamodule.datasets["val"][i][0] for i in range(len(datamodule.datasets["val"]))])
     with torch.no_grad():
-        assert torch.allclose(model.classify_features(cache["val"][0]), model(images), atol=1e-5)
+        assert torch.allclose(classify_features(model, cache["val"][0]), model(images), atol=1e-5)
     assert cache["train"][0].shape == (1, 27, 512) and cache["val"][1].tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_cache_is_chosen_only_where_it_cannot_change_results(image_folder):
-    transfer = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze=0)
+    transfer = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze=0)
     plain, augmented = prepared(image_folder, transfer, augment=False), prepared(image_folder, transfer)
     assert should_cache("auto", transfer, plain)[0]
     used, reason = should_cache("auto", transfer, augmented)
@@ -45,19 +46,19 @@ def test_cache_is_chosen_only_where_it_cannot_change_results(image_folder):
     assert should_cache(True, transfer, augmented)[0]  # asked for: K augmented views
     assert not should_cache(False, transfer, plain)[0]
 
-    finetune = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze=2)
+    finetune = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze=2)
     cut, reason = should_cache("auto", finetune, plain)
     assert cut.module == "features.17" and cut.skipped == tuple(f"features.{i}" for i in range(17))
     assert reason.startswith("feature cache on: the frozen blocks before features.17 run once")
     assert not should_cache("auto", finetune, augmented)[0]
-    full = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze="all")
+    full = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze="all")
     with pytest.raises(UsageError, match="cannot apply: every block trains"):
         should_cache(True, full, plain)
-    gradual = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze=1, unfreeze_epoch=3)
+    gradual = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze=1, unfreeze_epoch=3)
     assert should_cache("auto", gradual, plain)[0].module == "features.18"  # cut before the deepest it trains
-    reaching_all = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze=1, unfreeze_every=1)
+    reaching_all = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze=1, unfreeze_every=1)
     assert "every block trains" in should_cache("auto", reaching_all, plain)[1]
-    bn = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze=0, train_bn=True)
+    bn = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze=0, train_bn=True)
     assert "train_bn=true" in should_cache("auto", bn, plain)[1]
     with pytest.raises(UsageError, match="use auto, true or false"):
         should_cache("sometimes", transfer, plain)
@@ -88,7 +89,8 @@ def trained_on(image_folder, cached: bool, epochs: int = 3, **options) -> dict[s
     import lightning as L
 
     L.seed_everything(0)
-    model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, scheduler="constant", lr=0.01, **options)
+    model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, scheduler="constant", lr=0.01,
+                            **options)
     datamodule = prepared(image_folder, model, augment=False)
     if cached:
         cut, reason = should_cache("auto", model, datamodule)
@@ -116,7 +118,7 @@ def test_training_on_cached_features_trains_what_the_whole_network_does(image_fo
         assert torch.allclose(cached[name], value, atol=1e-5), name
     # The check can fail: the head moved from its initial weights (those of seed 0, as in trained_on).
     torch.manual_seed(0)
-    initial = ImageClassifier("mobilenet_v2", CLASSES, weights=None).network.classifier[1].weight
+    initial = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32).network.classifier[1].weight
     assert (uncached["classifier.1.weight"] - initial).abs().max() > 1e-3
 
 
@@ -184,7 +186,7 @@ def test_cli_fine_tuning_without_augmentation_caches_the_frozen_prefix_by_defaul
 def test_a_cache_over_the_memory_limit_stays_off_or_stops_the_run(image_folder, monkeypatch):
     import finetune.features
 
-    model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, unfreeze=2)
+    model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze=2)
     datamodule = prepared(image_folder, model, augment=False)
     cut, _ = should_cache("auto", model, datamodule)
     needed = cut.bytes_per_image * 36  # every image of the folder, train + val + test

@@ -12,11 +12,10 @@ from finetune.module import ImageClassifier
 
 def train_a_few_steps(image_folder, **options) -> tuple[ImageClassifier, dict, dict]:
     L.seed_everything(0)
-    model = ImageClassifier("mobilenet_v2", ["circle", "square", "stripes"], weights=None, **options)
+    model = ImageClassifier("mobilenet_v2", ["circle", "square", "stripes"], weights=None, image_size=32, **options)
     before = {k: v.clone() for k, v in model.network.state_dict().items()}
     datamodule = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0, image_size=32)
     datamodule.prepare_data()
-    datamodule.preprocessing = model.preprocessing
     trainer = L.Trainer(max_steps=3, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         accelerator="cpu")

@@ -8,6 +8,7 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
+from finetune.callbacks import use_memory_format
 from finetune.errors import find_usage_error
 from finetune.module import ImageClassifier
 
@@ -122,7 +123,7 @@ def test_channels_last_auto_lays_out_convolutional_networks_nhwc_on_cpu_unless_c
     # Eager CPU steps measured 1.2-2x faster NHWC; compiled CPU code gained nothing (bench/RESULTS.md).
     def layout(name: str, **options) -> tuple[bool, bool]:
         model = ImageClassifier(name, ["a", "b"], weights=None, **options)
-        model.use_memory_format(torch.device("cpu"))
+        use_memory_format(model, torch.device("cpu"))
         stem = next(m for m in model.network.modules() if isinstance(m, torch.nn.Conv2d))
         return model.uses_channels_last, stem.weight.is_contiguous(memory_format=torch.channels_last)
 

@@ -21,8 +21,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from finetune.errors import UsageError
-from finetune.features import EpochShuffler, ViewDataset, ViewSampler
 from finetune.module import ImageClassifier
+from finetune.samplers import EpochShuffler, ViewDataset, ViewSampler
 from finetune.scaling import _config_flags, check_distributed
 
 TINY = ("data.image_size=32", "data.batch_size=8", "data.num_workers=0")

@@ -32,13 +32,12 @@ class Recorder(L.Callback):
 
 def model(**options) -> ImageClassifier:
     L.seed_everything(0)
-    return ImageClassifier("mobilenet_v2", CLASSES, weights=None, **options)
+    return ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, **options)
 
 
 def datamodule(image_folder, module: ImageClassifier) -> ImageFolderDataModule:
     data = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0, image_size=32)
     data.prepare_data()
-    data.preprocessing = module.preprocessing
     return data
 
 

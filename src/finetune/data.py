@@ -19,9 +19,9 @@ from finetune.augment import PLACES, CanvasDataset, DeviceAugmentation, RandomSt
 from finetune.backbones import Preprocessing
 from finetune.demo import DEMO_NAMES, default_cache_dir, demo_root
 from finetune.errors import UsageError
-from finetune.features import EpochShuffler, FeatureDataset, ViewDataset, ViewSampler, as_batch
 from finetune.folders import SPLITS, Sample, read_class_folders, read_split_folders, split_stratified, usable_images
 from finetune.loaders import ImageDataset, ResumableLoader, default_num_workers
+from finetune.samplers import EpochShuffler, FeatureDataset, ViewDataset, ViewSampler, as_batch
 from finetune.scan import STRONG_IMBALANCE, scan_cache_file, unreadable_images
 from finetune.transforms import eval_transform, train_transform
 
@@ -48,7 +48,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         batch_size: images per batch.
         num_workers: loader processes; None picks one per CPU core this process may use (a SLURM job's
             allocation, not the whole node) but one, at most 8.
-        image_size: crop size fed to the network; None uses the pretrained weights' own.
+        image_size: crop size fed to the network; None uses the pretrained weights' own. The model owns it (its
+            preprocessing is at that size; conf/train.yaml gives it `data.image_size`): checked against the
+            model's in `setup`.
+        preprocessing: how images are prepared, for a DataModule used without a model; under a Trainer, `setup`
+            takes the model's (`trainer.lightning_module.preprocessing`).
         augment: training-time augmentation (the three settings below); off, training images are prepared
             exactly as evaluation images are.
         crop_scale: area range of the training-time random resized crop.
@@ -88,6 +92,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         cache_images: str | bool = "auto",
         cache_images_max_gb: float | None = None,
         augment_on: str = "loader",
+        preprocessing: Preprocessing | None = None,
     ) -> None:
         super().__init__()
         if len(split) != 3 or any(f < 0 for f in split) or not 0.999 < sum(split) < 1.001 or split[0] <= 0:
@@ -131,7 +136,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self._cached_as: tuple | None = None  # the resize the decoded images were made with
         self._cache_limit: int | None = None
         self.device_augmentation: DeviceAugmentation | None = None
-        self.preprocessing: Preprocessing | None = None
+        self.preprocessing = preprocessing
         self.splits: dict[str, list[Sample]] | None = None
         self.class_names: list[str] = []
         self.datasets: dict[str, Dataset] = {}
@@ -223,9 +228,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.prepare_data()
         if self.serves_features:
             return
-        if self.preprocessing is None:
-            raise RuntimeError("set datamodule.preprocessing (the model's) before training")
-        preprocessing = self.preprocessing.at_size(self.image_size)
+        preprocessing = self._model_preprocessing()
         for split in STAGE_SPLITS.get(stage, SPLITS):
             self._cache(split, preprocessing)
         if self.augment_on == "device":
@@ -233,6 +236,20 @@ class ImageFolderDataModule(L.LightningDataModule):
                                                           preprocessing.std, preprocessing.interpolation,
                                                           rotates=bool(self.rotation_degrees))
         self.datasets = {split: self._dataset(split, preprocessing, self.augment_on) for split in SPLITS}
+
+    def _model_preprocessing(self) -> Preprocessing:
+        """The model's preprocessing, already at the size it is fed: read from the model the Trainer runs with this
+        DataModule; without one (a DataModule used on its own), the one given as `preprocessing`."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        if model is not None and getattr(model, "preprocessing", None) is not None:
+            self.preprocessing = model.preprocessing
+        if self.preprocessing is None:
+            raise RuntimeError("no preprocessing: run this DataModule with a model (trainer.fit(model, datamodule)) "
+                               "or pass preprocessing=")
+        if self.image_size is not None and self.preprocessing.crop_size != self.image_size:
+            raise UsageError(f"data.image_size={self.image_size}, but the model is fed {self.preprocessing.crop_size} "
+                             "px: set data.image_size alone (the model's image_size follows it)")
+        return self.preprocessing
 
     def _dataset(self, split: str, preprocessing: Preprocessing, augment_on: str) -> Dataset:
         """The split's dataset: from the decoded images if cached, else from the files; finished in the loader
@@ -328,7 +345,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         get the augmentation of epoch `view`."""
         dataset = self.datasets[split]
         if self.augment_on == "device":  # whatever the training loop gets, these batches come ready
-            dataset = self._dataset(split, self.preprocessing.at_size(self.image_size), "loader")
+            dataset = self._dataset(split, self.preprocessing, "loader")
         keys = [(index, view) for index in range(len(dataset))] if split == "train" else None
         # Its own generator: otherwise each pass draws its workers' base seed from the global one, and a run that
         # builds a feature cache would draw different dropout masks from one that does not.

@@ -22,12 +22,14 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 
 from finetune.blocks import Block, trainable_parameter_names
+from finetune.callbacks import use_memory_format
 from finetune.errors import UsageError
 from finetune.freezing import keep_frozen_in_eval_mode
 from finetune.image_cache import memory_limit
@@ -64,7 +66,7 @@ def should_cache(mode: str | bool, model, datamodule, views: int = 1) -> tuple[C
         mode: "auto" caches where it cannot change results (no training-time augmentation); True caches whatever
             the augmentation (K augmented views); False never caches.
         model: the `ImageClassifier`.
-        datamodule: the `ImageFolderDataModule`, prepared, with the model's preprocessing.
+        datamodule: the `ImageFolderDataModule`, prepared.
         views: augmented views cached per training image (strategy.cache_views), for the memory estimate.
 
     Raises:
@@ -87,8 +89,7 @@ def should_cache(mode: str | bool, model, datamodule, views: int = 1) -> tuple[C
                       "strategy.cache_views augmented views per image instead")
     cut = None
     if not blockers:
-        crop_size = datamodule.preprocessing.at_size(datamodule.image_size).crop_size
-        cut, why_not = find_cut(model.network, model.blocks, model.head_name, depth, crop_size)
+        cut, why_not = find_cut(model.network, model.blocks, model.head_name, depth, model.preprocessing.crop_size)
         if cut is None:
             blockers.append(why_not)
     if cut is not None:
@@ -279,7 +280,7 @@ def build_cache(model, datamodule, cut: Cut, views: int, device: torch.device) -
         raise UsageError(f"strategy.cache_views={views} must be at least 1")
     datamodule.setup("fit")
     network = model.network.to(device)
-    model.use_memory_format(device)  # the frozen part runs as fast as it would have in training
+    use_memory_format(model, device)  # the frozen part runs as fast as it would have in training
     layout = torch.channels_last if model.uses_channels_last else torch.contiguous_format
     passes = views if datamodule.augments else 1
     train_views = [module_inputs(network, cut.module, datamodule.ordered_dataloader("train", view), device, layout)
@@ -300,92 +301,37 @@ def train_on_cache(model, datamodule, cut: Cut, views: int, device: torch.device
     datamodule.use_features(build_cache(model, datamodule, cut, views, device))
 
 
-class FeatureDataset(Dataset):
-    """Cached features and labels, fetched a whole batch at a time (one indexing per batch, not per image)."""
-
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor) -> None:
-        self.features, self.labels = features, labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int):
-        return self.features[index], self.labels[index]
-
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        # The DataLoader hands the batch's indices here when this exists; `as_batch` then passes it through.
-        index = torch.as_tensor(indices)
-        return self.features[index], self.labels[index]
+def classify_features(model, features: torch.Tensor) -> torch.Tensor:
+    """The network from the cut on, on cached features: at the head, the head with the architecture's own dropout
+    in front, as in forward; at a block, the network with the frozen modules before it skipped."""
+    network = model.network
+    if model.features_cut.module == model.head_name:
+        features = nn.functional.dropout(features, model.head_input_dropout, training=model.training)
+        return network.get_submodule(model.head_name)(features)
+    with skipping(network, model.features_cut.skipped):
+        return network(features)
 
 
-def as_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The collate function of a FeatureDataset: `__getitems__` already made the batch."""
-    return batch
+class FeatureCache(Callback):
+    """Sets up training on cached features when a fit starts (`setup("fit")`, after the DataModule's): decides
+    where to cut (`should_cache`), logs why, and builds the cache the DataModule then serves.
 
-
-class ViewDataset(FeatureDataset):
-    """Cached features of K views of N images, served as K*N samples (view-major)."""
-
-    def __init__(self, views: torch.Tensor, labels: torch.Tensor) -> None:
-        super().__init__(views.reshape(-1, *views.shape[2:]), labels.repeat(views.shape[0]))
-        self.views, self.size = views.shape[0], views.shape[1]
-
-
-class EpochShuffler(DistributedSampler):
-    """Every index once per epoch, in an order that depends only on (seed, epoch); under DDP, this process's share.
-
-    Lightning calls `set_epoch` before each epoch, so a resumed run shuffles as an uninterrupted one, and the cached
-    and uncached paths of one run see their images in the same order. `keyed=True` yields `(index, epoch)` pairs,
-    which `ImageDataset` uses to seed each image's augmentation. With `weights`, an epoch is `size` draws with
-    replacement, each index with probability proportional to its weight (a class-balancing sampler).
-
-    With `num_replicas` processes, process `rank` takes every `num_replicas`-th index of the same order, starting at
-    its rank (the order is padded by its first indices to a multiple of `num_replicas`, so all processes take as
-    many steps): step k of a DDP run then trains on the images of step k of a single-process run with
-    `num_replicas` times the batch size. It is a `DistributedSampler`, so Lightning uses it as it is instead of
-    wrapping it in another one.
-
-    A run resumed mid-epoch calls `resume_at(epoch, done)`: the next iteration of that epoch leaves out the `done`
-    samples this process had already trained on, and still counts as a whole epoch in `len()`.
+    Args:
+        mode: strategy.cache_features: "auto", True or False (see `should_cache`).
+        views: strategy.cache_views: augmented views cached per training image.
     """
 
-    def __init__(self, size: int, seed: int, keyed: bool = False, weights: Sequence[float] | None = None,
-                 num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.size, self.keyed = size, keyed
-        self.weights = torch.as_tensor(weights, dtype=torch.float64) if weights is not None else None
-        self.skip = 0
+    def __init__(self, mode: str | bool = "auto", views: int = 1) -> None:
+        self.mode, self.views = mode, views
 
-    def set_epoch(self, epoch: int) -> None:
-        if epoch != self.epoch:
-            self.skip = 0
-        super().set_epoch(epoch)
-
-    def resume_at(self, epoch: int, done: int) -> None:
-        """The next iteration serves epoch `epoch` from this process's `done`-th sample on."""
-        self.epoch, self.skip = epoch, done
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        if self.weights is None:
-            order = torch.randperm(self.size, generator=generator).tolist()
-        else:
-            order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
-        if self.total_size > self.size:
-            order += (order * math.ceil(self.total_size / max(1, self.size)))[:self.total_size - self.size]
-        mine = order[self.rank:self.total_size:self.num_replicas]
-        mine, self.skip = mine[self.skip:], 0
-        return iter([(index, self.epoch) for index in mine] if self.keyed else mine)
-
-
-class ViewSampler(EpochShuffler):
-    """Each epoch, every image once, in the EpochShuffler order, from view (epoch mod K)."""
-
-    def __init__(self, dataset: ViewDataset, seed: int, weights: Sequence[float] | None = None,
-                 num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(dataset.size, seed, weights=weights, num_replicas=num_replicas, rank=rank)
-        self.views = dataset.views
-
-    def __iter__(self):
-        offset = (self.epoch % self.views) * self.size
-        return (offset + index for index in super().__iter__())
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit" or pl_module.trains_on_features:  # a second fit (after the LR finder's) keeps the cache
+            return
+        datamodule = trainer.datamodule
+        cut, reason = should_cache(self.mode, pl_module, datamodule, self.views)
+        log.info(reason)
+        if cut:
+            if trainer.world_size > 1:
+                log.info("feature cache under DDP: each of the %d processes runs the frozen part over all the "
+                         "images once, then trains on its share of them", trainer.world_size)
+            train_on_cache(pl_module, datamodule, cut, self.views, trainer.strategy.root_device)

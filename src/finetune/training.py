@@ -14,14 +14,14 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig
-from torch.utils.tensorboard.summary import hparams
 
+from finetune.callbacks import ImagesSeen
 from finetune.checks import check_arguments
 from finetune.data import ImageFolderDataModule
 from finetune.errors import UsageError
-from finetune.features import should_cache, train_on_cache
+from finetune.freezing import describe
+from finetune.loggers import instantiate_loggers, log_hyperparameters
 from finetune.module import ImageClassifier
 from finetune.runs import SaveOnInterrupt, resume_from
 from finetune.scaling import check_distributed
@@ -32,6 +32,22 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # The evaluation trainer restores only weights from the best checkpoint: it needs none of the fit's callbacks.
 warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used")
+# Lightning 2.6 builds its batch trees with torch's deprecated LeafSpec(): a FutureWarning about Lightning's code.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+
+class _LightningNoise(logging.Filter):
+    """Drops Lightning info lines that tell the user nothing: its "Tip: ... litlogger" advertisement (every fit), and
+    the note that the model's own callbacks (`configure_callbacks`) replace those of the fit when the same Trainer
+    tests the best checkpoint (as intended)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "litlogger" not in message and "will override existing callbacks passed to Trainer" not in message
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):  # rank_zero_info's
+    logging.getLogger(_name).addFilter(_LightningNoise())
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -52,51 +68,55 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: ImageFolderDataModule = instantiate(cfg.data)
     datamodule.prepare_data()  # the same split in every process: a function of the files and data.split_seed
-
     model: ImageClassifier = instantiate(cfg.model, class_names=datamodule.class_names,
                                          class_weights=datamodule.loss_weights())
-    # The size the network trains at travels in its checkpoints, for predict, evaluate and export.
-    model.preprocessing = model.preprocessing.at_size(cfg.data.image_size)
-    datamodule.preprocessing = model.preprocessing
-    log.info("model: %s", model.describe())
-
+    log.info("model: %s", describe(model))
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     check_distributed(trainer, datamodule.splits, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
     writes = trainer.is_global_zero  # known from the environment as soon as the Trainer exists
     if writes:
         datamodule.save_split(output_dir / "split.csv")
         datamodule.save_skipped(output_dir / "skipped_files.txt")
-        log_hyperparameters(trainer.logger, cfg, model)
-    cut, reason = should_cache(cfg.strategy.cache_features, model, datamodule, cfg.strategy.cache_views)
-    log.info(reason)
-    if cut:
-        if trainer.world_size > 1:
-            log.info("feature cache under DDP: each of the %d processes runs the frozen part over all the images "
-                     "once, then trains on its share of them", trainer.world_size)
-        train_on_cache(model, datamodule, cut, cfg.strategy.cache_views, trainer.strategy.root_device)
-    if cfg.tune.lr_find:
-        find_learning_rate(trainer, model, datamodule, output_dir, cfg.tune.num_training)
-    started = time.perf_counter()
-    with memory_hint(cfg):
-        fit(trainer, model, datamodule, resume, output_dir)
-    fit_seconds = time.perf_counter() - started
-    # Under DDP, the images every process trained on.
-    images_seen = float(trainer.strategy.reduce(
-        torch.tensor(float(model.train_images_seen), device=trainer.strategy.root_device), reduce_op="sum"))
-    last_epoch = {name: float(value) for name, value in trainer.callback_metrics.items()
-                  if name.startswith("train/")}
+    status = "failed"
+    try:
+        if cfg.tune.lr_find:
+            find_learning_rate(trainer, model, datamodule, output_dir, cfg.tune.num_training)
+        started = time.perf_counter()
+        with memory_hint(cfg):
+            fit(trainer, model, datamodule, resume, output_dir)
+        fit_seconds = time.perf_counter() - started
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:
+            log.info("best checkpoint: %s", best)
+        else:
+            log.info("no checkpoint was saved (checkpointing is off in this run): evaluating the final weights")
+        last_epoch = {name: float(value) for name, value in trainer.callback_metrics.items()
+                      if name.startswith("train/")}
+        with memory_hint(cfg):
+            metrics = _evaluate(cfg, trainer, model, datamodule, best or None) | last_epoch
+        metrics |= run_facts(trainer, model, datamodule, fit_seconds, best)
+        if writes:
+            log_hyperparameters(trainer.loggers, cfg, model, metrics)
+            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            log.info("final metrics (%s):\n%s", output_dir / "metrics.json", format_table(metrics))
+        status = "success"
+    finally:
+        for logger in trainer.loggers:  # a failed run is marked so where the logger records it (MLflow)
+            logger.finalize(status)
+    return metrics
 
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if best:
-        log.info("best checkpoint: %s", best)
-    else:
-        log.info("no checkpoint was saved (checkpointing is off in this run): evaluating the final weights")
-    with memory_hint(cfg):
-        metrics = _evaluate(cfg, trainer, model, datamodule, best or None)
+
+def run_facts(trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule, fit_seconds: float,
+              best: str) -> dict[str, float]:
+    """What the metrics file records besides scores: parameters, data, epochs, time, throughput."""
+    # Under DDP, the images every process trained on.
+    seen = sum(callback.images for callback in trainer.callbacks if isinstance(callback, ImagesSeen))
+    images_seen = float(trainer.strategy.reduce(
+        torch.tensor(float(seen), device=trainer.strategy.root_device), reduce_op="sum"))
     trainable, total = model.parameter_counts()
-    metrics |= last_epoch
-    metrics.update({
+    facts = {
         "params/trainable": trainable,
         "params/total": total,
         "data/skipped_files": len(datamodule.skipped),
@@ -106,16 +126,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         "time/fit_seconds": fit_seconds,
         # Over the whole fit, validation included: what a user waits for, per training image.
         "time/train_images_per_second": images_seen / fit_seconds,
-    })
+    }
     if best:
-        metrics["best_epoch"] = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+        facts["best_epoch"] = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
     if trainer.world_size > 1:
-        metrics["processes"] = trainer.world_size
-
-    if writes:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        log.info("final metrics (%s):\n%s", output_dir / "metrics.json", format_table(metrics))
-    return metrics
+        facts["processes"] = trainer.world_size
+    return facts
 
 
 def _evaluate(cfg: DictConfig, trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule,
@@ -205,33 +221,6 @@ def find_learning_rate(trainer: L.Trainer, model: ImageClassifier, datamodule: I
     if model.hparams.backbone_lr:
         model.hparams.backbone_lr *= suggestion / before
     log.info("learning-rate finder: lr %.3g (was %.3g); plot in %s", suggestion, before, output_dir / "lr_find.png")
-
-
-# Declared to TensorBoard's HPARAMS tab, which then shows them beside every run's hyperparameters.
-HPARAM_METRICS = ("val/acc", "val/f1", "val/loss", "test/acc", "test/f1")
-
-
-def log_hyperparameters(logger, cfg: DictConfig, model: ImageClassifier) -> None:
-    """Logs the run's effective setting, with the metrics to compare runs by, to TensorBoard's HPARAMS tab."""
-    if not isinstance(logger, TensorBoardLogger):
-        return
-    trainable, total = model.parameter_counts()
-    strategy = cfg.strategy
-    params = {
-        "model": cfg.model.name, "weights": str(cfg.model.weights), "strategy": strategy.name,
-        "unfreeze": str(cfg.unfreeze), "unfreeze_epoch": strategy.unfreeze_epoch,
-        "unfreeze_every": str(strategy.unfreeze_every), "optimizer": strategy.optimizer, "lr": strategy.lr,
-        "backbone_lr": str(strategy.backbone_lr), "layer_decay": str(strategy.layer_decay),
-        "scheduler": strategy.scheduler, "weight_decay": strategy.weight_decay, "seed": cfg.seed,
-        "batch_size": cfg.data.batch_size, "image_size": model.preprocessing.at_size(cfg.data.image_size).crop_size,
-        "max_epochs": cfg.trainer.max_epochs, "trainable_params": trainable, "total_params": total,
-        "train_bn": cfg.train_bn,
-    }
-    # The summary alone, without logging placeholder values: they would show up as points on the val/acc curve.
-    experiment, start, end = hparams(params, dict.fromkeys(HPARAM_METRICS, 0.0))
-    writer = logger.experiment._get_file_writer()
-    for summary in (experiment, start, end):
-        writer.add_summary(summary)
 
 
 def format_table(metrics: dict[str, float]) -> str:
