@@ -201,7 +201,8 @@ def error_message(error: BaseException, keys_of: type | None = None) -> str | No
     if usage_error is not None:
         return str(usage_error)
     message = _config_error(error, keys_of)
-    if message is not None and keys_of is not None:
+    # A value outside a key's choices names those; any other mistake in a structured config, every key.
+    if message is not None and keys_of is not None and ": choose " not in message:
         message += f"; valid keys: {valid_keys(keys_of)}"
     return message
 

@@ -12,7 +12,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from finetune.backbones import Preprocessing, create_backbone, dropout_before_head
 from finetune.errors import UsageError
@@ -448,13 +448,9 @@ def prefers_channels_last(network: nn.Module, device: torch.device, compiled: bo
 
 
 def _metrics(num_classes: int) -> dict:
-    metrics = {
-        "acc": MulticlassAccuracy(num_classes, average="micro"),
-        "f1": MulticlassF1Score(num_classes, average="macro"),
-    }
-    if num_classes > 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return metrics
+    from finetune.metrics import classification_metrics
+
+    return classification_metrics(num_classes)
 
 
 def _schedule(blocks: list, name: str, unfreeze, start_epoch: int, every: int | None,
