@@ -40,7 +40,12 @@ import typing
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import hydra
+from hydra.core.config_store import ConfigStore
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from finetune.errors import UsageError, close_matches, find_usage_error
 
@@ -65,8 +70,6 @@ def command(config_name: str, schema: type | None = None, usage: str | None = No
         A decorator. The entry point it returns takes the arguments (None: `sys.argv[1:]`) and returns the exit
         code (see `run`).
     """
-    import hydra
-
     if schema is not None:
         register(config_name, schema, usage or "")
 
@@ -96,8 +99,6 @@ def command(config_name: str, schema: type | None = None, usage: str | None = No
 
 def _report(message: str) -> None:
     """Prints the error line: into the run's log as well where Hydra set one up (train.py), else on stderr."""
-    from hydra.core.hydra_config import HydraConfig
-
     if HydraConfig.initialized() and HydraConfig.get().job_logging.get("handlers"):
         log.error("error: %s", message)
     else:
@@ -114,8 +115,6 @@ def register(name: str, schema: type, usage: str) -> None:
             their members' names.
         usage: printed by `--help`.
     """
-    from hydra.core.config_store import ConfigStore
-
     store = ConfigStore.instance()
     store.store(name=f"{name}_options", node=schema)
     store.store(name=name, node={
@@ -200,17 +199,30 @@ def error_message(error: BaseException, keys_of: type | None = None) -> str | No
     usage_error = find_usage_error(error)
     if usage_error is not None:
         return str(usage_error)
+    if keys_of is not None:
+        # A value outside a key's choices names those; any other mistake in a structured config, every key.
+        choice = _choice_error(error, keys_of)
+        if choice is not None:
+            return choice
     message = _config_error(error, keys_of)
-    # A value outside a key's choices names those; any other mistake in a structured config, every key.
-    if message is not None and keys_of is not None and ": choose " not in message:
+    if message is not None and keys_of is not None:
         message += f"; valid keys: {valid_keys(keys_of)}"
     return message
 
 
-def _config_error(error: BaseException, keys_of: type | None) -> str | None:
-    from hydra.errors import CompactHydraException, MissingConfigException, OverrideParseException
-    from omegaconf.errors import OmegaConfBaseException
+def _choice_error(error: BaseException, schema: type) -> str | None:
+    """"unknown format 'tflite': choose format=onnx or format=torchscript" for a value an Enum field lacks."""
+    cause = error.__cause__ if isinstance(error, CompactHydraException) else error
+    if not isinstance(cause, OmegaConfBaseException) or not cause.full_key:
+        return None
+    choices = _enum_choices(schema, cause.full_key)
+    if choices is None:
+        return None
+    key = cause.full_key
+    return f"unknown {key} {_given(key)!r}: choose {' or '.join(f'{key}={choice}' for choice in choices)}"
 
+
+def _config_error(error: BaseException, keys_of: type | None) -> str | None:
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition("/")
         return (f"unknown {group}={name}{close_matches(name, list(error.options))}: choose one of "
@@ -224,11 +236,6 @@ def _config_error(error: BaseException, keys_of: type | None) -> str | None:
     if isinstance(cause, OmegaConfBaseException) and cause.full_key:
         if type(cause).__name__ in ("ConfigKeyError", "ConfigAttributeError"):  # a key the config does not have
             return _unknown_key(error, cause, keys_of)
-        choices = _enum_choices(keys_of, cause.full_key) if keys_of is not None else None
-        if choices is not None:
-            key = cause.full_key
-            return (f"unknown {key} {_given(error, key)!r}: choose "
-                    f"{' or '.join(f'{key}={choice}' for choice in choices)}")
         return f"{cause.full_key}: {first_line(cause)}"
     if isinstance(error, CompactHydraException | OmegaConfBaseException):
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -247,7 +254,7 @@ def _unknown_key(error: BaseException, cause, keys_of: type | None) -> str:
     return f"unknown key {cause.full_key}{close}" + (f"; {append[0].lower()}{append[1:]}" if append else "")
 
 
-def _given(error: BaseException, key: str) -> str:
+def _given(key: str) -> str:
     """The value the user gave `key` on the command line."""
     for argument in sys.argv[1:]:
         name, equals, value = argument.partition("=")
