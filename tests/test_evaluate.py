@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CLASSES, run_module
+from torchmetrics import MetricCollection
 
 from finetune.errors import UsageError
-from finetune.evaluate import class_folder_images, compute_metrics, main
+from finetune.evaluate import class_folder_images, main
+from finetune.metrics import classification_metrics, confusion_matrix, per_class
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -41,7 +43,7 @@ def test_evaluates_a_labelled_folder(tmp_path, trained_run, image_folder):
     assert metrics["classes"] == list(CLASSES) and metrics["image_size"] == 32 and metrics["unreadable"] == {}
     confusion = torch.tensor(metrics["confusion_matrix"])
     assert confusion.sum() == metrics["images"] == 36
-    assert metrics["accuracy"] == pytest.approx(float(confusion.trace() / confusion.sum()))
+    assert metrics["test/acc"] == pytest.approx(float(confusion.trace() / confusion.sum()))
     with open(output / "per_class.csv", newline="") as file:
         table = {row["class"]: row for row in csv.DictReader(file)}
     assert list(table) == list(CLASSES)
@@ -57,11 +59,17 @@ def test_evaluates_a_labelled_folder(tmp_path, trained_run, image_folder):
         for key in ("precision", "recall", "f1"):
             assert float(table[name][key]) == pytest.approx(row[key], abs=1e-6)
         f1s.append(row["f1"])
-    assert metrics["macro_f1"] == pytest.approx(sum(f1s) / len(f1s))  # every class is present
+    assert metrics["test/f1"] == pytest.approx(sum(f1s) / len(f1s))  # every class is present
     assert (output / "confusion_matrix.png").read_bytes().startswith(PNG_SIGNATURE)
+    # Trainer.test: the model's own metrics, under training's names; balanced accuracy is the mean recall.
+    assert metrics["test/balanced_acc"] == pytest.approx(sum(row["recall"] for row in metrics["per_class"].values())
+                                                         / len(CLASSES))
+    assert metrics["test/loss"] > 0
+    assert list(tmp_path.iterdir()) == []  # nothing written where it ran (no .hydra/, no log, no lightning_logs/)
     for name in CLASSES:
         assert name in result.stdout  # the printed table
-    assert f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} on 36 images" in result.stdout
+    assert f"test/acc {metrics['test/acc']:.4f}, test/f1 {metrics['test/f1']:.4f}," in result.stdout
+    assert "on 36 images" in result.stdout
 
 
 def test_unknown_class_folder_is_a_one_line_error(tmp_path, trained_run, image_folder):
@@ -93,10 +101,21 @@ def test_a_subset_of_the_classes_is_fine(tmp_path, image_folder):
 
 def test_macro_f1_counts_the_classes_in_the_data_or_the_predictions():
     # Class 2 neither occurs nor is predicted: torchmetrics leaves it out of the macro average.
-    metrics = compute_metrics(torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1]), ["a", "b", "c"])
-    assert metrics["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
-    assert metrics["macro_f1"] == pytest.approx((2 / 3 + 0.8) / 2)
-    assert metrics["confusion_matrix"] == [[1, 0, 0], [1, 2, 0], [0, 0, 0]]
+    predictions, targets = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1])
+    collection = MetricCollection(classification_metrics(3, ["a", "b", "c"]))
+    collection.update(predictions, targets)
+    metrics = {key: float(value) for key, value in collection.compute().items()}
+    matrix = confusion_matrix(3)
+    matrix.update(predictions, targets)
+    table = per_class(matrix.compute(), ["a", "b", "c"])
+    assert table["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    assert metrics["f1"] == pytest.approx((2 / 3 + 0.8) / 2)
+    assert matrix.compute().tolist() == [[1, 0, 0], [1, 2, 0], [0, 0, 0]]
+    # The per-class scalars (what TensorBoard gets) agree with the table (what evaluate writes).
+    for name, row in table.items():
+        for score in ("precision", "recall", "f1"):
+            assert metrics[f"{score}_class/{name}"] == pytest.approx(row[score])
+    assert metrics["balanced_acc"] == pytest.approx((1 + 2 / 3) / 2)  # mean recall over the classes seen
 
 
 def test_split_test_scores_the_runs_own_test_images(tmp_path, trained_run, capsys):
@@ -107,8 +126,8 @@ def test_split_test_scores_the_runs_own_test_images(tmp_path, trained_run, capsy
     trained = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["images"] == 3  # one test image per class
     # One epoch: the best checkpoint is the last; the training run tested it at the same 32 px.
-    assert metrics["accuracy"] == pytest.approx(trained["test/acc"])
-    assert metrics["macro_f1"] == pytest.approx(trained["test/f1"])
+    assert metrics["test/acc"] == pytest.approx(trained["test/acc"])
+    assert metrics["test/f1"] == pytest.approx(trained["test/f1"])
 
 
 def test_results_never_go_inside_the_data_folder(tmp_path, trained_run, image_folder, capsys):
@@ -117,3 +136,11 @@ def test_results_never_go_inside_the_data_folder(tmp_path, trained_run, image_fo
                  f"output={inside}"]) == 2
     assert "inside data.root" in capsys.readouterr().err
     assert not inside.exists()
+
+
+def test_an_unknown_split_is_one_line_naming_the_choices(tmp_path, trained_run):
+    result = run_module(tmp_path, "finetune.evaluate", f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}",
+                        "split=testing")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown split 'testing': choose split=train or split=val or split=test"
+    assert list(tmp_path.iterdir()) == []

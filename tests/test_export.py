@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import CLASSES, REPO, offline_env, run_cli
 
-from finetune import export
+from finetune import export, exporters
 from finetune.module import ImageClassifier
 
 PARITY = re.compile(r"max abs difference (\S+) <= 1e-04: OK")
@@ -118,9 +118,9 @@ def test_refuses_to_overwrite_without_overwrite_true(tmp_path, checkpoint, capsy
 
 
 def test_a_mismatch_fails_with_the_figures_and_writes_nothing(tmp_path, checkpoint, capsys, monkeypatch):
-    run = export._run_torchscript
+    run = exporters.run_torchscript
     # An exporter that gets the numbers slightly wrong, as a broken operator translation would.
-    monkeypatch.setattr(export, "_run_torchscript", lambda path, images: run(path, images) + 0.01)
+    monkeypatch.setattr(exporters, "run_torchscript", lambda path, images: run(path, images) + 0.01)
     output = tmp_path / "model.pt"
 
     assert export.main([f"checkpoint={checkpoint}", "format=torchscript", f"output={output}"]) == 1
@@ -148,3 +148,13 @@ def test_exports_a_timm_model(tmp_path, format):
     description = json.loads(result.classes_file.read_text())
     assert description["model"] == "tf_efficientnet_lite0" and description["source"] == "timm"
     assert description["input"]["shape"] == ["batch", 3, 64, 64]
+
+
+def test_an_unknown_key_is_one_line_naming_the_valid_keys(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "finetune.export", "checkpoint=x.ckpt", "format=onnx",
+                             "output=m.onnx", "opsett=17"], cwd=tmp_path, env=offline_env(tmp_path),
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("error: unknown key 'opsett' (did you mean opset?); valid keys: checkpoint, "
+                                     "format, output (required); image_size, opset, atol, overwrite")
+    assert list(tmp_path.iterdir()) == []

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import csv
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, run_module
+from conftest import CLASSES, offline_env, run_module
 
 from finetune.images import load_rgb
 from finetune.module import ImageClassifier
@@ -134,3 +136,40 @@ def test_missing_checkpoint_and_input_are_one_line_errors(tmp_path, capsys, imag
     assert f"error: checkpoint {tmp_path / 'none.ckpt'} does not exist" in capsys.readouterr().err
     assert main(["checkpoint=x.ckpt", f"input={tmp_path / 'nothing'}", f"output={tmp_path / 'p.csv'}"]) == 2
     assert f"input {tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
+
+
+def test_writes_only_its_output_and_full_error_shows_the_traceback(tmp_path, trained_run, image_folder):
+    # A Hydra app by default writes outputs/<date>/ with .hydra/ and a log: predict writes its CSV only.
+    checkpoint = trained_run / "checkpoints" / "last.ckpt"
+    image = image_folder / "circle" / "circle_000.png"
+    result = run_module(tmp_path, "finetune.predict", f"checkpoint={checkpoint}", f"input={image}", "output=p.csv",
+                        "num_workers=0")
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p.csv"]
+
+    full = subprocess.run([sys.executable, "-m", "finetune.predict", f"checkpoint={checkpoint}",
+                           f"input={tmp_path / 'nothing'}", "output=q.csv"], cwd=tmp_path,
+                          env=offline_env(tmp_path) | {"HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert full.returncode != 0 and "Traceback" in full.stderr and "UsageError: input" in full.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["p.csv"]
+
+
+def test_help_prints_the_usage(capsys):
+    assert main(["--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m finetune.predict checkpoint=<ckpt>")
+
+
+def test_workers_default_to_the_cpus_this_process_may_use(monkeypatch, tmp_path):
+    # The same default as training (CPU affinity, a SLURM job's allocation), not os.cpu_count().
+    from finetune import predict
+
+    class Chosen(Exception):
+        pass
+
+    def default_num_workers():
+        raise Chosen
+
+    monkeypatch.setattr(predict, "default_num_workers", default_num_workers)
+    with pytest.raises(Chosen):
+        predict.classify(None, [], batch_size=1, num_workers=None)

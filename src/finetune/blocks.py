@@ -75,17 +75,19 @@ def split_into_blocks(network: nn.Module, matcher: dict, head_name: str) -> list
     Returns:
         The blocks, from the input to the output.
     """
-    from timm.models._manipulate import group_with_matcher
+    from timm.models import group_parameters
 
     head_prefix = head_name + "."
-    names = [name for name, _ in network.named_parameters() if not name.startswith(head_prefix)]
-    # Whatever no pattern matches (pre-logits layers, final norms) joins the last block.
+    # Whatever no pattern matches (pre-logits layers, final norms; the head, left out below) joins the last block.
     matcher = {**matcher, "after_last_block": [(r".*", _JOIN_PREVIOUS)]}
-    groups = group_with_matcher(((name, None) for name in names), matcher)
+    groups = group_parameters(network, matcher)
     owners = _parameter_owners(network)
     blocks = []
-    for index, group_id in enumerate(sorted(groups)):
-        parameters = tuple(groups[group_id])
+    kept = [names for _, names in sorted(groups.items())]
+    kept = [parameters for parameters in ([name for name in names if not name.startswith(head_prefix)]
+                                          for names in kept) if parameters]
+    for index, names in enumerate(kept):
+        parameters = tuple(names)
         blocks.append(Block(index, _covering_names(parameters, owners), parameters))
     return blocks
 

@@ -1,38 +1,43 @@
 """Score a trained checkpoint on a labelled image folder: `python -m finetune.evaluate checkpoint=<ckpt>
 data.root=<folder with one sub-folder per class>`.
 
-Accuracy, macro F1, per-class precision / recall / F1 / support and the confusion matrix (torchmetrics), printed
-and written as `metrics.json`, `per_class.csv` and `confusion_matrix.png` into `output` (default:
-`<run dir>/evaluation/<data.root folder name>/`). `split=test` scores the run's own test images instead (from its
-`split.csv`). The data folder is only read.
+It runs Lightning's `Trainer.test` on the folder, so the scores are the model's own test metrics, under the names
+training gives them (`test/acc`, `test/f1`, `test/balanced_acc`, `test/loss`, ...; `finetune.metrics`), plus
+per-class precision / recall / F1 / support and the confusion matrix: printed and written as `metrics.json`,
+`per_class.csv` and `confusion_matrix.png` into `output` (default: `<run dir>/evaluation/<data.root folder
+name>/`). `split=test` scores the run's own test images instead (from its `split.csv`). Unreadable images are
+left out and listed. The data folder is only read.
 """
 
 from __future__ import annotations
 
 import csv
+import enum
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import lightning as L
 import torch
 
-from finetune.cli import (
+from finetune import apps
+from finetune.errors import UsageError
+from finetune.folders import class_folders, list_images
+from finetune.inference import (
     InferenceOptions,
     LoadedModel,
     checkpoint_file,
     load_model,
-    parse_options,
+    quiet_lightning,
     read_checkpoint,
-    run_command,
     run_config,
     run_dir,
+    trainer,
 )
-from finetune.errors import UsageError
+from finetune.metrics import confusion_matrix, per_class
 from finetune.plots import confusion_matrix_figure
-from finetune.predict import classify, list_images
 
 USAGE = """\
 usage: python -m finetune.evaluate checkpoint=<ckpt> data.root=<labelled folder> [key=value ...]
@@ -45,10 +50,19 @@ usage: python -m finetune.evaluate checkpoint=<ckpt> data.root=<labelled folder>
   batch_size   images per forward pass (default 32)
   device       auto (a CUDA GPU when there is one), cpu, cuda or cuda:N (default auto)
   image_size   crop size fed to the network (default: the size the run trained at, where recorded)
-  num_workers  image-decoding processes (default: one per CPU core but one, at most 8)"""
+  num_workers  image-decoding processes (default: one per CPU core this process may use but one, at most 8)"""
 
 FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png")
 SPLIT_FOLDERS = {"train", "val", "test"}
+SUMMARY = ("test/acc", "test/f1", "test/balanced_acc", "test/loss")  # the line printed under the table
+
+
+class Split(enum.Enum):
+    """A part of the run's own split (its split.csv)."""
+
+    train = "train"
+    val = "val"
+    test = "test"
 
 
 @dataclass
@@ -63,53 +77,108 @@ class EvaluateOptions(InferenceOptions):
     """The options of `python -m finetune.evaluate` (see USAGE)."""
 
     data: DataOptions = field(default_factory=DataOptions)
-    split: str | None = None
+    split: Split | None = None
     output: str | None = None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m finetune.evaluate key=value ...`: prints and writes the metrics; returns the exit code."""
-    return run_command(_evaluate, argv)
-
-
-def _evaluate(argv: list[str]) -> None:
-    options: EvaluateOptions = parse_options(EvaluateOptions, argv, USAGE)
+@apps.command("evaluate", EvaluateOptions, USAGE)
+def main(options: EvaluateOptions) -> None:
+    """`python -m finetune.evaluate key=value ...`: prints and writes the metrics (`main(argv)` returns the exit
+    code)."""
+    split = options.split.name if options.split is not None else None
     checkpoint = checkpoint_file(options.checkpoint)
-    root = data_root(options.data.root, options.split, checkpoint)
-    output = output_folder(options.output, checkpoint, root, options.split)
+    root = data_root(options.data.root, split, checkpoint)
+    output = output_folder(options.output, checkpoint, root, split)
     # The class names are in the checkpoint's hyperparameters: a wrong folder fails before the model loads.
     class_names = list(read_checkpoint(checkpoint)["hyper_parameters"]["class_names"])
-    if options.split is None:
+    if split is None:
         samples = class_folder_images(root, class_names)
     else:
-        samples = split_images(root, options.split, checkpoint, class_names)
+        samples = split_images(root, split, checkpoint, class_names)
     loaded = load_model(options)
-    print(f"{len(samples)} image(s) of {root}{f' ({options.split} split)' if options.split else ''}; "
-          f"{loaded.describe()}", file=sys.stderr)
-    metrics = {"checkpoint": str(checkpoint.resolve()), "data_root": str(root.resolve()), "split": options.split,
+    print(f"{len(samples)} image(s) of {root}{f' ({split} split)' if split else ''}; {loaded.describe()}",
+          file=sys.stderr)
+    results = {"checkpoint": str(checkpoint.resolve()), "data_root": str(root.resolve()), "split": split,
                "image_size": loaded.preprocessing.crop_size, **score(loaded, samples, options)}
-    write_results(output, metrics, title=f"{root.name}{f' ({options.split})' if options.split else ''}")
-    print(format_table(metrics))
+    write_results(output, results, title=f"{root.name}{f' ({split})' if split else ''}")
+    print(format_table(results))
     print(f"written to {output}: {', '.join(FILES)}")
 
 
 def score(loaded: LoadedModel, samples: Sequence[tuple[str, int]], options: InferenceOptions) -> dict:
-    """Classifies the labelled images and computes the metrics (`compute_metrics`) over the readable ones.
+    """Runs `Trainer.test` over the readable labelled images: the model's own test metrics, and the confusion
+    matrix and per-class table behind them.
+
+    Images that cannot be decoded (`finetune.scan`, as training finds them) are left out.
 
     Returns:
-        The metrics, and `unreadable`: path to error for every image that could not be read (left out).
+        `unreadable` (path to why, for each image left out), the model's `test/...` metrics, `images`,
+        `classes`, `per_class` (class name to precision, recall, f1, support) and `confusion_matrix` (rows: true
+        class, columns: predicted, in `classes` order).
 
     Raises:
         UsageError: not one image could be read.
     """
-    paths = [path for path, _ in samples]
-    probabilities, errors = classify(loaded, paths, options.batch_size, options.num_workers)
-    if len(errors) == len(paths):
-        raise UsageError(f"none of the {len(paths)} image(s) could be read; the first: {paths[0]}: {errors[0]}")
-    kept = [index for index in range(len(paths)) if index not in errors]
-    targets = torch.tensor([samples[index][1] for index in kept])
-    metrics = compute_metrics(probabilities[kept].argmax(dim=1), targets, loaded.class_names)
-    return {"unreadable": {paths[index]: error for index, error in sorted(errors.items())}, **metrics}
+    from finetune.loaders import default_num_workers
+    from finetune.scan import unreadable_images
+
+    unreadable = unreadable_images([path for path, _ in samples], None)
+    if len(unreadable) == len(samples):
+        path, reason = next(iter(unreadable.items()))
+        raise UsageError(f"none of the {len(samples)} image(s) could be read; the first: {path}: {reason}")
+    kept = [(path, label) for path, label in samples if path not in unreadable]
+    class_names = loaded.class_names
+    data = LabelledImages(kept, loaded.preprocessing, options.batch_size,
+                          default_num_workers() if options.num_workers is None else options.num_workers)
+    confusion = TestConfusion(len(class_names))
+    with quiet_lightning():
+        (results,) = trainer(loaded.device, callbacks=[confusion]).test(loaded.model, datamodule=data, verbose=False)
+    matrix = confusion.matrix.compute()
+    return {"unreadable": unreadable, **results, "images": len(kept), "classes": list(class_names),
+            "per_class": per_class(matrix, class_names), "confusion_matrix": matrix.tolist()}
+
+
+class LabelledImages(L.LightningDataModule):
+    """Labelled images (path, label) served for `Trainer.test`, prepared as the weights expect (no augmentation).
+
+    Args:
+        samples: the images and their labels.
+        preprocessing: the checkpoint's, at the size to evaluate at.
+        batch_size: images per batch.
+        num_workers: decoding processes.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], preprocessing, batch_size: int, num_workers: int) -> None:
+        super().__init__()
+        self.samples, self.preprocessing = list(samples), preprocessing
+        self.batch_size, self.num_workers = batch_size, num_workers
+
+    def test_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        from finetune.loaders import ImageDataset
+        from finetune.transforms import eval_transform
+
+        return DataLoader(ImageDataset(self.samples, eval_transform(self.preprocessing)), batch_size=self.batch_size,
+                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+
+
+class TestConfusion(L.Callback):
+    """The confusion matrix of `Trainer.test`, from the logits the model's forward returns at each test step (a
+    forward hook: the model's own test step is left as it is)."""
+
+    def __init__(self, num_classes: int) -> None:
+        self.matrix = confusion_matrix(num_classes)
+        self.logits: torch.Tensor | None = None
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.hook = pl_module.register_forward_hook(lambda module, inputs, output: setattr(self, "logits", output))
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self.matrix.update(self.logits.detach().cpu(), batch[1].cpu())
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        self.hook.remove()
 
 
 def data_root(root: str | None, split: str | None, checkpoint: Path) -> Path:
@@ -162,12 +231,11 @@ def class_folder_images(root: Path, class_names: Sequence[str]) -> list[tuple[st
     Raises:
         UsageError: no class folder, a folder the checkpoint has no class for, or no image at all.
     """
-    folders = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+    folders = class_folders(root)
     if not folders:
         raise UsageError(f"{root} holds no class folders: data.root needs one sub-folder of images per class")
     _check_known(folders, class_names, f"{root}")
-    samples = [(os.path.join(root, name, relative), class_names.index(name))
-               for name in folders for relative in list_images(root / name)]
+    samples = [(path, class_names.index(name)) for name in folders for path in list_images(root / name)]
     if not samples:
         raise UsageError(f"the class folders of {root} hold no image files")
     return samples
@@ -204,48 +272,6 @@ def _check_known(found: Sequence[str], class_names: Sequence[str], where: str) -
                      f"{', '.join(class_names)} (a subset of them is fine){hint}")
 
 
-def compute_metrics(predictions: torch.Tensor, targets: torch.Tensor, class_names: Sequence[str]) -> dict:
-    """Accuracy, macro F1, per-class precision / recall / F1 / support, and the confusion matrix.
-
-    Every class of the checkpoint gets a row, present in the data or not (a model can predict an absent class).
-    Macro F1 is torchmetrics': the mean over the classes that occur in the targets or the predictions.
-
-    Args:
-        predictions: predicted labels.
-        targets: true labels.
-        class_names: the checkpoint's classes, in label order.
-
-    Returns:
-        `accuracy`, `macro_f1`, `images`, `classes`, `per_class` (class name to precision, recall, f1, support)
-        and `confusion_matrix` (rows: true class, columns: predicted, in `classes` order).
-    """
-    from torchmetrics.functional.classification import (
-        multiclass_accuracy,
-        multiclass_confusion_matrix,
-        multiclass_f1_score,
-        multiclass_precision,
-        multiclass_recall,
-    )
-
-    n = len(class_names)
-    confusion = multiclass_confusion_matrix(predictions, targets, n)
-    columns = {
-        "precision": multiclass_precision(predictions, targets, n, average=None),
-        "recall": multiclass_recall(predictions, targets, n, average=None),
-        "f1": multiclass_f1_score(predictions, targets, n, average=None),
-    }
-    per_class = {name: {key: float(values[label]) for key, values in columns.items()}
-                 | {"support": int(confusion[label].sum())} for label, name in enumerate(class_names)}
-    return {
-        "accuracy": float(multiclass_accuracy(predictions, targets, n, average="micro")),
-        "macro_f1": float(multiclass_f1_score(predictions, targets, n, average="macro")),
-        "images": len(targets),
-        "classes": list(class_names),
-        "per_class": per_class,
-        "confusion_matrix": confusion.tolist(),
-    }
-
-
 def write_results(output: Path, metrics: dict, title: str) -> None:
     """Writes metrics.json, per_class.csv and confusion_matrix.png into `output` (created if needed)."""
     output.mkdir(parents=True, exist_ok=True)
@@ -256,7 +282,7 @@ def write_results(output: Path, metrics: dict, title: str) -> None:
         for name, row in metrics["per_class"].items():
             writer.writerow([name, *(f"{row[key]:.6f}" for key in ("precision", "recall", "f1")), row["support"]])
     plot_confusion_matrix(metrics["confusion_matrix"], metrics["classes"],
-                          f"{title}: accuracy {metrics['accuracy']:.3f}, {metrics['images']} images",
+                          f"{title}: test/acc {metrics['test/acc']:.3f}, {metrics['images']} images",
                           output / "confusion_matrix.png")
 
 
@@ -275,8 +301,8 @@ def format_table(metrics: dict) -> str:
                      f"{row['support']:>8,}")
     unreadable = len(metrics["unreadable"])
     skipped = f"; {unreadable} unreadable image(s) skipped (listed in metrics.json)" if unreadable else ""
-    lines.append(f"accuracy {metrics['accuracy']:.4f}, macro F1 {metrics['macro_f1']:.4f} on "
-                 f"{metrics['images']:,} images{skipped}")
+    scores = ", ".join(f"{key} {metrics[key]:.4f}" for key in SUMMARY if key in metrics)
+    lines.append(f"{scores} on {metrics['images']:,} images{skipped}")
     return "\n".join(lines)
 
 

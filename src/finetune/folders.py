@@ -49,12 +49,21 @@ def split_stratified(by_class: dict[int, list[str]], fractions: Sequence[float],
 
 
 def read_class_folders(root: Path) -> tuple[list[str], dict[int, list[str]]]:
-    class_names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir()
-                         and not entry.name.startswith("."))
+    """The class names (the sub-folders of `root`, sorted, hidden ones skipped) and each class's images.
+
+    Raises:
+        UsageError: fewer than two class folders.
+    """
+    class_names = class_folders(root)
     if len(class_names) < 2:
         raise UsageError(f"{root} holds {len(class_names)} class folder(s): a classifier needs at least two "
                          "sub-folders of images, one per class")
     return class_names, {label: list_images(root / name) for label, name in enumerate(class_names)}
+
+
+def class_folders(root: Path) -> list[str]:
+    """The sub-folders of `root` (one per class), sorted; hidden ones are no classes."""
+    return sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
 
 
 def read_split_folders(root: Path) -> tuple[list[str], dict[str, dict[int, list[str]]]]:
@@ -87,9 +96,18 @@ def usable_images(folder: Path, class_names: list[str], by_class: dict[int, list
     return usable
 
 
-def list_images(folder: Path) -> list[str]:
+def list_images(folder: str | os.PathLike) -> list[str]:
+    """Every image file under `folder` (recursively, following links), sorted: the one image-folder walker of
+    training, predict and evaluate.
+
+    Hidden files and folders are skipped, and so are files that are not images by name (`is_image_file`); those
+    are logged (at INFO), not returned.
+
+    Returns:
+        The paths, each `folder` as given joined with the path below it.
+    """
     images, others = [], []
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
+    for directory, subdirectories, files in os.walk(os.fspath(folder), followlinks=True):
         subdirectories[:] = sorted(d for d in subdirectories if not d.startswith("."))
         for name in sorted(files):
             if is_image_file(name):
@@ -100,4 +118,4 @@ def list_images(folder: Path) -> list[str]:
     if others:
         log.info("%s: ignored %d file(s) that are not images by name, e.g. %s", folder, len(others),
                  ", ".join(others[:3]))
-    return images
+    return sorted(images)

@@ -90,10 +90,6 @@ class DecodedImages(Sequence):
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.tensors[index]
 
-    def largest_shape(self) -> tuple[int, int]:
-        """The largest height and the largest width among the images (a canvas every image fits in)."""
-        return max(t.shape[1] for t in self.tensors), max(t.shape[2] for t in self.tensors)
-
 
 def decode_images(paths: Sequence[str], resize: Callable[[Image.Image], Image.Image],
                   threads: int | None = None) -> DecodedImages:

@@ -10,13 +10,14 @@ import lightning as L
 import torch
 from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchmetrics.classification import MulticlassConfusionMatrix
 
 from finetune.backbones import Preprocessing, create_backbone, dropout_before_head
 from finetune.callbacks import MemoryFormatAndCompile, ResumeRandomState, check_compile_setting
 from finetune.errors import UsageError
 from finetune.features import Cut, classify_features
 from finetune.freezing import Unfreezing, keep_frozen_in_eval_mode, parameter_groups, set_depth, unfreeze_schedule
+from finetune.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ class ImageClassifier(L.LightningModule):
         self.training_loss_fn = nn.CrossEntropyLoss(
             weight=torch.tensor(class_weights, dtype=torch.float32) if class_weights else None,
             label_smoothing=label_smoothing)
-        metrics = MetricCollection(_metrics(len(class_names)))
+        metrics = MetricCollection(classification_metrics(len(class_names), class_names))
         self.train_metrics, self.val_metrics, self.test_metrics = (metrics.clone(prefix=f"{stage}/")
                                                                    for stage in ("train", "val", "test"))
         # The mean loss per image as a metric: under DDP it sums every process's losses and image counts exactly
@@ -187,7 +188,11 @@ class ImageClassifier(L.LightningModule):
         mean_loss = getattr(self, f"{stage}_loss")
         if mean_loss.update_count:  # else no batch in this stage (limit_*_batches=0): nothing to report
             self.log(f"{stage}/loss", mean_loss, prog_bar=stage != "test")
-            self.log_dict(getattr(self, f"{stage}_metrics"), prog_bar=stage == "val")
+            metrics = getattr(self, f"{stage}_metrics")
+            # The progress bar shows the headline scores; the per-class ones go to the loggers only.
+            self.log_dict({key: metric for key, metric in metrics.items() if "_class/" not in key},
+                          prog_bar=stage == "val")
+            self.log_dict({key: metric for key, metric in metrics.items() if "_class/" in key})
         if stage not in self.confusion:
             return
         # Per-class accuracy (recall) as scalars; the matrix stays in `confusion_matrices` for the figures.
@@ -240,11 +245,4 @@ class ImageClassifier(L.LightningModule):
     def parameter_groups(self) -> list[dict]:
         """Every parameter that ever trains in this run, from the first step, at its learning rate (`freezing`)."""
         return parameter_groups(self)
-
-def _metrics(num_classes: int) -> dict:
-    metrics = {"acc": MulticlassAccuracy(num_classes, average="micro"),
-               "f1": MulticlassF1Score(num_classes, average="macro")}
-    if num_classes > 5:
-        metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return metrics
 

@@ -18,9 +18,12 @@ import torch
 from omegaconf import MISSING
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.cli import InferenceOptions, LoadedModel, load_model, parse_options, run_command
+from finetune import apps
 from finetune.errors import UsageError
-from finetune.images import IMAGE_EXTENSIONS, is_image_file, load_rgb
+from finetune.folders import list_images
+from finetune.images import IMAGE_EXTENSIONS, load_rgb
+from finetune.inference import InferenceOptions, LoadedModel, load_model, quiet_lightning, trainer
+from finetune.loaders import default_num_workers
 
 USAGE = """\
 usage: python -m finetune.predict checkpoint=<ckpt> input=<image file or folder> output=<csv> [key=value ...]
@@ -32,7 +35,7 @@ usage: python -m finetune.predict checkpoint=<ckpt> input=<image file or folder>
   batch_size   images per forward pass (default 32)
   device       auto (a CUDA GPU when there is one), cpu, cuda or cuda:N (default auto)
   image_size   crop size fed to the network (default: the size the run trained at, where recorded)
-  num_workers  image-decoding processes (default: one per CPU core but one, at most 8)
+  num_workers  image-decoding processes (default: one per CPU core this process may use but one, at most 8)
   overwrite    replace an existing output file (default false)"""
 
 
@@ -46,18 +49,15 @@ class PredictOptions(InferenceOptions):
     overwrite: bool = False
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m finetune.predict key=value ...`: writes the predictions CSV; returns the exit code."""
-    return run_command(_predict, argv)
-
-
-def _predict(argv: list[str]) -> None:
-    options: PredictOptions = parse_options(PredictOptions, argv, USAGE)
+@apps.command("predict", PredictOptions, USAGE)
+def main(options: PredictOptions) -> None:
+    """`python -m finetune.predict key=value ...`: writes the predictions CSV (`main(argv)` returns the exit
+    code)."""
     if options.top_k < 1:
         raise UsageError(f"top_k={options.top_k} must be at least 1")
     output = Path(options.output).expanduser()
     check_output_file(output, options.overwrite)
-    paths = find_images(Path(options.input).expanduser(), options.input)
+    paths = find_images(Path(options.input).expanduser(), os.path.expanduser(options.input))
     loaded = load_model(options)
     print(f"{len(paths)} image(s); {loaded.describe()}", file=sys.stderr)
     probabilities, errors = classify(loaded, paths, options.batch_size, options.num_workers)
@@ -97,21 +97,10 @@ def find_images(path: Path, shown: str | None = None) -> list[str]:
         return [shown]
     if not path.is_dir():
         raise UsageError(f"input {path} does not exist; pass input=<image file or folder of images>")
-    images = [os.path.join(shown, relative) for relative in list_images(path)]
+    images = list_images(shown)
     if not images:
         raise UsageError(f"{path} holds no image files (accepted: {', '.join(IMAGE_EXTENSIONS)}, any case)")
     return images
-
-
-def list_images(folder: Path) -> list[str]:
-    """Every image file under `folder` (recursively, following links, hidden entries skipped), as paths relative
-    to it, sorted."""
-    found = []
-    for directory, subdirectories, files in os.walk(folder, followlinks=True):
-        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
-        relative = os.path.relpath(directory, folder)
-        found.extend(os.path.normpath(os.path.join(relative, name)) for name in files if is_image_file(name))
-    return sorted(found)
 
 
 class _ImageFiles(Dataset):
@@ -128,8 +117,9 @@ class _ImageFiles(Dataset):
         try:
             return index, self.transform(load_rgb(self.paths[index])), None
         except Exception as error:  # whatever a damaged file makes Pillow raise, it is that file's problem
-            reason = (str(error).strip().splitlines() or [""])[0]
-            return index, None, f"{type(error).__name__}: {reason}" if reason else type(error).__name__
+            reason = str(error).strip()
+            return index, None, f"{type(error).__name__}: {apps.first_line(error)}" if reason else \
+                type(error).__name__
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
@@ -142,33 +132,47 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
 
 def classify(loaded: LoadedModel, paths: Sequence[str], batch_size: int,
              num_workers: int | None) -> tuple[torch.Tensor, dict[int, str]]:
-    """Class probabilities of every image, batched, in eval mode, without autograd.
+    """Class probabilities of every image, batched, through Lightning's `Trainer.predict` (eval mode, no autograd).
 
     Args:
-        loaded: the model, its device and preprocessing (`finetune.cli.load_model`).
+        loaded: the model, its device and preprocessing (`finetune.inference.load_model`).
         paths: image files.
         batch_size: images per forward pass.
-        num_workers: decoding processes; None: one per CPU core but one, at most 8.
+        num_workers: decoding processes; None: `finetune.loaders.default_num_workers()`.
 
     Returns:
         probabilities: (len(paths), number of classes), on the CPU; rows of unreadable images are NaN.
         errors: by index into `paths`, why the image could not be read.
     """
+    # Imported here: `--help` and option errors answer without importing Lightning.
+    import lightning as L
+
     from finetune.transforms import eval_transform
 
-    if num_workers is None:
-        num_workers = min((os.cpu_count() or 1) - 1, 8)
+    class Probabilities(L.LightningModule):
+        """The classifier's softmax over a batch of `_ImageFiles`, with the batch's indices and errors."""
+
+        def __init__(self, classifier: L.LightningModule) -> None:
+            super().__init__()
+            self.classifier = classifier
+
+        def predict_step(self, batch):
+            indices, images, errors = batch
+            probabilities = None if images is None else self.classifier(images).float().softmax(dim=1).cpu()
+            return indices, probabilities, errors
+
+    num_workers = default_num_workers() if num_workers is None else num_workers
     dataset = _ImageFiles(paths, eval_transform(loaded.preprocessing))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=_collate, pin_memory=loaded.device.type == "cuda")
     probabilities = torch.full((len(paths), len(loaded.class_names)), float("nan"))
     errors: dict[int, str] = {}
-    with torch.inference_mode():
-        for indices, images, batch_errors in loader:
-            errors |= batch_errors
-            if images is not None:
-                logits = loaded.model(images.to(loaded.device, non_blocking=True))
-                probabilities[indices] = logits.float().softmax(dim=1).cpu()
+    with quiet_lightning():
+        batches = trainer(loaded.device).predict(Probabilities(loaded.model), dataloaders=loader)
+    for indices, batch_probabilities, batch_errors in batches:
+        errors |= batch_errors
+        if batch_probabilities is not None:
+            probabilities[indices] = batch_probabilities
     return probabilities, errors
 
 

@@ -1,13 +1,13 @@
-"""What `python -m finetune.predict` and `python -m finetune.evaluate` share: key=value options over a dataclass,
-one-line errors, and a trained checkpoint made ready for inference (device, image size).
+"""What predict, evaluate and export share: the options of a trained checkpoint, loading it for inference
+(device, image size), and the Lightning Trainer predict and evaluate run it with.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import sys
-import typing
-from collections.abc import Callable, Sequence
+import logging
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,8 +16,9 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from finetune.apps import first_line
 from finetune.backbones import Preprocessing
-from finetune.errors import UsageError, close_matches, find_usage_error
+from finetune.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -32,7 +33,8 @@ class InferenceOptions:
         device: "auto" (a CUDA GPU when there is one), "cpu", "cuda" or "cuda:N".
         image_size: crop size fed to the network; None: the size the run trained at, where it is recorded,
             else the checkpoint's (the pretrained weights') own.
-        num_workers: image-decoding processes; None: one per CPU core but one, at most 8.
+        num_workers: image-decoding processes; None: `finetune.loaders.default_num_workers` (one per CPU core
+            this process may use, a SLURM job's allocation, but one; at most 8), as in training.
     """
 
     checkpoint: str = MISSING
@@ -40,87 +42,6 @@ class InferenceOptions:
     device: str = "auto"
     image_size: int | None = None
     num_workers: int | None = None
-
-
-def parse_options(schema: type, argv: Sequence[str], usage: str) -> Any:
-    """Reads `key=value` arguments over the defaults of a dataclass (nested dataclasses give `data.root`-style keys).
-
-    Args:
-        schema: the dataclass; fields without a default (`MISSING`) are required.
-        argv: the arguments, without the program name.
-        usage: printed for `-h` / `--help`.
-
-    Returns:
-        An instance of `schema`.
-
-    Raises:
-        UsageError: an argument that is not key=value, an unknown key, a value of the wrong type, a required key
-            left out. The message names the valid keys.
-        SystemExit: after printing `usage`, for `-h` / `--help`.
-    """
-    if any(argument in ("-h", "--help") for argument in argv):
-        print(usage)
-        raise SystemExit(0)
-    fields = _field_types(schema)
-    keys = _describe_keys(schema, fields)
-    for argument in argv:
-        key, equals, _ = argument.partition("=")
-        if not equals or not key:
-            raise UsageError(f"{argument!r} is not key=value; valid keys: {keys}")
-        if key not in fields:
-            raise UsageError(f"unknown key {key!r}{close_matches(key, list(fields), n=1)}; valid keys: {keys}")
-    try:
-        config = OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.from_dotlist(list(argv)))
-        for argument in argv:
-            key, _, value = argument.partition("=")
-            # from_dotlist reads values as YAML: a file named 007 or yes would become 7 or True.
-            if fields[key] in (str, str | None) and value != "null":
-                OmegaConf.update(config, key, value, merge=False)
-    except OmegaConfBaseException as error:
-        message = str(error).splitlines()[0]
-        raise UsageError(f"{getattr(error, 'full_key', None) or 'arguments'}: {message}; valid keys: {keys}") \
-            from error
-    missing = sorted(OmegaConf.missing_keys(config))
-    if missing:
-        raise UsageError(f"missing {', '.join(f'{key}=' for key in missing)}; valid keys: {keys}")
-    return OmegaConf.to_object(config)
-
-
-def _field_types(schema: type, prefix: str = "") -> dict[str, Any]:
-    """Every key a dataclass accepts, flattened (`data.root`), with its type."""
-    hints = typing.get_type_hints(schema)
-    types = {}
-    for field in dataclasses.fields(schema):
-        kind = hints[field.name]
-        if dataclasses.is_dataclass(kind):
-            types |= _field_types(kind, f"{prefix}{field.name}.")
-        else:
-            types[prefix + field.name] = kind
-    return types
-
-
-def _describe_keys(schema: type, fields: dict[str, Any]) -> str:
-    defaults = OmegaConf.structured(schema)
-    required = [key for key in fields if OmegaConf.is_missing(defaults, key)]
-    optional = [key for key in fields if key not in required]
-    return f"{', '.join(required)} (required); {', '.join(optional)}" if required else ", ".join(optional)
-
-
-def run_command(body: Callable[[list[str]], None], argv: Sequence[str] | None = None) -> int:
-    """Runs a command's body; a problem the user can fix becomes one line on stderr and exit code 2.
-
-    Returns:
-        The exit code: 0, or 2 after a UsageError (other errors propagate with their traceback).
-    """
-    try:
-        body(list(sys.argv[1:] if argv is None else argv))
-    except Exception as error:
-        usage_error = find_usage_error(error)
-        if usage_error is None:
-            raise
-        print(f"error: {usage_error}", file=sys.stderr)
-        return 2
-    return 0
 
 
 @dataclass
@@ -163,7 +84,7 @@ def load_model(options: InferenceOptions) -> LoadedModel:
         raise UsageError(f"num_workers={options.num_workers} must be 0 (load in the main process) or more")
     device = resolve_device(options.device)
     path = checkpoint_file(options.checkpoint)
-    contents = read_checkpoint(path)
+    read_checkpoint(path)
     # Imported here: `--help` and option errors answer without importing Lightning.
     from finetune.module import ImageClassifier
 
@@ -171,11 +92,10 @@ def load_model(options: InferenceOptions) -> LoadedModel:
         model = ImageClassifier.from_checkpoint(str(path), map_location=device)
     except (RuntimeError, KeyError, TypeError, ValueError) as error:
         # A checkpoint of another version of the model (other arguments, other weight names): one line.
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise UsageError(f"cannot load checkpoint {path} ({reason}); pass a .ckpt file written by train.py") \
-            from error
+        raise UsageError(f"cannot load checkpoint {path} ({first_line(error)}); pass a .ckpt file written by "
+                         "train.py") from error
     model.eval()
-    size, source = image_size(options.image_size, path, contents, model.preprocessing)
+    size, source = image_size(options.image_size, path, model.preprocessing)
     return LoadedModel(model, device, model.preprocessing.at_size(size), source, path)
 
 
@@ -254,18 +174,15 @@ def run_config(checkpoint: Path) -> Any:
         return None
 
 
-def image_size(requested: int | None, checkpoint: Path, contents: dict,
-               preprocessing: Preprocessing) -> tuple[int, str]:
+def image_size(requested: int | None, checkpoint: Path, preprocessing: Preprocessing) -> tuple[int, str]:
     """The crop size to feed the network, and where it comes from.
 
-    An explicit `image_size=` wins. Otherwise the size the run trained at: the checkpoint's own record if it has
-    one (`image_size` in the checkpoint or its hyperparameters), else `data.image_size` in the run's
-    `.hydra/config.yaml`; without either, the checkpoint's preprocessing (the pretrained weights' crop size).
+    An explicit `image_size=` wins. Otherwise `data.image_size` in the run's `.hydra/config.yaml`, where there is
+    one; else the checkpoint's preprocessing, which train.py saves at the size the run trained at.
 
     Args:
         requested: the `image_size=` option, or None.
         checkpoint: the checkpoint file (its run folder may hold the run's configuration).
-        contents: what the checkpoint holds (`read_checkpoint`).
         preprocessing: the checkpoint's preprocessing.
 
     Raises:
@@ -275,9 +192,6 @@ def image_size(requested: int | None, checkpoint: Path, contents: dict,
         if requested < 1:
             raise UsageError(f"image_size={requested} must be a positive number of pixels")
         return requested, "image_size="
-    recorded = _recorded_image_size(contents)
-    if recorded is not None:
-        return recorded, "recorded in the checkpoint"
     config = run_config(checkpoint)
     trained = OmegaConf.select(config, "data.image_size", default=None, throw_on_resolution_failure=False) \
         if config is not None else None
@@ -286,8 +200,30 @@ def image_size(requested: int | None, checkpoint: Path, contents: dict,
     return preprocessing.crop_size, "the checkpoint's preprocessing"
 
 
-def _recorded_image_size(contents: dict) -> int | None:
-    for value in (contents.get("image_size"), contents.get("hyper_parameters", {}).get("image_size")):
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+@contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Lightning's start-up lines (accelerators found, CUDA_VISIBLE_DEVICES, tips) and its hints about loader
+    workers stay out of a command's output; its warnings and errors do not."""
+    lightning_log = logging.getLogger("lightning.pytorch")
+    level = lightning_log.level
+    lightning_log.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            from lightning.pytorch.utilities.warnings import PossibleUserWarning
+
+            warnings.simplefilter("ignore", PossibleUserWarning)
+            yield
+    finally:
+        lightning_log.setLevel(level)
+
+
+def trainer(device: torch.device, callbacks: Sequence = ()):
+    """The Lightning Trainer predict and evaluate run a checkpoint with: one device, no logger, no checkpoints,
+    no progress bar; it writes no file."""
+    import lightning as L
+
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if accelerator == "gpu" \
+        else 1
+    return L.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
