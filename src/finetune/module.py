@@ -210,6 +210,12 @@ class ImageClassifier(L.LightningModule):
                 torch.cuda.set_rng_state_all(states["cuda"])
 
     def on_train_start(self) -> None:
+        # The training loader exists now (and a resumed run's state is back, its schedule length included). Not
+        # under the learning-rate finder, whose own scheduler replaces ours.
+        cosine = getattr(self, "cosine", None)
+        for config in self.trainer.lr_scheduler_configs:
+            if cosine is not None and getattr(config.scheduler, "lr_lambdas", [None])[0] is cosine:
+                cosine.set_length(self.trainer.estimated_stepping_batches, self.trainer.max_epochs, config.scheduler)
         # A run resumed mid-epoch does not pass through on_train_epoch_start.
         self.on_train_epoch_start()
 
@@ -392,17 +398,11 @@ class ImageClassifier(L.LightningModule):
             return {"optimizer": optimizer,
                     "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss", "interval": "epoch"}}
 
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = int(hp.warmup_epochs * steps_per_epoch)
-
-        def factor(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        # The schedule's length is set in on_train_start, not here: `trainer.estimated_stepping_batches` builds the
+        # training loader, and here (before a resumed run's training state is restored) that starts the loader at
+        # epoch 0, keeps it from ever loading its saved place, and fires on_train_start too early.
+        self.cosine = WarmupCosine(hp.warmup_epochs)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.cosine)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def parameter_groups(self) -> list[dict]:
@@ -434,6 +434,41 @@ class ImageClassifier(L.LightningModule):
             groups.setdefault(key, []).append(parameter)
         ordered = sorted(groups.items(), key=lambda item: item[0][1] != "head")
         return [{"params": params, "lr": lr, "name": name} for (lr, name), params in ordered]
+
+
+class WarmupCosine:
+    """The cosine schedule's factor at each optimizer step: a linear warmup, then a cosine decay to zero.
+
+    A callable object rather than a closure, so `LambdaLR.state_dict()` saves its length with the checkpoint and a
+    resumed run decays over the same number of steps as the uninterrupted one.
+
+    Args:
+        warmup_epochs: length of the linear warmup, in epochs (fractions allowed).
+    """
+
+    def __init__(self, warmup_epochs: float = 0.0) -> None:
+        self.warmup_epochs = warmup_epochs
+        self.total_steps: int | None = None  # known once the training loader is (set_length)
+        self.warmup_steps = 0
+
+    def set_length(self, total_steps: float, max_epochs: int | None, scheduler) -> None:
+        """Fixes the length (unless a resumed run restored it) and sets every group's learning rate for the
+        scheduler's current step, which `LambdaLR` computed before the length was known."""
+        if self.total_steps is None:
+            self.total_steps = max(1, int(total_steps))
+            self.warmup_steps = int(self.warmup_epochs * self.total_steps / max(1, max_epochs or 1))
+        scheduler._last_lr = []
+        for group, base_lr in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base_lr * self(scheduler.last_epoch)
+            scheduler._last_lr.append(group["lr"])
+
+    def __call__(self, step: int) -> float:
+        if self.total_steps is None:
+            return 1.0  # before set_length: replaced before the first step
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def prefers_channels_last(network: nn.Module, device: torch.device, compiled: bool = False) -> bool:
