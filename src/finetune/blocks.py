@@ -108,7 +108,8 @@ def split_into_blocks(network: nn.Module, matcher: dict, head_name: str) -> list
 
     Args:
         network: the whole network.
-        matcher: `{"stem": regex, "blocks": regex or [(regex, suffix), ...], ...}` as in timm.
+        matcher: `{"stem": regex, "blocks": regex or [(regex, suffix), ...], ...}` as in timm, or a timm matcher
+            function (parameter name -> group number).
         head_name: module name of the classifier, which is left out of every block.
 
     Returns:
@@ -119,7 +120,10 @@ def split_into_blocks(network: nn.Module, matcher: dict, head_name: str) -> list
     head_prefix = head_name + "."
     names = [name for name, _ in network.named_parameters() if not name.startswith(head_prefix)]
     # Whatever no pattern matches (pre-logits layers, final norms) joins the last block.
-    matcher = {**matcher, "after_last_block": [(r".*", _JOIN_PREVIOUS)]}
+    if callable(matcher):  # some timm models (CaiT, ...) group by a function, which says inf for the rest
+        matcher = _joining_the_rest(matcher)
+    else:
+        matcher = {**matcher, "after_last_block": [(r".*", _JOIN_PREVIOUS)]}
     groups = group_with_matcher(((name, None) for name in names), matcher)
     owners = _parameter_owners(network)
     blocks = []
@@ -127,6 +131,19 @@ def split_into_blocks(network: nn.Module, matcher: dict, head_name: str) -> list
         parameters = tuple(groups[group_id])
         blocks.append(Block(index, _covering_names(parameters, owners), parameters))
     return blocks
+
+
+def _joining_the_rest(matcher):
+    """A timm matcher function whose unmatched parameters (group inf) join the last block."""
+    import math
+
+    def grouping(name: str):
+        group = matcher(name)
+        if isinstance(group, int | float):
+            return (math.inf, *_JOIN_PREVIOUS) if math.isinf(group) else (group,)
+        return tuple(group)
+
+    return grouping
 
 
 def trainable_parameter_names(blocks: list[Block], unfreeze: int | str) -> set[str]:

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams
 
 from finetune.checks import check_arguments
@@ -67,7 +67,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if writes:
         datamodule.save_split(output_dir / "split.csv")
         datamodule.save_skipped(output_dir / "skipped_files.txt")
-        log_hyperparameters(trainer.logger, cfg, model)
     cut, reason = should_cache(cfg.strategy.cache_features, model, datamodule, cfg.strategy.cache_views)
     log.info(reason)
     if cut:
@@ -77,6 +76,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
         train_on_cache(model, datamodule, cut, cfg.strategy.cache_views, trainer.strategy.root_device)
     if cfg.tune.lr_find:
         find_learning_rate(trainer, model, datamodule, output_dir, cfg.tune.num_training)
+        # The run's record holds the rates it trains at, not the ones the finder replaced.
+        cfg.strategy.lr, cfg.strategy.backbone_lr = model.hparams.lr, model.hparams.backbone_lr
+        if writes and (output_dir / ".hydra" / "config.yaml").is_file():
+            OmegaConf.save(cfg, output_dir / ".hydra" / "config.yaml")
+    if writes:
+        log_hyperparameters(trainer.logger, cfg, model)
     started = time.perf_counter()
     with memory_hint(cfg):
         fit(trainer, model, datamodule, resume, output_dir)
@@ -138,7 +143,8 @@ def fit(trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataM
         output_dir: Path) -> None:
     """`trainer.fit`; after Ctrl-C or SIGTERM, says where training was saved and how to resume, and exits."""
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        # weights_only: a checkpoint holds tensors and plain values; nothing in it may run code (torch >= 2.6).
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except SystemExit:  # how Lightning ends a fit on Ctrl-C (after its callbacks) and SIGTERM
         saver = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
         if saver is None or saver.signal is None:
