@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune.blocks import Block, split_into_blocks, torchvision_block_matcher
+from finetune.blocks import Block, split_into_blocks, timm_block_matcher, torchvision_block_matcher
 from finetune.errors import UsageError, close_matches
 from finetune.packaged_weights import PACKAGED_WEIGHTS
 
@@ -114,10 +114,7 @@ def create_backbone(
     elif source == "timm":
         network, preprocessing, description = _create_timm(name, weights)
         head_name = _reset_timm_classifier(network, name, num_classes, head_hidden_dim)
-        try:
-            matcher = network.group_matcher(coarse=False)
-        except NotImplementedError:
-            matcher = None
+        matcher = timm_block_matcher(network)
     else:
         raise UsageError(f"unknown model.source {source!r}: choose one of {', '.join(SOURCES)}")
 
@@ -213,6 +210,13 @@ def _create_torchvision(name: str, weights: str | None) -> tuple[nn.Module, Prep
     from torchvision import models
 
     available = models.list_models()
+    if name in available and name not in models.list_models(module=models):
+        # Detection, segmentation, video, optical-flow and quantized (int8, inference-only) models.
+        kind = models.get_model_builder(name).__module__.split(".")[2]
+        why = ("it runs int8 inference only and cannot be trained" if kind == "quantization"
+               else "it is not an image classifier")
+        raise UsageError(f"torchvision model {name!r} is from torchvision.models.{kind}: {why}; choose an image "
+                         "classifier, one of torchvision.models.list_models(module=torchvision.models)")
     if name not in available:
         close = close_matches(name, available)
         raise UsageError(f"unknown torchvision model {name!r}{close}; `torchvision.models.list_models()` "

@@ -103,6 +103,20 @@ def torchvision_block_matcher(network: nn.Module) -> dict | None:
     return None
 
 
+def timm_block_matcher(network: nn.Module):
+    """The group matcher of a timm network: its own `group_matcher(coarse=False)`, or, for the few models without
+    one, its stages as `feature_info` names them (the stem, then each stage); None if it has neither."""
+    try:
+        return network.group_matcher(coarse=False)
+    except (AttributeError, NotImplementedError):
+        pass
+    stages = [info["module"] for info in getattr(network, "feature_info", None) or [] if info.get("module")]
+    if len(stages) < 2:
+        return None
+    return {"stem": rf"^{re.escape(stages[0])}\.",
+            "blocks": [(rf"^{re.escape(stage)}\.", (index,)) for index, stage in enumerate(stages[1:])]}
+
+
 def split_into_blocks(network: nn.Module, matcher: dict, head_name: str) -> list[Block]:
     """Splits the parameters outside the head into ordered blocks with a timm-style group matcher.
 

@@ -45,6 +45,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """
     output_dir = Path(cfg.paths.output_dir)
     # Mistakes that would stop the run later stop it now, before any work.
+    if OmegaConf.is_missing(cfg.model, "name"):  # model=timm and model=torchvision name no architecture
+        example = "convnext_nano" if cfg.model.source == "timm" else "densenet121"
+        raise UsageError(f"model={cfg.model.source} needs the architecture: add model.name=<name>, e.g. "
+                         f"model={cfg.model.source} model.name={example} (docs/architectures.md lists them)")
     resume = resume_from(cfg.ckpt_path, output_dir)
     for section in ("data", "model", "trainer"):
         check_arguments(cfg, section)
