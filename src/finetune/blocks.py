@@ -105,16 +105,20 @@ def torchvision_block_matcher(network: nn.Module) -> dict | None:
 
 def timm_block_matcher(network: nn.Module):
     """The group matcher of a timm network: its own `group_matcher(coarse=False)`, or, for the few models without
-    one, its stages as `feature_info` names them (the stem, then each stage); None if it has neither."""
+    one (MetaFormer, PiT, CSATv2), its stages as `feature_info` names them, the parameters registered before the
+    first stage (patch embedding, position embedding, class token, stem) being the stem; None if it has neither."""
     try:
         return network.group_matcher(coarse=False)
     except (AttributeError, NotImplementedError):
         pass
     stages = [info["module"] for info in getattr(network, "feature_info", None) or [] if info.get("module")]
-    if len(stages) < 2:
+    if not stages:
         return None
-    return {"stem": rf"^{re.escape(stages[0])}\.",
-            "blocks": [(rf"^{re.escape(stage)}\.", (index,)) for index, stage in enumerate(stages[1:])]}
+    names = [name for name, _ in network.named_parameters()]
+    first = next((i for i, name in enumerate(names) if name.startswith(stages[0] + ".")), 0)
+    stem = "|".join(re.escape(name) for name in names[:first])
+    return {"stem": rf"^(?:{stem})$" if stem else r"^$",
+            "blocks": [(rf"^{re.escape(stage)}\.", (index,)) for index, stage in enumerate(stages)]}
 
 
 def split_into_blocks(network: nn.Module, matcher: dict, head_name: str) -> list[Block]:
