@@ -36,6 +36,10 @@ class Preprocessing:
         interpolation: a `torchvision.transforms.InterpolationMode` value: "bilinear", "bicubic", ...
         mean: per-channel mean of the normalisation.
         std: per-channel standard deviation of the normalisation.
+        crop_mode: how evaluation images become `crop_size` squares (timm's pretrained `crop_mode`): "center"
+            (shorter side to `resize_size`, centre crop), "squash" (both sides to `resize_size`, ignoring the
+            aspect ratio, then centre crop) or "border" (longer side to `resize_size`, then centre crop or pad
+            with the mean colour).
     """
 
     crop_size: int
@@ -43,13 +47,14 @@ class Preprocessing:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crop_mode: str = "center"
 
     def at_size(self, crop_size: int | None) -> Preprocessing:
         """The same preprocessing at another crop size, keeping the weights' resize-to-crop ratio."""
         if crop_size is None or crop_size == self.crop_size:
             return self
         resize = round(crop_size * self.resize_size / self.crop_size)
-        return Preprocessing(crop_size, resize, self.interpolation, self.mean, self.std)
+        return Preprocessing(crop_size, resize, self.interpolation, self.mean, self.std, self.crop_mode)
 
     def as_dict(self) -> dict:
         """Plain values, for checkpoints and files."""
@@ -58,7 +63,7 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, values: dict) -> Preprocessing:
         return cls(values["crop_size"], values["resize_size"], values["interpolation"],
-                   tuple(values["mean"]), tuple(values["std"]))
+                   tuple(values["mean"]), tuple(values["std"]), values.get("crop_mode", "center"))
 
 
 @dataclass
@@ -302,6 +307,7 @@ def _create_timm(name: str, weights: str | None) -> tuple[nn.Module, Preprocessi
         interpolation=config["interpolation"],
         mean=tuple(config["mean"]),
         std=tuple(config["std"]),
+        crop_mode=config.get("crop_mode") or "center",
     )
     return network, preprocessing, description
 
