@@ -56,10 +56,10 @@ def test_a_run_whose_best_epoch_is_not_the_last_reports_the_best_checkpoint(tmp_
     model = ImageClassifier.from_checkpoint(str(checkpoint))
     assert any(not torch.equal(value, last[name]) for name, value in model.state_dict().items()
                if name in last and value.is_floating_point())
-    assert metrics["test/acc"] == pytest.approx(_test_accuracy(model, run), abs=1e-6)
+    assert metrics["test/acc"] == pytest.approx(_test_accuracy(model, run, image_folder), abs=1e-6)
 
 
-def _test_accuracy(model, run) -> float:
+def _test_accuracy(model, run, root) -> float:
     """Accuracy of `model` on the run's test images, with the preprocessing its checkpoint records."""
     import csv
 
@@ -74,7 +74,7 @@ def _test_accuracy(model, run) -> float:
     correct = 0
     with torch.no_grad():
         for row in rows:
-            path = row["path"] if row["path"].startswith("/") else str(run / row["path"])
+            path = root / row["path"]  # split.csv names images relative to data.root
             image = transform(Image.open(path).convert("RGB")).unsqueeze(0)
             correct += int(model(image).argmax(1).item() == model.class_names.index(row["class"]))
     return correct / len(rows)
