@@ -7,7 +7,7 @@ import timm
 import torch
 import torchvision
 
-from finetune.backbones import create_backbone
+from finetune.backbones import Preprocessing, create_backbone
 from finetune.errors import UsageError
 
 
@@ -65,3 +65,24 @@ def test_weights_file_of_another_architecture_is_refused(tmp_path):
     torch.save(torchvision.models.mobilenet_v2().state_dict(), path)
     with pytest.raises(UsageError, match=r"does not fit resnet18"):
         create_backbone("resnet18", 2, weights=str(path))
+
+
+@pytest.mark.parametrize(("name", "mode"), [("convnextv2_nano.fcmae_ft_in22k_in1k_384", "squash"),
+                                            ("deepseek_vit_412m.deepseek_v4_1_flash", "border"),
+                                            ("convnextv2_nano.fcmae_ft_in22k_in1k", "center")])
+def test_evaluation_images_are_prepared_as_timm_prepares_them(name, mode):
+    # timm's crop_mode: squash ignores the aspect ratio, border pads to a square instead of cropping.
+    import numpy as np
+    from PIL import Image
+
+    from finetune.transforms import eval_transform
+
+    with torch.device("meta"):  # only the configuration is needed: no memory, no initialisation
+        backbone = create_backbone(name, 3, source="timm", weights=None)
+    assert backbone.preprocessing.crop_mode == mode
+    config = timm.data.resolve_data_config({}, model=backbone.network)
+    theirs = timm.data.create_transform(**config)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 500, 3), dtype=np.uint8))
+    ours = eval_transform(backbone.preprocessing)(image)
+    assert torch.allclose(ours, theirs(image), atol=1e-5)
+    assert Preprocessing.from_dict(backbone.preprocessing.as_dict()) == backbone.preprocessing

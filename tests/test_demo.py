@@ -10,13 +10,14 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import elpv_dataset  # a dependency: missing, these tests fail (they used to skip, hiding a broken install)
 import numpy as np
 import pytest
+from conftest import run_cli
 
-pytest.importorskip("elpv_dataset")
-
-from finetune import demo  # noqa: E402
-from finetune.demo import DEMO_NAMES, README_NAME, default_cache_dir, demo_root  # noqa: E402
+from finetune import demo
+from finetune.demo import DEMO_NAMES, README_NAME, default_cache_dir, demo_root
+from finetune.errors import UsageError
 
 ELPV_COUNTS = {"functional": 1803, "defective": 821}
 ELPV4_COUNTS = {"p000": 1508, "p033": 295, "p067": 106, "p100": 715}
@@ -25,8 +26,6 @@ MARKER = demo._MARKER_NAME
 
 
 def _labels_csv() -> Path:
-    import elpv_dataset
-
     return Path(elpv_dataset.__file__).parent / "data" / "labels.csv"
 
 
@@ -195,11 +194,23 @@ def test_unknown_name(tmp_path) -> None:
     assert DEMO_NAMES == ("elpv", "elpv4")
 
 
-def test_missing_package_raises_import_error(tmp_path, monkeypatch) -> None:
+def test_missing_package_says_how_to_install_it(tmp_path, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "elpv_dataset", None)
-    with pytest.raises(ImportError, match="pip install elpv-dataset"):
+    with pytest.raises(UsageError, match="pip install elpv-dataset"):
         demo_root("elpv", cache_dir=tmp_path)
     assert not (tmp_path / "datasets" / "elpv").exists()
+
+
+def test_missing_package_stops_the_cli_with_one_line(tmp_path, monkeypatch) -> None:
+    # A module of that name that fails to import, first on the path: as if the package were not installed.
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "elpv_dataset.py").write_text("raise ImportError('No module named elpv_dataset')\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")])))
+    result = run_cli(tmp_path, "data=elpv", "model.weights=null", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output[-2000:]
+    assert "pip install elpv-dataset" in output
 
 
 def test_foreign_non_empty_folder_is_not_overwritten(tmp_path, monkeypatch) -> None:

@@ -25,6 +25,7 @@ BLOCKS = {
     "resnet18": (9, "layer4.1", "layer4.0"),
     "resnet50": (17, "layer4.2", "layer4.1"),
     "timm": (9, "layer4.1", "layer4.0"),  # model.name=resnet18
+    "torchvision": (17, "stage4.3 + conv5", "stage4.2"),  # model.name=shufflenet_v2_x0_5
     "vit_b_16": (13, "encoder.layers.encoder_layer_11 + encoder.ln", "encoder.layers.encoder_layer_10"),
 }
 
@@ -33,6 +34,8 @@ def build(model: str, unfreeze, num_classes: int = 3, *extra: str) -> ImageClass
     overrides = [f"model={model}", "model.weights=null", f"unfreeze={unfreeze}", *extra]
     if model == "timm":
         overrides.append("model.name=resnet18")
+    if model == "torchvision":
+        overrides.append("model.name=shufflenet_v2_x0_5")
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     return instantiate(cfg.model, class_names=[f"class{i}" for i in range(num_classes)])

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune.blocks import Block, split_into_blocks, torchvision_block_matcher
+from finetune.blocks import Block, split_into_blocks, timm_block_matcher, torchvision_block_matcher
 from finetune.errors import UsageError, close_matches
 from finetune.packaged_weights import PACKAGED_WEIGHTS
 
@@ -36,6 +36,10 @@ class Preprocessing:
         interpolation: a `torchvision.transforms.InterpolationMode` value: "bilinear", "bicubic", ...
         mean: per-channel mean of the normalisation.
         std: per-channel standard deviation of the normalisation.
+        crop_mode: how evaluation images become `crop_size` squares (timm's pretrained `crop_mode`): "center"
+            (shorter side to `resize_size`, centre crop), "squash" (both sides to `resize_size`, ignoring the
+            aspect ratio, then centre crop) or "border" (longer side to `resize_size`, then centre crop or pad
+            with the mean colour).
     """
 
     crop_size: int
@@ -43,13 +47,14 @@ class Preprocessing:
     interpolation: str
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    crop_mode: str = "center"
 
     def at_size(self, crop_size: int | None) -> Preprocessing:
         """The same preprocessing at another crop size, keeping the weights' resize-to-crop ratio."""
         if crop_size is None or crop_size == self.crop_size:
             return self
         resize = round(crop_size * self.resize_size / self.crop_size)
-        return Preprocessing(crop_size, resize, self.interpolation, self.mean, self.std)
+        return Preprocessing(crop_size, resize, self.interpolation, self.mean, self.std, self.crop_mode)
 
     def as_dict(self) -> dict:
         """Plain values, for checkpoints and files."""
@@ -58,7 +63,7 @@ class Preprocessing:
     @classmethod
     def from_dict(cls, values: dict) -> Preprocessing:
         return cls(values["crop_size"], values["resize_size"], values["interpolation"],
-                   tuple(values["mean"]), tuple(values["std"]))
+                   tuple(values["mean"]), tuple(values["std"]), values.get("crop_mode", "center"))
 
 
 @dataclass
@@ -104,33 +109,119 @@ def create_backbone(
     """
     if source == "torchvision":
         network, preprocessing, description = _create_torchvision(name, weights)
-        head_name = _last_linear(network)
+        _switch_off_auxiliary_classifiers(network)
+        if type(network).__name__ == "SqueezeNet":
+            head_name = _replace_squeezenet_head(network, num_classes, head_hidden_dim, head_dropout)
+            head_dropout = None  # it is the new head's own
+        else:
+            head_name = _last_linear(network)
         matcher = torchvision_block_matcher(network)
     elif source == "timm":
         network, preprocessing, description = _create_timm(name, weights)
-        head_name = network.pretrained_cfg.get("classifier") or _last_linear(network)
-        matcher = network.group_matcher(coarse=False)
+        head_name = _reset_timm_classifier(network, name, num_classes, head_hidden_dim)
+        matcher = timm_block_matcher(network)
     else:
         raise UsageError(f"unknown model.source {source!r}: choose one of {', '.join(SOURCES)}")
 
     old_head = network.get_submodule(head_name)
-    if not isinstance(old_head, nn.Linear):
+    if isinstance(old_head, nn.Linear) and (source == "torchvision" or head_hidden_dim is not None):
+        new_head = _make_head(old_head.in_features, num_classes, head_hidden_dim, head_dropout)
+        # Every place the old head sits (a distilled model shares it between two tokens) gets the new one.
+        for module_name in [n for n, m in network.named_modules(remove_duplicate=False) if m is old_head]:
+            _replace_module(network, module_name, new_head)
+    elif source == "torchvision" and type(network).__name__ != "SqueezeNet":
         raise UsageError(f"model {name!r}: its classifier {head_name!r} is a {type(old_head).__name__}, "
                          "not a Linear layer, so it cannot get a new head; pick another architecture")
-    new_head = _make_head(old_head.in_features, num_classes, head_hidden_dim, head_dropout)
-    _replace_module(network, head_name, new_head)
     if head_dropout is not None and head_hidden_dim is None:
         _set_dropout_before_head(network, head_name, head_dropout)
 
-    # A family without a block definition is one block: unfreeze=1 (or all) trains it whole.
+    if not matcher:
+        log.warning("%s has no block definition: it is one block, so unfreeze=1 trains all of it", name)
     blocks = split_into_blocks(network, matcher or {}, head_name)
     return Backbone(network, head_name, blocks, preprocessing, description)
+
+
+def source_of(name: str) -> str:
+    """"torchvision" if torchvision has a model `name`, else "timm" (for `python -m finetune.blocks <name>`)."""
+    from torchvision import models
+
+    return "torchvision" if name in models.list_models() else "timm"
+
+
+def _switch_off_auxiliary_classifiers(network: nn.Module) -> None:
+    """Removes GoogLeNet's and Inception-v3's auxiliary classifiers, as torchvision does when it loads their
+    pretrained weights: they help train from scratch on ImageNet, and in train mode make the network return a
+    tuple. Fine-tuning trains the main classifier alone, so the network always returns one tensor."""
+    if hasattr(network, "aux_logits"):
+        network.aux_logits = False
+        for name in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(network, name):
+                setattr(network, name, None)
+
+
+def _replace_squeezenet_head(network: nn.Module, num_classes: int, hidden_dim: int | None,
+                             dropout: float | None) -> str:
+    """SqueezeNet classifies with a 1x1 convolution, a ReLU and global pooling (`classifier`): the new head is
+    dropout, a 1x1 convolution to `num_classes` and the pooling, without the ReLU, which would keep every logit
+    at or above zero (a class the head starts below zero on could never recover)."""
+    if hidden_dim is not None:
+        raise UsageError("SqueezeNet classifies with a convolution, not a Linear layer: model.head_hidden_dim "
+                         "does not apply to it; leave it null")
+    old = network.classifier
+    conv = next(module for module in old if isinstance(module, nn.Conv2d))
+    own_dropout = next(module.p for module in old if isinstance(module, nn.Dropout))
+    network.classifier = nn.Sequential(
+        nn.Dropout(own_dropout if dropout is None else dropout),
+        nn.Conv2d(conv.in_channels, num_classes, kernel_size=1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(1),
+    )
+    return "classifier"
+
+
+def _reset_timm_classifier(network: nn.Module, name: str, num_classes: int, hidden_dim: int | None) -> str:
+    """Gives a timm network a new classifier with timm's own `reset_classifier`; returns its module name.
+
+    Distilled models (DeiT, LeViT) have two classifiers, one on the class token and one on the distillation
+    token, averaged at inference: the new distillation classifier is the new class-token one, shared (one set of
+    weights on both tokens). CrossViT's two classifiers (one per branch, of different widths) stay two, trained
+    together as the head.
+    """
+    try:
+        network.reset_classifier(num_classes)
+        classifier = network.get_classifier()
+    except (NotImplementedError, AttributeError, TypeError) as error:
+        raise UsageError(f"timm model {name!r} cannot get a new classifier ({_reason(error)}); pick another "
+                         "architecture") from error
+    heads = classifier if isinstance(classifier, tuple) else (classifier,)
+    names_of = {id(module): module_name for module_name, module in network.named_modules()}
+    if not all(id(head) in names_of for head in heads):
+        raise UsageError(f"timm model {name!r}: its classifier is not one of its modules, so it cannot be "
+                         "replaced; pick another architecture")
+    names = [names_of[id(head)] for head in heads]
+    for other_name, other in zip(names[1:], heads[1:], strict=True):
+        shapes = [[tuple(p.shape) for p in module.parameters()] for module in (heads[0], other)]
+        if type(other) is not type(heads[0]) or shapes[0] != shapes[1]:
+            raise UsageError(f"timm model {name!r} has classifiers of different shapes ({', '.join(names)}); "
+                             "pick another architecture")
+        _replace_module(network, other_name, heads[0])
+    if hidden_dim is not None and not isinstance(heads[0], nn.Linear):
+        raise UsageError(f"timm model {name!r} classifies with a {type(heads[0]).__name__} ({names[0]}), not a "
+                         "Linear layer: model.head_hidden_dim does not apply to it; leave it null")
+    return names[0]
 
 
 def _create_torchvision(name: str, weights: str | None) -> tuple[nn.Module, Preprocessing, str]:
     from torchvision import models
 
     available = models.list_models()
+    if name in available and name not in models.list_models(module=models):
+        # Detection, segmentation, video, optical-flow and quantized (int8, inference-only) models.
+        kind = models.get_model_builder(name).__module__.split(".")[2]
+        why = ("it runs int8 inference only and cannot be trained" if kind == "quantization"
+               else "it is not an image classifier")
+        raise UsageError(f"torchvision model {name!r} is from torchvision.models.{kind}: {why}; choose an image "
+                         "classifier, one of torchvision.models.list_models(module=torchvision.models)")
     if name not in available:
         close = close_matches(name, available)
         raise UsageError(f"unknown torchvision model {name!r}{close}; `torchvision.models.list_models()` "
@@ -216,6 +307,7 @@ def _create_timm(name: str, weights: str | None) -> tuple[nn.Module, Preprocessi
         interpolation=config["interpolation"],
         mean=tuple(config["mean"]),
         std=tuple(config["std"]),
+        crop_mode=config.get("crop_mode") or "center",
     )
     return network, preprocessing, description
 

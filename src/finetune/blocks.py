@@ -12,6 +12,7 @@ that sit between the last block and the head (a pre-logits layer, a final norm) 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from torch import nn
@@ -19,7 +20,37 @@ from torch import nn
 # timm's sentinel: a match with this suffix joins the group before it.
 _JOIN_PREVIOUS = (99999,)
 
-# torchvision has no group_matcher; these give its families one, chosen by the modules a network has.
+# torchvision has no group_matcher; its families get one here, by class, following each network's own stages.
+# Every pattern's numbers order the blocks from the input to the output (docs/architectures.md has the table).
+_TORCHVISION_FAMILY_MATCHERS: dict[str, dict] = {
+    # DenseNet: the stem convolution, then each dense layer; a transition joins the dense layer before it (as in
+    # timm's densenet), and the final norm joins the last block.
+    "DenseNet": {
+        "stem": r"^features\.(?:conv0|norm0)\.",
+        "blocks": [(r"^features\.denseblock(\d+)\.denselayer(\d+)\.", None),
+                   (r"^features\.transition(\d+)\.", _JOIN_PREVIOUS)],
+    },
+    # RegNet: the stem, then each residual block of trunk_output.block1..block4 (as ResNet's layerN.M).
+    "RegNet": {"stem": r"^stem\.", "blocks": r"^trunk_output\.block(\d+)\.block\d+-(\d+)\."},
+    # MNASNet: `layers` holds the stem (0-7), six stacks of inverted residual blocks (8-13), then a 1x1
+    # convolution and its norm (14-15), which join the last block. Each inverted residual block is a block.
+    "MNASNet": {"stem": r"^layers\.[0-7]\.", "blocks": r"^layers\.(8|9|1[0-3])\.(\d+)\."},
+    # ShuffleNetV2: conv1 is the stem; each unit of stage2..stage4 is a block; conv5 joins the last one.
+    "ShuffleNetV2": {"stem": r"^conv1\.", "blocks": r"^stage(\d+)\.(\d+)\."},
+    # MaxViT: the stem, then each MaxViT layer of each stage; the classifier's norm and pre-logits Linear join
+    # the last block.
+    "MaxVit": {"stem": r"^stem\.", "blocks": r"^blocks\.(\d+)\.layers\.(\d+)\."},
+}
+
+# Families whose stages are differently named children of the network: the stem, then each stage in order.
+_TORCHVISION_NAMED_STAGES: dict[str, tuple[str, str]] = {
+    # GoogLeNet: conv1-conv3, then inception3a ... inception5b (the auxiliary classifiers are removed).
+    "GoogLeNet": (r"^conv[123]\.", r"^inception\d[a-e]$"),
+    # Inception-v3: Conv2d_1a_3x3 ... Conv2d_4a_3x3, then Mixed_5b ... Mixed_7c (AuxLogits is removed).
+    "Inception3": (r"^Conv2d_", r"^Mixed_\d[a-e]$"),
+}
+
+# Any other torchvision network, by structure: the modules it has.
 _TORCHVISION_MATCHERS: tuple[tuple[str, dict], ...] = (
     # ViT: the patch embedding with class token and position embedding, then each encoder layer.
     ("encoder.layers", {
@@ -28,7 +59,7 @@ _TORCHVISION_MATCHERS: tuple[tuple[str, dict], ...] = (
     }),
     # ResNet, ResNeXt, Wide ResNet: the stem convolution, then each residual block of layer1..layer4.
     ("layer4", {"stem": r"^(?:conv1|bn1)\.", "blocks": r"^layer(\d+)\.(\d+)\."}),
-    # MobileNet, EfficientNet, ConvNeXt, VGG, DenseNet, Swin, ...: each child of `features`.
+    # AlexNet, VGG, SqueezeNet, MobileNet, EfficientNet, ConvNeXt, Swin: each child of `features`.
     ("features", {"blocks": r"^features\.(\d+)\."}),
 )
 
@@ -55,6 +86,14 @@ class Block:
 def torchvision_block_matcher(network: nn.Module) -> dict | None:
     """The group matcher for a torchvision network, or None if its family has no block definition (it is then
     one block)."""
+    family = type(network).__name__
+    if family in _TORCHVISION_FAMILY_MATCHERS:
+        return _TORCHVISION_FAMILY_MATCHERS[family]
+    if family in _TORCHVISION_NAMED_STAGES:
+        stem, stage = _TORCHVISION_NAMED_STAGES[family]
+        stages = [name for name, child in network.named_children()
+                  if re.match(stage, name) and any(True for _ in child.parameters())]
+        return {"stem": stem, "blocks": [(rf"^{re.escape(name)}\.", (index,)) for index, name in enumerate(stages)]}
     for module_name, matcher in _TORCHVISION_MATCHERS:
         try:
             network.get_submodule(module_name)
@@ -64,12 +103,31 @@ def torchvision_block_matcher(network: nn.Module) -> dict | None:
     return None
 
 
+def timm_block_matcher(network: nn.Module):
+    """The group matcher of a timm network: its own `group_matcher(coarse=False)`, or, for the few models without
+    one (MetaFormer, PiT, CSATv2), its stages as `feature_info` names them, the parameters registered before the
+    first stage (patch embedding, position embedding, class token, stem) being the stem; None if it has neither."""
+    try:
+        return network.group_matcher(coarse=False)
+    except (AttributeError, NotImplementedError):
+        pass
+    stages = [info["module"] for info in getattr(network, "feature_info", None) or [] if info.get("module")]
+    if not stages:
+        return None
+    names = [name for name, _ in network.named_parameters()]
+    first = next((i for i, name in enumerate(names) if name.startswith(stages[0] + ".")), 0)
+    stem = "|".join(re.escape(name) for name in names[:first])
+    return {"stem": rf"^(?:{stem})$" if stem else r"^$",
+            "blocks": [(rf"^{re.escape(stage)}\.", (index,)) for index, stage in enumerate(stages)]}
+
+
 def split_into_blocks(network: nn.Module, matcher: dict, head_name: str) -> list[Block]:
     """Splits the parameters outside the head into ordered blocks with a timm-style group matcher.
 
     Args:
         network: the whole network.
-        matcher: `{"stem": regex, "blocks": regex or [(regex, suffix), ...], ...}` as in timm.
+        matcher: `{"stem": regex, "blocks": regex or [(regex, suffix), ...], ...}` as in timm, or a timm matcher
+            function (parameter name -> group number).
         head_name: module name of the classifier, which is left out of every block.
 
     Returns:
@@ -79,7 +137,10 @@ def split_into_blocks(network: nn.Module, matcher: dict, head_name: str) -> list
 
     head_prefix = head_name + "."
     # Whatever no pattern matches (pre-logits layers, final norms; the head, left out below) joins the last block.
-    matcher = {**matcher, "after_last_block": [(r".*", _JOIN_PREVIOUS)]}
+    if callable(matcher):  # some timm models (CaiT, ...) group by a function, which says inf for the rest
+        matcher = _joining_the_rest(matcher)
+    else:
+        matcher = {**matcher, "after_last_block": [(r".*", _JOIN_PREVIOUS)]}
     groups = group_parameters(network, matcher)
     owners = _parameter_owners(network)
     blocks = []
@@ -90,6 +151,19 @@ def split_into_blocks(network: nn.Module, matcher: dict, head_name: str) -> list
         parameters = tuple(names)
         blocks.append(Block(index, _covering_names(parameters, owners), parameters))
     return blocks
+
+
+def _joining_the_rest(matcher):
+    """A timm matcher function whose unmatched parameters (group inf) join the last block."""
+    import math
+
+    def grouping(name: str):
+        group = matcher(name)
+        if isinstance(group, int | float):
+            return (math.inf, *_JOIN_PREVIOUS) if math.isinf(group) else (group,)
+        return tuple(group)
+
+    return grouping
 
 
 def trainable_parameter_names(blocks: list[Block], unfreeze: int | str) -> set[str]:
@@ -130,22 +204,24 @@ def describe_blocks(names: list[str], num_classes: int = 2) -> str:
     """A Markdown table of what `unfreeze` means for each model: `python -m finetune.blocks mobilenet_v2`.
 
     Args:
-        names: torchvision model names, or timm ones as "timm:<name>".
+        names: torchvision or timm model names (a torchvision name wins; "timm:<name>" forces timm).
         num_classes: head size used for the parameter counts.
     """
-    from finetune.backbones import create_backbone
+    from finetune.backbones import create_backbone, source_of
 
     rows = ["| model | blocks | unfreeze=1 trains | unfreeze=2 adds | trainable at 0 / 1 / 2 / all |",
             "|---|---|---|---|---|"]
     for entry in names:
         source, _, name = entry.rpartition(":")
-        backbone = create_backbone(name, num_classes, source=source or "torchvision", weights=None)
+        backbone = create_backbone(name, num_classes, source=source or source_of(name), weights=None)
         sizes = dict((n, p.numel()) for n, p in backbone.network.named_parameters())
         head = sum(size for n, size in sizes.items() if n.startswith(backbone.head_name + "."))
+        depths = [depth for depth in (0, 1, 2) if depth < len(backbone.blocks)] + ["all"]
         counts = [head + sum(sizes[n] for n in trainable_parameter_names(backbone.blocks, depth))
-                  for depth in (0, 1, 2, "all")]
+                  for depth in depths]
         blocks = backbone.blocks
-        rows.append(f"| {entry} | {len(blocks)} | `{blocks[-1].label}` | `{blocks[-2].label}` | "
+        second = f"`{blocks[-2].label}`" if len(blocks) > 1 else "-"
+        rows.append(f"| {entry} | {len(blocks)} | `{blocks[-1].label}` | {second} | "
                     f"{' / '.join(f'{count:,}' for count in counts)} |")
     return "\n".join(rows)
 
@@ -153,4 +229,10 @@ def describe_blocks(names: list[str], num_classes: int = 2) -> str:
 if __name__ == "__main__":
     import sys
 
-    print(describe_blocks(sys.argv[1:] or ["mobilenet_v2"]))
+    from finetune.errors import UsageError
+
+    try:
+        print(describe_blocks(sys.argv[1:] or ["mobilenet_v2"]))
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -147,7 +147,7 @@ def demo_root(name: str = "elpv", cache_dir: str | os.PathLike | None = None) ->
 
     Raises:
         ValueError: If ``name`` is not a known demo data set.
-        ImportError: If the data set must be materialised and the
+        UsageError: If the data set must be materialised and the
             ``elpv-dataset`` package is not installed.
         RuntimeError: If the target folder exists but was not made by this
             function (and is not empty).
@@ -189,7 +189,12 @@ def _elpv_data_dir() -> Path:
     try:
         package = import_module("elpv_dataset")
     except ImportError as exc:
-        raise ImportError(f"The ELPV demo data set needs the elpv-dataset package: {_INSTALL_HINT}") from exc
+        from finetune.errors import UsageError
+
+        # A dependency of finetune, so missing means a broken install: one line saying how to mend it.
+        raise UsageError(f"the ELPV demo data set needs the elpv-dataset package, which is not installed "
+                         f"({exc}): {_INSTALL_HINT}, or train on your own images with data=folder "
+                         "data.root=<folder>") from exc
     return Path(package.__file__).resolve().parent / "data"
 
 

@@ -41,6 +41,10 @@ def split_stratified(by_class: dict[int, list[str]], fractions: Sequence[float],
         sizes = [max(1, round(len(paths) * f)) if f > 0 else 0 for f in fractions[1:]]
         n_val, n_test = sizes
         n_train = len(paths) - n_val - n_test
+        if n_train < 1:  # rounding up val and test took every image: the class would never be trained on
+            raise UsageError(f"class {class_names[label]!r} has {len(paths)} image(s): data.split="
+                             f"[{','.join(f'{f:g}' for f in fractions)}] gives {n_val} to val and {n_test} to "
+                             "test and none to train; add images or give train a larger share")
         pieces = {"train": shuffled[:n_train], "val": shuffled[n_train:n_train + n_val],
                   "test": shuffled[n_train + n_val:]}
         for name, chosen in pieces.items():

@@ -18,6 +18,7 @@ from finetune.errors import UsageError
 from finetune.features import Cut, classify_features
 from finetune.freezing import Unfreezing, keep_frozen_in_eval_mode, parameter_groups, set_depth, unfreeze_schedule
 from finetune.metrics import classification_metrics
+from finetune.schedules import FixScheduleLength, WarmupCosine
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class ImageClassifier(L.LightningModule):
         return cls.load_from_checkpoint(path, map_location=map_location, weights=None, weights_only=True)
 
     def configure_callbacks(self) -> list[L.Callback]:  # what its settings ask of every fit, in any Trainer
-        return [Unfreezing(), MemoryFormatAndCompile(), ResumeRandomState()]
+        return [Unfreezing(), MemoryFormatAndCompile(), ResumeRandomState(), FixScheduleLength()]
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A checkpoint says how to feed the model, whatever weights it started from.
@@ -229,17 +230,9 @@ class ImageClassifier(L.LightningModule):
             return {"optimizer": optimizer,
                     "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss", "interval": "epoch"}}
 
-        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
-        steps_per_epoch = total_steps / max(1, self.trainer.max_epochs or 1)
-        warmup_steps = int(hp.warmup_epochs * steps_per_epoch)
-
-        def factor(step: int) -> float:
-            if step < warmup_steps:
-                return (step + 1) / warmup_steps
-            progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        # The length is set when training starts (schedules.FixScheduleLength), not here: a resumed run's loop
+        # state is not restored yet, and `estimated_stepping_batches` would build its loader at epoch 0.
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(hp.warmup_epochs))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def parameter_groups(self) -> list[dict]:

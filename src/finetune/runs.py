@@ -101,5 +101,28 @@ def resume_from(ckpt_path: str | None, output_dir: Path) -> str | None:
         hint = ("pass hydra.run.dir=<the run to resume> with ckpt_path=last" if ckpt_path == "last"
                 else "pass ckpt_path=<an existing .ckpt file> or ckpt_path=last")
         raise UsageError(f"no checkpoint to resume at {path}: {hint}")
+    check_loadable(path)
     log.info("resuming from %s", path)
     return str(path)
+
+
+def check_loadable(path: Path) -> None:
+    """Stops with one line if torch cannot, or will not, load the checkpoint at `path`.
+
+    Loaded as the resumed fit loads it (`weights_only=True`: tensors and plain values only, so a file that
+    carries code is refused rather than run), and memory-mapped, so this costs no copy of the weights.
+    """
+    import pickle
+
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(error).__name__
+        if isinstance(error, pickle.UnpicklingError):
+            reason = ("it holds more than tensors and plain values (a pickle that may run code), which "
+                      f"weights_only loading refuses: {reason}")
+        raise UsageError(f"cannot resume from {path}: {reason}; pass ckpt_path=<a checkpoint this project "
+                         "saved> (checkpoints/last.ckpt of the run) or ckpt_path=last") from error

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from finetune.callbacks import ImagesSeen
 from finetune.checks import check_arguments
@@ -61,6 +61,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     """
     output_dir = Path(cfg.paths.output_dir)
     # Mistakes that would stop the run later stop it now, before any work.
+    if OmegaConf.is_missing(cfg.model, "name"):  # model=timm and model=torchvision name no architecture
+        example = "convnext_nano" if cfg.model.source == "timm" else "densenet121"
+        raise UsageError(f"model={cfg.model.source} needs the architecture: add model.name=<name>, e.g. "
+                         f"model={cfg.model.source} model.name={example} (docs/architectures.md lists them)")
     resume = resume_from(cfg.ckpt_path, output_dir)
     for section in ("data", "model", "trainer"):
         check_arguments(cfg, section)
@@ -83,6 +87,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     try:
         if cfg.tune.lr_find:
             find_learning_rate(trainer, model, datamodule, output_dir, cfg.tune.num_training)
+            # The run's record holds the rates it trains at, not the ones the finder replaced.
+            cfg.strategy.lr, cfg.strategy.backbone_lr = model.hparams.lr, model.hparams.backbone_lr
+            if writes and (output_dir / ".hydra" / "config.yaml").is_file():
+                OmegaConf.save(cfg, output_dir / ".hydra" / "config.yaml")
         started = time.perf_counter()
         with memory_hint(cfg):
             fit(trainer, model, datamodule, resume, output_dir)
@@ -154,7 +162,8 @@ def fit(trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataM
         output_dir: Path) -> None:
     """`trainer.fit`; after Ctrl-C or SIGTERM, says where training was saved and how to resume, and exits."""
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume)
+        # weights_only: a checkpoint holds tensors and plain values; nothing in it may run code (torch >= 2.6).
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
     except SystemExit:  # how Lightning ends a fit on Ctrl-C (after its callbacks) and SIGTERM
         saver = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
         if saver is None or saver.signal is None:

@@ -12,13 +12,21 @@ from finetune.backbones import Preprocessing
 
 
 def eval_transform(preprocessing: Preprocessing) -> T.Compose:
-    """Resize, centre crop, normalise: exactly what the pretrained weights were evaluated with."""
-    return T.Compose([
-        T.Resize(preprocessing.resize_size, interpolation=InterpolationMode(preprocessing.interpolation),
-                 antialias=True),
-        T.CenterCrop(preprocessing.crop_size),
-        *_to_normalised_tensor(preprocessing),
-    ])
+    """Resize, centre crop, normalise: exactly what the pretrained weights were evaluated with (timm's eval
+    transform, its `crop_mode` included: `Preprocessing.crop_mode`)."""
+    interpolation = InterpolationMode(preprocessing.interpolation)
+    size, crop = preprocessing.resize_size, preprocessing.crop_size
+    if preprocessing.crop_mode == "squash":
+        resize = [T.Resize((size, size), interpolation=interpolation, antialias=True), T.CenterCrop(crop)]
+    elif preprocessing.crop_mode == "border":
+        from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
+
+        fill = [round(255 * value) for value in preprocessing.mean]
+        resize = [ResizeKeepRatio(size, interpolation=preprocessing.interpolation, longest=1.0),
+                  CenterCropOrPad(crop, fill=fill)]
+    else:
+        resize = [T.Resize(size, interpolation=interpolation, antialias=True), T.CenterCrop(crop)]
+    return T.Compose([*resize, *_to_normalised_tensor(preprocessing)])
 
 
 def train_transform(preprocessing: Preprocessing, crop_scale: Sequence[float], rotation_degrees: float,
