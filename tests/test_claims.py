@@ -7,6 +7,7 @@ with the feature broken claims nothing.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -198,7 +199,7 @@ def test_a_checkpoint_torch_will_not_load_stops_the_resume_with_one_line(tmp_pat
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     path = tmp_path / "run" / "checkpoints" / "last.ckpt"
     if kind == "code":
-        torch.save({"state_dict": {}, "hook": Counter}, path)  # a class: unpickling it would import code
+        torch.save({"state_dict": {}, "hook": os.system}, path)  # unpickling it would reach os.system
         expected = "a pickle that may run code"
     else:
         torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
