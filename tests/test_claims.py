@@ -7,6 +7,7 @@ with the feature broken claims nothing.
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 
 import pytest
@@ -103,13 +104,13 @@ def test_balance_sampler_draws_every_class_equally_often_through_the_cli(tmp_pat
         for path in sorted((data / kind).iterdir())[keep:]:
             path.unlink()
     labels = tmp_path / "labels.txt"
-    run_cli(tmp_path, *TINY, f"data.root={data}", "unfreeze=0", "data.balance=sampler", "trainer.max_epochs=12",
+    run_cli(tmp_path, *TINY, f"data.root={data}", "unfreeze=0", "data.balance=sampler", "trainer.max_epochs=6",
             "+callbacks.record._target_=faults.RecordLabels", f"+callbacks.record.path={labels}")
     drawn = Counter(int(label) for line in labels.read_text().split() for label in line.split())
     total = sum(drawn.values())
-    assert total == 31 * 12
-    for label in range(3):  # a third each: binomial standard deviation about 9 draws of 372
-        assert abs(drawn[label] - total / 3) < 35, drawn
+    assert total == 31 * 6
+    for label in range(3):  # a third each (62): binomial standard deviation 6.4; unbalanced, 126 / 42 / 18
+        assert abs(drawn[label] - total / 3) < 25, drawn
 
 
 def test_balance_loss_weights_weighs_the_training_loss_as_the_class_counts_say(tmp_path):
@@ -198,7 +199,7 @@ def test_a_checkpoint_torch_will_not_load_stops_the_resume_with_one_line(tmp_pat
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     path = tmp_path / "run" / "checkpoints" / "last.ckpt"
     if kind == "code":
-        torch.save({"state_dict": {}, "hook": Counter}, path)  # a class: unpickling it would import code
+        torch.save({"state_dict": {}, "hook": os.system}, path)  # unpickling it would reach os.system
         expected = "a pickle that may run code"
     else:
         torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)

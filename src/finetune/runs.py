@@ -117,7 +117,7 @@ def check_loadable(path: Path) -> None:
     import torch
 
     try:
-        torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, RuntimeError, OSError, EOFError, ValueError) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         reason = lines[0] if lines else type(error).__name__
@@ -126,3 +126,7 @@ def check_loadable(path: Path) -> None:
                       f"weights_only loading refuses: {reason}")
         raise UsageError(f"cannot resume from {path}: {reason}; pass ckpt_path=<a checkpoint this project "
                          "saved> (checkpoints/last.ckpt of the run) or ckpt_path=last") from error
+    if not isinstance(checkpoint, dict) or not {"state_dict", "loops", "optimizer_states"} <= checkpoint.keys():
+        raise UsageError(f"cannot resume from {path}: it is not a training checkpoint (no training state in it); "
+                         "pass ckpt_path=<a checkpoint this project saved> (checkpoints/last.ckpt of the run) or "
+                         "ckpt_path=last")
