@@ -33,6 +33,8 @@ def hyperparameters(cfg: DictConfig, model) -> dict:
     (alphabetically), shows the ones that matter; the whole configuration is in the run's .hydra/config.yaml."""
     params = {"model": cfg.model.name, "strategy": cfg.strategy.name, "unfreeze": str(cfg.unfreeze),
               "seed": cfg.seed, "trainable_params": model.parameter_counts()[0]}
+    if cfg.tune.lr_find:  # the rate the finder chose, which trained (not the one it replaced)
+        params["lr"] = model.hparams.lr
     for override in _command_line_overrides():
         key, _, value = override.lstrip("+~").partition("=")
         if key not in ("unfreeze", "seed", "strategy", "model") and not key.startswith(("hydra.", "paths.")):
