@@ -20,8 +20,15 @@ from finetune.backbones import Preprocessing
 from finetune.demo import DEMO_NAMES, default_cache_dir, demo_root
 from finetune.errors import UsageError
 from finetune.features import EpochShuffler, FeatureDataset, ViewDataset, ViewSampler, as_batch
-from finetune.folders import (SPLITS, Sample, read_class_folders, read_split_folders, split_kfold, split_stratified,
-                              usable_images)
+from finetune.folders import (
+    SPLITS,
+    Sample,
+    read_class_folders,
+    read_split_folders,
+    split_kfold,
+    split_stratified,
+    usable_images,
+)
 from finetune.loaders import ImageDataset, ResumableLoader, default_num_workers
 from finetune.scan import STRONG_IMBALANCE, scan_cache_file, unreadable_images
 from finetune.transforms import eval_transform, train_transform
