@@ -234,9 +234,9 @@ def _verdict(group: Group, design: str, report, titled: bool) -> str:
         target = max(abs(d.mean), 0.02)
         n_images = _images(report, design, group)
         needed = images_to_resolve(n_images, d.half_width, target) if n_images else None
-        more = (f" To resolve a difference of {100 * target:.1f} points would take roughly {needed:,} images "
-                f"instead of {n_images:,} (the interval narrows as 1/sqrt(images); more folds of the same images "
-                "narrow it little).") if needed else ""
+        more = (f" To resolve a difference of {100 * target:.1f} points would take roughly {_rounded(needed):,} "
+                f"images instead of the {n_images:,} here (assuming the interval narrows as 1/sqrt(images); more "
+                "folds of the same images narrow it little).") if needed else ""
         return (f"{title}The data cannot decide: no depth is significantly better or worse than another. "
                 f"The largest difference, {widest.point.name} against {widest.other.name}, is "
                 f"{points_text(d.mean)} points ({interval_text(d)}).{more} Until then the cheapest is the safe "
@@ -267,6 +267,11 @@ def _verdict(group: Group, design: str, report, titled: bool) -> str:
     sentences.append(f"Recommended: unfreeze={recommended.point.unfreeze}"
                      f" ({100 * recommended.acc.mean:.1f}% accuracy, {interval_text(recommended.acc)}).")
     return title + " ".join(sentences)
+
+
+def _rounded(count: int) -> int:
+    """Two significant digits: the approximation is no finer than that."""
+    return int(float(f"{count:.2g}"))
 
 
 def _images(report, design: str, group: Group) -> int:
