@@ -18,7 +18,8 @@ import torch
 from omegaconf import MISSING
 from torch.utils.data import DataLoader, Dataset
 
-from finetune.cli import InferenceOptions, LoadedModel, load_model, parse_options, run_command
+from finetune import apps
+from finetune.cli import InferenceOptions, LoadedModel, load_model
 from finetune.errors import UsageError
 from finetune.images import IMAGE_EXTENSIONS, is_image_file, load_rgb
 
@@ -46,13 +47,10 @@ class PredictOptions(InferenceOptions):
     overwrite: bool = False
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m finetune.predict key=value ...`: writes the predictions CSV; returns the exit code."""
-    return run_command(_predict, argv)
-
-
-def _predict(argv: list[str]) -> None:
-    options: PredictOptions = parse_options(PredictOptions, argv, USAGE)
+@apps.command("predict", PredictOptions, USAGE)
+def main(options: PredictOptions) -> None:
+    """`python -m finetune.predict key=value ...`: writes the predictions CSV (`main(argv)` returns the exit
+    code)."""
     if options.top_k < 1:
         raise UsageError(f"top_k={options.top_k} must be at least 1")
     output = Path(options.output).expanduser()
