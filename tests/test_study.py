@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, offline_env, run_multirun
 from omegaconf import OmegaConf
 from scipy import stats as scipy_stats
 
 from finetune.errors import UsageError
 from finetune.folders import split_kfold
-from finetune.report import build_report, write_report
+from finetune.report import PLOTS, build_report, write_report
 from finetune.stats import corrected_t
 
 NAMES = ["a", "b", "c"]
@@ -167,3 +172,45 @@ def test_a_partial_study_reports_over_what_finished_and_lists_what_is_missing(tm
     assert "- data.fold=3 unfreeze=0: not started" in problems and "- data.fold=4 unfreeze=all: not started" in problems
     assert "data.fold=1 unfreeze=0: not started" not in problems
     assert problems.count("not started") == 3 * 2 + 2  # folds 3 and 4 of every depth, folds 1 and 2 of all
+
+
+@pytest.mark.slow
+def test_a_small_depth_study_through_the_command_line(tmp_path, image_folder):
+    sweep = tmp_path / "study"
+    run_multirun(tmp_path, sweep, "experiment=depth_study", "unfreeze=0,all", "data.folds=2", "data.fold=0,1",
+                 "model=mobilenet_v2", "model.weights=null", f"data.root={image_folder}", "data.image_size=32",
+                 "data.num_workers=0", "data.batch_size=8", "trainer.max_epochs=2",
+                 "callbacks.test_predictions.latency_batch=2", "callbacks.test_predictions.latency_repeats=1")
+
+    # Each run named by what differs in the sweep: TensorBoard lists them so.
+    runs = {path.name for path in sweep.iterdir() if (path / ".hydra").is_dir()}
+    assert runs == {"unfreeze-0_fold-0", "unfreeze-0_fold-1", "unfreeze-all_fold-0", "unfreeze-all_fold-1"}
+    tested = []
+    for run in runs:
+        assert any((sweep / run / "tensorboard").glob("events.out.tfevents.*"))
+        convergence = json.loads((sweep / run / "convergence.json").read_text())
+        assert convergence["epochs/used"] == 2 and convergence["epochs/converged"] == 0.0  # the cap, not converged
+        assert json.loads((sweep / run / "test_latency.json").read_text())["time/inference_ms_per_image"] > 0
+        with open(sweep / run / "test_predictions.csv", newline="") as file:
+            rows = list(csv.DictReader(file))
+        assert set(rows[0]) == {"path", "label", "predicted", "p_circle", "p_square", "p_stripes"}
+        if run.startswith("unfreeze-0"):
+            tested += [row["path"] for row in rows]
+    assert len(tested) == len(set(tested)) == 36  # the two folds test every image once
+
+    result = subprocess.run([sys.executable, "-m", "finetune.report", f"sweep_dir={sweep}"], cwd=REPO,
+                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "## Verdict" in result.stdout and "Recommended: unfreeze=" in result.stdout
+    page = (sweep / "report.html").read_text()
+    assert page.index("Verdict") < page.index("Paired comparisons") < page.index("Every run")
+    assert page.count("data:image/png;base64,") == len(PLOTS)
+    assert "http://" not in page and "https://" not in page  # nothing fetched: it opens offline
+    with open(sweep / "report_study.csv", newline="") as file:
+        assert [row["unfreeze"] for row in csv.DictReader(file)] == ["0", "all"]
+    if shutil.which("chromium"):  # what a user sees: the page renders, verdict and plots included
+        screenshot = tmp_path / "report.png"
+        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={screenshot}",
+                        "--window-size=1200,2000", (sweep / "report.html").as_uri()], capture_output=True,
+                       timeout=120)
+        assert screenshot.stat().st_size > 50_000

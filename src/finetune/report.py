@@ -12,12 +12,12 @@ verdict; `finetune.report_tables`, `finetune.report_plots` and `finetune.report_
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import apps
 from finetune.errors import UsageError
 from finetune.report_plots import PLOTS
 from finetune.report_runs import (
@@ -228,31 +228,37 @@ def _problem_line(row: RunRow) -> str:
             "(still running, killed, or stopped without logging why)")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m finetune.report [SWEEP_DIR] [--no-plots]`: prints the report and writes it into SWEEP_DIR."""
-    parser = argparse.ArgumentParser(
-        prog="python -m finetune.report",
-        description="The verdict, tables and plots of a sweep (python train.py -m ..., e.g. experiment=depth_study), "
-                    "written into its folder as report.html, report.md and report.csv.")
-    parser.add_argument("sweep_dir", nargs="?", type=Path, metavar="SWEEP_DIR",
-                        help="a sweep folder (multirun/<date>/<time>) or one run's folder; "
-                             "default: the newest sweep under multirun/")
-    parser.add_argument("--no-plots", action="store_true", help="write the tables only")
-    args = parser.parse_args(argv)
-    try:
-        sweep_dir = args.sweep_dir
-        if sweep_dir is None:
-            sweep_dir = newest_sweep()
-            print(f"the newest sweep under multirun/: {sweep_dir}")
-        report = build_report(sweep_dir)
-        written = write_report(report, sweep_dir, plots=not args.no_plots)
-    except UsageError as error:
-        # A problem the user can fix: one line, exit code 2, no traceback.
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+USAGE = """python -m finetune.report [sweep_dir=<folder>] [plots=false]
+
+The verdict, tables and plots of a sweep (python train.py -m ..., e.g. experiment=depth_study), written into its
+folder as report.html (one self-contained page: open it in a browser), report.md, report.csv, report_by_point.csv,
+report_study.csv and PNG plots; the Markdown is printed too.
+
+  sweep_dir   a sweep folder (multirun/<date>/<time>) or one run's folder; default: the newest sweep under multirun/
+  plots       false: the tables only
+"""
+
+
+@dataclass
+class ReportOptions:
+    """The options of `python -m finetune.report` (see USAGE)."""
+
+    sweep_dir: str | None = None
+    plots: bool = True
+
+
+@apps.command("report", ReportOptions, USAGE)
+def main(options: ReportOptions) -> None:
+    """`python -m finetune.report [sweep_dir=...] [plots=false]`: prints the report and writes it into the sweep
+    folder (`main(argv)` returns the exit code)."""
+    sweep_dir = Path(options.sweep_dir).expanduser() if options.sweep_dir else None
+    if sweep_dir is None:
+        sweep_dir = newest_sweep()
+        print(f"the newest sweep under multirun/: {sweep_dir}")
+    report = build_report(sweep_dir)
+    written = write_report(report, sweep_dir, plots=options.plots)
     print(report.to_markdown())
     print("\nwritten: " + ", ".join(str(path) for path in written))
-    return 0
 
 
 if __name__ == "__main__":

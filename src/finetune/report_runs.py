@@ -112,7 +112,9 @@ def not_started(sweep_dir: Path, runs: list[Path]) -> list[str]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     config = _load_yaml(sweep_dir / "multirun.yaml")
-    if not isinstance(config, DictConfig):
+    # Only Hydra's basic sweeper runs a planned grid; others (Optuna) choose their trials as they go.
+    if not isinstance(config, DictConfig) or "BasicSweeper" not in str(
+            OmegaConf.select(config, "hydra.sweeper._target_", default="BasicSweeper")):
         return []
     params = dict(OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})
     for item in OmegaConf.select(config, "hydra.overrides.task", default=None) or []:
