@@ -22,7 +22,8 @@ h1 { font-size: 1.5em; margin-bottom: 0.2em; } h2 { font-size: 1.2em; margin-top
 .verdict p { margin: 0.4em 0; }
 table { border-collapse: collapse; font-size: 0.86em; margin: 0.5em 0; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; white-space: nowrap; }
-th { background: #f4f4f4; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+th { background: #f4f4f4; white-space: normal; vertical-align: bottom; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
 tr.recommended td { background: #eef6ee; font-weight: 600; }
 .note { color: #555; font-size: 0.9em; } .missing { color: #a33; }
 img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
@@ -56,13 +57,11 @@ def _study_section(study) -> list[str]:
     parts.append(f'<h2>Verdict</h2><div class="verdict{" undecided" if undecided else ""}">{paragraphs}</div>')
     for group in study.groups:
         title = f" ({html.escape(group.title)})" if len(study.groups) > 1 else ""
-        parts.append(f"<h2>Points{title}</h2>"
-                     + html_table(STUDY_COLUMNS, group.points, lambda s, g=group: s is g.recommended))
-        comparisons = group.vs_transfer + [c for c in group.vs_best if c.other is not group.transfer]
+        parts.append(f"<h2>Points{title}</h2><div class=runs>"
+                     + html_table(STUDY_COLUMNS, group.points, lambda s, g=group: s is g.recommended) + "</div>")
+        comparisons = group.comparisons
         if comparisons:
-            parts.append(f"<h2>Paired comparisons{title}</h2>"
-                         + html_table(COMPARISON_COLUMNS, comparisons,
-                                      lambda c: c.difference.significant))
+            parts.append(f"<h2>Paired comparisons{title}</h2>" + html_table(COMPARISON_COLUMNS, comparisons))
     unit = "folds" if study.design == "folds" else "test images"
     parts.append(f'<p class="note">Statistics: {html.escape(study.method)}. Accuracy and macro-F1 are in percent, '
                  f"means over {unit}, with 95% intervals; n is the number of {unit}. Train s: mean fit time per "

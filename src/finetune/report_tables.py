@@ -194,7 +194,7 @@ def study_markdown(study) -> str:
     for group in study.groups:
         title = f" ({group.title})" if len(study.groups) > 1 else ""
         parts.append(f"## Points{title}\n\n" + markdown_table(STUDY_COLUMNS, group.points))
-        comparisons = group.vs_transfer + [c for c in group.vs_best if c.other is not group.transfer]
+        comparisons = group.comparisons
         if comparisons:
             parts.append(f"## Paired comparisons{title}\n\n" + markdown_table(COMPARISON_COLUMNS, comparisons))
     parts.append(f"Statistics: {study.method}. Accuracy and F1 are means over "

@@ -69,6 +69,11 @@ class Group:
     undecided: bool
     verdict: str
 
+    @property
+    def comparisons(self) -> list[Comparison]:
+        """Each point against transfer learning, then against the best (each pair once)."""
+        return self.vs_transfer + [c for c in self.vs_best if self.transfer not in (c.point, c.other)]
+
 
 @dataclass
 class Study:
@@ -257,6 +262,15 @@ def _verdict(group: Group, design: str, report, titled: bool) -> str:
             verb = "beats" if d.significant and d.mean > 0 else "is not significantly better than"
             sentences.append(f"Fine-tuning with {recommended.name} {verb} transfer learning by {points_text(d.mean)} "
                              f"points ({interval_text(d)}).")
+        cheaper = [p for p in group.points if p is not transfer and _cost_order(p) < _cost_order(recommended)]
+        if cheaper:
+            top = max(cheaper, key=lambda p: p.acc.mean)
+            d = compare(top, recommended, design).difference
+            ta, tb = top.cost("time/fit_seconds"), recommended.cost("time/fit_seconds")
+            cost = f" at {ta / tb:.1f}x the training time" if ta and tb else ""
+            verb = "significantly" if d.significant else "not significantly"
+            sentences.append(f"The best cheaper point, {top.name}, is {verb} worse ({points_text(d.mean)} points, "
+                             f"{interval_text(d)}){cost}.")
         costlier = [p for p in group.points if _cost_order(p) > _cost_order(recommended)]
         if costlier:
             top = max(costlier, key=lambda p: p.acc.mean)
