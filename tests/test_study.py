@@ -160,12 +160,14 @@ def test_a_partial_study_reports_over_what_finished_and_lists_what_is_missing(tm
     for fold, noise in enumerate(FOLD_NOISE[:3]):
         make_fold_run(sweep, 0, fold, 0.72 + noise, seconds=20)
         make_fold_run(sweep, 2, fold, 0.84 + noise, seconds=40)
+    make_fold_run(sweep, 4, 0, 0.95, seconds=60)  # one fold so far: no interval, not compared yet
     failed = make_fold_run(sweep, "all", 0, 0.9, seconds=99)
     (failed / "metrics.json").unlink()
     (failed / "train.log").write_text("[2026-12-03 10:00:00,000][finetune][ERROR] - error: out of CPU memory\n")
 
     report = build_report(sweep)
     assert report.study.groups[0].recommended.point.unfreeze == 2  # over the three folds that finished
+    assert report.study.verdict.endswith("Not compared yet, too few finished folds: unfreeze=4 (1 fold).")
     problems = "\n".join(report.problems())
     assert "job unfreeze-all_fold-0 (tf_efficientnet_lite0/finetune/unfreeze=all/seed=0/fold=0) failed: out of CPU " \
            "memory" in problems

@@ -68,6 +68,7 @@ class Group:
     vs_best: list[Comparison]
     undecided: bool
     verdict: str
+    waiting: list[PointStats] = field(default_factory=list)
 
     @property
     def comparisons(self) -> list[Comparison]:
@@ -193,15 +194,21 @@ def compare(a: PointStats, b: PointStats, design: str) -> Comparison:
 
 
 def _group(title: str, points: list[PointStats], design: str, report, titled: bool) -> Group:
-    transfer = next((p for p in points if p.point.unfreeze == 0), None)
-    best = max(points, key=lambda p: p.acc.mean)
-    vs_transfer = [compare(p, transfer, design) for p in points if transfer is not None and p is not transfer]
-    vs_best = [compare(p, best, design) for p in points if p is not best]
+    # A point with one finished fold has no interval: shown in the table, compared once a second fold is in.
+    ready = [p for p in points if design == SPLIT or p.acc.n >= 2] or points
+    transfer = next((p for p in ready if p.point.unfreeze == 0), None)
+    best = max(ready, key=lambda p: p.acc.mean)
+    vs_transfer = [compare(p, transfer, design) for p in ready if transfer is not None and p is not transfer]
+    vs_best = [compare(p, best, design) for p in ready if p is not best]
     not_worse = [best] + [c.point for c in vs_best if not c.difference.significant]
     recommended = min(not_worse, key=_cost_order)
-    undecided = len(points) > 1 and not any(c.difference.significant for c in vs_transfer + vs_best)
-    group = Group(title, points, transfer, best, recommended, vs_transfer, vs_best, undecided, "")
+    undecided = len(ready) > 1 and not any(c.difference.significant for c in vs_transfer + vs_best)
+    group = Group(title, points, transfer, best, recommended, vs_transfer, vs_best, undecided, "",
+                  [p for p in points if p not in ready])
     group.verdict = _verdict(group, design, report, titled)
+    if group.waiting:
+        names = ", ".join(f"{p.name} ({p.acc.n} fold{'s' if p.acc.n != 1 else ''})" for p in group.waiting)
+        group.verdict += f" Not compared yet, too few finished folds: {names}."
     return group
 
 
@@ -228,12 +235,12 @@ def _times(a: PointStats, b: PointStats) -> str:
 def _verdict(group: Group, design: str, report, titled: bool) -> str:
     title = f"{group.title}: " if titled else ""
     recommended, best, transfer = group.recommended, group.best, group.transfer
-    if len(group.points) == 1:
-        only = group.points[0]
-        return (f"{title}Only one point finished ({only.name}): {100 * only.acc.mean:.1f}% accuracy "
+    if len(group.points) - len(group.waiting) == 1:
+        only = best
+        return (f"{title}Only one point has enough finished runs ({only.name}): {100 * only.acc.mean:.1f}% accuracy "
                 f"({interval_text(only.acc)}); nothing to compare it with yet.")
     if group.undecided:
-        reference = transfer or min(group.points, key=_cost_order)
+        reference = transfer or min((p for p in group.points if p not in group.waiting), key=_cost_order)
         widest = compare(best, reference, design) if best is not reference else group.vs_best[0]
         d = widest.difference
         target = max(abs(d.mean), 0.02)
