@@ -129,7 +129,13 @@ class Report:
     def problems(self) -> list[str]:
         """One line per run that did not finish, and per planned run not started."""
         lines = [_problem_line(row) for row in self.rows if row.status != DONE]
-        return lines + [f"- {overrides}: not started" for overrides in self.not_started]
+        # Planned jobs that differ only in their last override share a line: "unfreeze=2 data.fold=0,1,2,3,4".
+        grouped: dict[str, list[str]] = {}
+        for overrides in self.not_started:
+            head, _, last = overrides.rpartition(" ")
+            key, _, value = last.partition("=")
+            grouped.setdefault(f"{head} {key}".strip(), []).append(value)
+        return lines + [f"- {key}={','.join(values)}: not started" for key, values in grouped.items()]
 
     def data_notes(self) -> list[str]:
         """Warnings about the data: strong class imbalance, unreadable images left out."""
