@@ -125,8 +125,8 @@ def _point_stats(point, design: str) -> PointStats | None:
         f1 = [statistics.fmean(r.get("test/f1") for r in rs) for rs in by_fold.values()
               if all(r.get("test/f1") is not None for r in rs)]
         n_train, n_test = _sizes(runs)
-        stats = PointStats(point, corrected_t(list(acc.values()), n_train, n_test),
-                           corrected_t(f1, n_train, n_test) if len(f1) == len(acc) else None, acc)
+        stats = PointStats(point, _clipped(corrected_t(list(acc.values()), n_train, n_test)),
+                           _clipped(corrected_t(f1, n_train, n_test)) if len(f1) == len(acc) else None, acc)
         stats.predictions = [p for run in runs for p in _read_predictions(run.path)]
         return stats
     predictions = [_read_predictions(run.path) for run in runs]
@@ -144,6 +144,11 @@ def _point_stats(point, design: str) -> PointStats | None:
     stats = PointStats(point, acc, f1, per_image)
     stats.predictions = [p for run_predictions in predictions for p in run_predictions]
     return stats
+
+
+def _clipped(estimate: Estimate) -> Estimate:
+    """An accuracy's interval within [0, 1] (the t-interval knows no bounds)."""
+    return Estimate(estimate.mean, max(0.0, estimate.low), min(1.0, estimate.high), estimate.p, estimate.n)
 
 
 def _bootstrap_f1(predictions: list[list[tuple[str, str, str]]], images: list[str]) -> Estimate:
@@ -246,7 +251,11 @@ def _verdict(group: Group, design: str, report, titled: bool) -> str:
         target = max(abs(d.mean), 0.02)
         n_images = _images(report, design, group)
         needed = images_to_resolve(n_images, d.half_width, target) if n_images else None
-        more = (f" To resolve a difference of {100 * target:.1f} points would take roughly {_rounded(needed):,} "
+        if design == FOLDS and d.n < 3:
+            needed = None  # the t-quantile at 1 degree of freedom, not the data, makes that interval wide
+        more = (f" With {d.n} folds compared the interval is wide by construction (t with {d.n - 1} degree of "
+                "freedom); the remaining folds will narrow it.") if design == FOLDS and d.n < 3 else ""
+        more += (f" To resolve a difference of {100 * target:.1f} points would take roughly {_rounded(needed):,} "
                 f"images instead of the {n_images:,} here (assuming the interval narrows as 1/sqrt(images); more "
                 "folds of the same images narrow it little).") if needed else ""
         return (f"{title}The data cannot decide: no depth is significantly better or worse than another. "
