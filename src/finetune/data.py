@@ -19,7 +19,15 @@ from finetune.augment import PLACES, CanvasDataset, DeviceAugmentation, RandomSt
 from finetune.backbones import Preprocessing
 from finetune.demo import DEMO_NAMES, default_cache_dir, demo_root
 from finetune.errors import UsageError
-from finetune.folders import SPLITS, Sample, read_class_folders, read_split_folders, split_stratified, usable_images
+from finetune.folders import (
+    SPLITS,
+    Sample,
+    read_class_folders,
+    read_split_folders,
+    split_kfold,
+    split_stratified,
+    usable_images,
+)
 from finetune.loaders import ImageDataset, ResumableLoader, default_num_workers
 from finetune.samplers import EpochShuffler, FeatureDataset, ViewDataset, ViewSampler, as_batch
 from finetune.scan import STRONG_IMBALANCE, scan_cache_file, unreadable_images
@@ -72,6 +80,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             available when the first split is cached.
         augment_on: where training-time augmentation runs: "loader" (each worker, image by image) or "device"
             (whole batches on the training device, `finetune.augment`; needs the training images cached).
+        folds: k-fold cross-validation (`finetune.folders.split_kfold`): None splits by `split`; K makes fold
+            `fold` of K stratified folds (seeded by `split_seed`) the test set, and carves the validation set from
+            the rest in the proportion `split[1] : split[0]`. The K runs fold=0..K-1 test every image once.
+        fold: the test fold, 0 to folds - 1 (used only with `folds`).
     """
 
     def __init__(
@@ -93,6 +105,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         cache_images_max_gb: float | None = None,
         augment_on: str = "loader",
         preprocessing: Preprocessing | None = None,
+        folds: int | None = None,
+        fold: int = 0,
     ) -> None:
         super().__init__()
         if len(split) != 3 or any(f < 0 for f in split) or not 0.999 < sum(split) < 1.001 or split[0] <= 0:
@@ -131,6 +145,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.cache_images = cache_images
         self.cache_images_max_gb = cache_images_max_gb
         self.augment_on = augment_on
+        self.folds, self.fold = folds, fold
         self.decoded: dict[str, image_cache.DecodedImages] = {}  # split -> its images, decoded (cache_images)
         self.not_cached: dict[str, str] = {}  # split -> why it is read from disk
         self._cached_as: tuple | None = None  # the resize the decoded images were made with
@@ -162,9 +177,17 @@ class ImageFolderDataModule(L.LightningDataModule):
                                    for path in paths])
         usable = {split: usable_images(self.root / split, self.class_names, by_class, self.skipped)
                   for split, by_class in listed.items()}
-        if "" in usable:
+        if "" in usable and self.folds is not None:
+            val_share = self.split[1] / (self.split[0] + self.split[1])
+            self.splits = split_kfold(usable[""], self.folds, self.fold, val_share, self.split_seed, self.class_names)
+            source = f"fold {self.fold} of {self.folds} stratified folds as test (seed {self.split_seed})"
+        elif "" in usable:
             self.splits = split_stratified(usable[""], self.split, self.split_seed, self.class_names)
             source = f"a stratified {'/'.join(f'{f:g}' for f in self.split)} split (seed {self.split_seed})"
+        elif self.folds is not None:
+            raise UsageError(f"data.folds={self.folds} splits one folder of class sub-folders, but {self.root} "
+                             "holds train/ and val/ folders (a fixed split): leave out data.folds, or point "
+                             "data.root at a folder of class sub-folders")
         else:
             self.splits = {split: [(path, label) for label in sorted(usable.get(split, {}))
                                    for path in sorted(usable[split][label])] for split in SPLITS}

@@ -52,6 +52,51 @@ def split_stratified(by_class: dict[int, list[str]], fractions: Sequence[float],
     return splits
 
 
+def split_kfold(by_class: dict[int, list[str]], folds: int, fold: int, val_share: float, seed: int,
+                class_names: list[str]) -> dict[str, list[Sample]]:
+    """Stratified k-fold: fold `fold` of `folds` is the test set; a validation share is carved from the rest.
+
+    Every class is shuffled by `seed` and dealt round the folds, continuing where the previous class stopped, so
+    folds differ in size by at most one image and the `folds` runs of one seed test every image exactly once.
+    From each class's images outside the test fold, a `val_share` (at least one image) is the validation set.
+
+    Args:
+        by_class: each class's images.
+        folds: the number of folds (at least 2).
+        fold: the fold that is the test set, 0 to folds - 1.
+        val_share: the validation set's share of the images left for training and validation, e.g. 0.2 / 0.9.
+        seed: the shuffle's seed: the same seed gives the same folds in every run.
+        class_names: for the error message.
+
+    Raises:
+        UsageError: folds or fold out of range, or a class too small to have a test, a validation and a training
+            image in every fold.
+    """
+    if not isinstance(folds, int) or folds < 2:
+        raise UsageError(f"data.folds={folds} must be at least 2 (or null: one train/val/test split)")
+    if not isinstance(fold, int) or not 0 <= fold < folds:
+        raise UsageError(f"data.fold={fold} must be one of 0..{folds - 1} with data.folds={folds}")
+    generator = np.random.default_rng(seed)
+    splits: dict[str, list[Sample]] = {name: [] for name in SPLITS}
+    dealt = 0  # images dealt so far: the next class starts at the next fold
+    for label in sorted(by_class):
+        paths = sorted(by_class[label])
+        # The fewest images left for training and validation in any fold: n - ceil(n / folds).
+        if len(paths) < folds or len(paths) - -(-len(paths) // folds) < 2:
+            raise UsageError(f"class {class_names[label]!r} has {len(paths)} image(s): too few for data.folds="
+                             f"{folds} (every fold needs one test, one validation and one training image of every "
+                             "class); add images or lower data.folds")
+        shuffled = [paths[i] for i in generator.permutation(len(paths))]
+        test = [path for index, path in enumerate(shuffled) if (dealt + index) % folds == fold]
+        rest = [path for index, path in enumerate(shuffled) if (dealt + index) % folds != fold]
+        dealt += len(paths)
+        n_val = min(len(rest) - 1, max(1, round(len(rest) * val_share)))
+        splits["test"].extend((path, label) for path in test)
+        splits["val"].extend((path, label) for path in rest[:n_val])
+        splits["train"].extend((path, label) for path in rest[n_val:])
+    return splits
+
+
 def read_class_folders(root: Path) -> tuple[list[str], dict[int, list[str]]]:
     """The class names (the sub-folders of `root`, sorted, hidden ones skipped) and each class's images.
 
