@@ -122,8 +122,9 @@ def test_true_and_false_stay_aliases_of_basic_and_none(image_folder):
 @pytest.mark.slow
 def test_ema_weights_are_validated_checkpointed_and_tested(tmp_path, image_folder):
     run = tmp_path / "run"
+    # decay 0.99 over 8 steps: the average stays near the weights after the first step, far from the last ones.
     run_cli(tmp_path, *TINY, f"data.root={image_folder}", "trainer.max_epochs=2", "callbacks=[default,ema]",
-            "callbacks.ema.decay=0.5")
+            "callbacks.ema.decay=0.99", "strategy.lr=0.01", "unfreeze=all")
 
     checkpoint = torch.load(best_checkpoint(run), map_location="cpu", weights_only=False)
     averaged, current = checkpoint["state_dict"], checkpoint["current_model_state"]
@@ -131,9 +132,9 @@ def test_ema_weights_are_validated_checkpointed_and_tested(tmp_path, image_folde
     metrics = metrics_of(run)
     # The test scores are those of the averaged weights (state_dict), not the training weights.
     accuracy, loss = rescore(run, image_folder)
-    assert metrics["test/loss"] == pytest.approx(loss, rel=1e-4)
+    assert metrics["test/loss"] == pytest.approx(loss, rel=1e-5)
     assert metrics["test/acc"] == pytest.approx(accuracy)
-    assert rescore(run, image_folder, state="current_model_state")[1] != pytest.approx(loss, rel=1e-4)
+    assert rescore(run, image_folder, state="current_model_state")[1] != pytest.approx(loss, rel=1e-3)
 
 
 # --- checkpoint metric, early stopping --------------------------------------------------------------------------
