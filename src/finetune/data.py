@@ -31,7 +31,7 @@ from finetune.folders import (
 from finetune.loaders import ImageDataset, ResumableLoader, default_num_workers
 from finetune.samplers import EpochShuffler, FeatureDataset, ViewDataset, ViewSampler, as_batch
 from finetune.scan import STRONG_IMBALANCE, scan_cache_file, unreadable_images
-from finetune.transforms import eval_transform, train_transform
+from finetune.transforms import augment_preset, batch_mixing, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             model's in `setup`.
         preprocessing: how images are prepared, for a DataModule used without a model; under a Trainer, `setup`
             takes the model's (`trainer.lightning_module.preprocessing`).
-        augment: training-time augmentation (the three settings below); off, training images are prepared
-            exactly as evaluation images are.
+        augment: the training-time augmentation preset (`finetune.transforms.train_transform`): "basic" (the
+            three settings below), "randaugment", "trivialaugment" or "none" (training images are prepared exactly
+            as evaluation images are); True is "basic", False "none".
         crop_scale: area range of the training-time random resized crop.
         rotation_degrees: training-time random rotation range, in degrees (0 turns it off).
         horizontal_flip: training-time random horizontal flips.
@@ -84,6 +85,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             `fold` of K stratified folds (seeded by `split_seed`) the test set, and carves the validation set from
             the rest in the proportion `split[1] : split[0]`. The K runs fold=0..K-1 test every image once.
         fold: the test fold, 0 to folds - 1 (used only with `folds`).
+        random_erasing: probability of erasing a random rectangle of each training image (0: off; needs a preset).
+        mixup: MixUp alpha for whole training batches (0: off); labels become class probabilities.
+        cutmix: CutMix alpha for whole training batches (0: off); with mixup too, one of them per batch.
     """
 
     def __init__(
@@ -95,7 +99,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int | None = None,
         image_size: int | None = None,
-        augment: bool = True,
+        augment: bool | str = True,
         crop_scale: Sequence[float] = (0.8, 1.0),
         rotation_degrees: float = 15.0,
         horizontal_flip: bool = True,
@@ -107,6 +111,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         preprocessing: Preprocessing | None = None,
         folds: int | None = None,
         fold: int = 0,
+        random_erasing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
     ) -> None:
         super().__init__()
         if len(split) != 3 or any(f < 0 for f in split) or not 0.999 < sum(split) < 1.001 or split[0] <= 0:
@@ -125,6 +132,17 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise UsageError(f"data.cache_images={cache_images!r}: use auto, true or false")
         if augment_on not in PLACES:
             raise UsageError(f"data.augment_on={augment_on!r}: use {' or '.join(PLACES)}")
+        preset = augment_preset(augment)
+        if not 0 <= random_erasing <= 1:
+            raise UsageError(f"data.random_erasing={random_erasing} must be a probability, 0 (off) to 1")
+        if random_erasing and preset == "none":
+            raise UsageError("data.random_erasing erases part of augmented training images: set data.augment to "
+                             "basic, randaugment or trivialaugment, or data.random_erasing=0")
+        batch_mixing(2, mixup, cutmix)  # checks the alphas now, before any work
+        if augment_on == "device" and (preset in ("randaugment", "trivialaugment") or random_erasing):
+            what = f"data.augment={preset}" if preset != "basic" else "data.random_erasing"
+            raise UsageError(f"{what} runs image by image in the loader, not on whole batches: use "
+                             "data.augment_on=loader (data.mixup and data.cutmix work in both places)")
         if augment_on == "device" and cache_images is False:
             raise UsageError("data.augment_on=device augments decoded images held in memory: set "
                              "data.cache_images=auto or true, or data.augment_on=loader")
@@ -135,7 +153,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.image_size = image_size
-        self.augments = augment
+        self.augment = preset
+        self.random_erasing = random_erasing
+        self.mixup, self.cutmix = mixup, cutmix
+        self.mixing = None  # MixUp/CutMix of training batches, built in setup (it needs the class count)
+        # Training batches differ from epoch to epoch (what feature caching and the image cache ask).
+        self.augments = preset != "none" or bool(mixup or cutmix)
         self.crop_scale = tuple(crop_scale)
         self.rotation_degrees = rotation_degrees
         self.horizontal_flip = horizontal_flip
@@ -252,6 +275,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.serves_features:
             return
         preprocessing = self._model_preprocessing()
+        self.mixing = batch_mixing(len(self.class_names), self.mixup, self.cutmix)
         for split in STAGE_SPLITS.get(stage, SPLITS):
             self._cache(split, preprocessing)
         if self.augment_on == "device":
@@ -279,8 +303,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         (normalised float images) or, with augment_on="device", as uint8 images for `on_after_batch_transfer`."""
         images, samples = self.decoded.get(split), self.splits[split]
         seed = self.split_seed if split == "train" else 0
-        if split == "train" and self.augments:
-            training = train_transform(preprocessing, self.crop_scale, self.rotation_degrees, self.horizontal_flip)
+        if split == "train" and self.augment != "none":
+            training = train_transform(preprocessing, self.crop_scale, self.rotation_degrees, self.horizontal_flip,
+                                       self.augment, self.random_erasing)
             # Without decoded images (a stage that does not train, such as test, set up before fit) the loader
             # prepares them: its float batches pass through on_after_batch_transfer.
             if augment_on == "device" and images is not None:
@@ -324,7 +349,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _why_not_cached(self, split: str) -> str | None:
         if self.cache_images is False:
             return "data.cache_images=false"
-        if split != "train" or self.cache_images is True or not self.augments or self.augment_on == "device":
+        if split != "train" or self.cache_images is True or self.augment == "none" or self.augment_on == "device":
             return None
         return ("training-time augmentation runs on the original files; data.cache_images=true runs it on "
                 "decoded copies in memory instead (faster; random crops then come from the stored copy)")
@@ -333,11 +358,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         """With augment_on="device": augments (training) or only normalises (evaluation) the uint8 batch where it
         now is; batches already prepared by the loader pass through."""
         images = batch[0]
-        if self.device_augmentation is None or not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
-            return batch
-        if len(batch) == 3:  # a CanvasDataset batch: images, labels, random parameters
-            return self.device_augmentation(images, batch[2]), batch[1]
-        return self.device_augmentation.normalise(images), batch[1]
+        if self.device_augmentation is not None and isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+            if len(batch) == 3:  # a CanvasDataset batch: images, labels, random parameters
+                batch = self.device_augmentation(images, batch[2]), batch[1]
+            else:
+                batch = self.device_augmentation.normalise(images), batch[1]
+        if self.mixing is not None and self.trainer is not None and self.trainer.training:
+            batch = self.mixing(*batch)  # labels become class probabilities
+        return batch
 
     def save_split(self, path: str | os.PathLike) -> None:
         """Writes the split as CSV (split, class, path relative to the data root), one row per image."""
@@ -357,6 +385,9 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def use_features(self, cache: dict[str, tuple[torch.Tensor, ...]]) -> None:
         """Serves cached backbone features (see `finetune.features`) instead of images from now on."""
+        if self.mixup or self.cutmix:
+            raise UsageError("data.mixup and data.cutmix mix images, not cached features: set "
+                             "strategy.cache_features=auto or false")
         self.decoded.clear()  # the images are not needed any more
         train = ViewDataset(*cache["train"])
         self.datasets = {"train": train, **{split: FeatureDataset(*cache[split]) for split in ("val", "test")
