@@ -10,7 +10,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
@@ -19,17 +18,9 @@ from finetune.augment import PLACES, CanvasDataset, DeviceAugmentation, RandomSt
 from finetune.backbones import Preprocessing
 from finetune.demo import DEMO_NAMES, default_cache_dir, demo_root
 from finetune.errors import UsageError
-from finetune.folders import (
-    SPLITS,
-    Sample,
-    read_class_folders,
-    read_split_folders,
-    split_kfold,
-    split_stratified,
-    usable_images,
-)
-from finetune.loaders import ImageDataset, ResumableLoader, default_num_workers
-from finetune.samplers import EpochShuffler, FeatureDataset, ViewDataset, ViewSampler, as_batch
+from finetune.folders import SPLITS, Sample, list_and_split
+from finetune.loaders import ImageDataset, default_num_workers, split_loader
+from finetune.samplers import FeatureDataset, ViewDataset
 from finetune.scan import STRONG_IMBALANCE, scan_cache_file, unreadable_images
 from finetune.transforms import augment_preset, batch_mixing, eval_transform, train_transform
 
@@ -191,30 +182,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if not self.root.is_dir():
             raise UsageError(f"data.root {self.root} is not a folder; pass data.root=<folder with one "
                              "sub-folder of images per class>")
-        if (self.root / "train").is_dir() and (self.root / "val").is_dir():
-            self.class_names, listed = read_split_folders(self.root)
-        else:
-            self.class_names, by_class = read_class_folders(self.root)
-            listed = {"": by_class}
-        self.skipped = self._scan([path for by_class in listed.values() for paths in by_class.values()
-                                   for path in paths])
-        usable = {split: usable_images(self.root / split, self.class_names, by_class, self.skipped)
-                  for split, by_class in listed.items()}
-        if "" in usable and self.folds is not None:
-            val_share = self.split[1] / (self.split[0] + self.split[1])
-            self.splits = split_kfold(usable[""], self.folds, self.fold, val_share, self.split_seed, self.class_names)
-            source = f"fold {self.fold} of {self.folds} stratified folds as test (seed {self.split_seed})"
-        elif "" in usable:
-            self.splits = split_stratified(usable[""], self.split, self.split_seed, self.class_names)
-            source = f"a stratified {'/'.join(f'{f:g}' for f in self.split)} split (seed {self.split_seed})"
-        elif self.folds is not None:
-            raise UsageError(f"data.folds={self.folds} splits one folder of class sub-folders, but {self.root} "
-                             "holds train/ and val/ folders (a fixed split): leave out data.folds, or point "
-                             "data.root at a folder of class sub-folders")
-        else:
-            self.splits = {split: [(path, label) for label in sorted(usable.get(split, {}))
-                                   for path in sorted(usable[split][label])] for split in SPLITS}
-            source = "its train/val" + ("/test" if self.splits["test"] else "") + " folders"
+        self.class_names, self.splits, self.skipped, source = list_and_split(
+            self.root, self.split, self.split_seed, self.folds, self.fold, self._scan)
         counts = ", ".join(f"{name} {len(self.splits[name])}" for name in SPLITS)
         log.info("data: %s, %d classes, %s; %s", self.root, len(self.class_names), counts, source)
         self._report_classes()
@@ -416,38 +385,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        # Under DDP every process loads its own share; the samplers are DistributedSamplers, so Lightning keeps them.
-        shards = {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer \
-            else {"num_replicas": 1, "rank": 0}
-        dataset = self.datasets[split]
-        sampler = None
-        if shuffle:
-            sampler = (ViewSampler(dataset, self.split_seed, self._sample_weights(), **shards)
-                       if self.serves_features else
-                       EpochShuffler(len(dataset), self.split_seed, keyed=True, weights=self._sample_weights(),
-                                     **shards))
-            # A resumed run's loader starts prefetching before Lightning calls set_epoch: start it at the epoch
-            # Lightning will train next (its own count for set_epoch), or that epoch would replay an earlier order.
-            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0)
-        elif shards["num_replicas"] > 1:
-            # Every image evaluated exactly once: no padding with repeated images (Lightning's DistributedSampler
-            # pads, which biases the metrics). Processes may run one batch more than others, which is safe without
-            # gradients as long as each runs at least one (finetune.scaling.check_distributed makes sure).
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **shards)
-        loader = ResumableLoader if shuffle else DataLoader
-        common = {
-            "batch_size": self.batch_size,
-            "sampler": sampler,
-            # Its own generator: creating the loader's iterator then draws nothing from the training loop's, so
-            # the dropout masks do not depend on how many loaders a run made (or on a feature cache).
-            "generator": torch.Generator().manual_seed(self.split_seed),
-            **({"trained_batches": self._trained_batches} if shuffle else {}),
-        }
-        if self.serves_features:
-            # In-memory tensors: worker processes would only add start-up and copying.
-            return loader(dataset, collate_fn=as_batch, **common)
-        return loader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                      pin_memory=torch.cuda.is_available(), **common)
+        return split_loader(self.datasets[split], shuffle=shuffle, batch_size=self.batch_size, seed=self.split_seed,
+                            num_workers=self.num_workers, in_memory=self.serves_features, trainer=self.trainer,
+                            weights=self._sample_weights() if shuffle else None,
+                            trained_batches=self._trained_batches)
 
     def _trained_batches(self) -> int:
         # Batches of the current epoch whose optimizer step has run (`processed` counts up after the step).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +168,43 @@ def list_images(folder: str | os.PathLike) -> list[str]:
         log.info("%s: ignored %d file(s) that are not images by name, e.g. %s", folder, len(others),
                  ", ".join(others[:3]))
     return sorted(images)
+
+
+def list_and_split(root: Path, fractions: Sequence[float], seed: int, folds: int | None, fold: int,
+                   unreadable: Callable[[list[str]], dict[str, str]]
+                   ) -> tuple[list[str], dict[str, list[Sample]], dict[str, str], str]:
+    """Lists an image folder and splits it: its own train/val(/test) folders, k folds, or a stratified split.
+
+    Args:
+        root: one sub-folder per class, or train/ and val/ (and test/) folders of class sub-folders.
+        fractions: train, val and test fractions of every class (without `folds`).
+        seed: the split's seed.
+        folds: K for k-fold cross-validation (fold `fold` is the test set; validation is carved from the rest in
+            the proportion val : train of `fractions`), or None.
+        fold: the test fold.
+        unreadable: returns the unreadable images among those it is given, with the reason (`finetune.scan`).
+
+    Returns:
+        The class names, the images of each split, the unreadable (skipped) images, and a phrase naming the split.
+    """
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        class_names, listed = read_split_folders(root)
+    else:
+        class_names, by_class = read_class_folders(root)
+        listed = {"": by_class}
+    skipped = unreadable([path for by_class in listed.values() for paths in by_class.values() for path in paths])
+    usable = {split: usable_images(root / split, class_names, by_class, skipped) for split, by_class in listed.items()}
+    if "" in usable and folds is not None:
+        val_share = fractions[1] / (fractions[0] + fractions[1])
+        splits = split_kfold(usable[""], folds, fold, val_share, seed, class_names)
+        return class_names, splits, skipped, f"fold {fold} of {folds} stratified folds as test (seed {seed})"
+    if "" in usable:
+        splits = split_stratified(usable[""], fractions, seed, class_names)
+        return class_names, splits, skipped, f"a stratified {'/'.join(f'{f:g}' for f in fractions)} split (seed {seed})"
+    if folds is not None:
+        raise UsageError(f"data.folds={folds} splits one folder of class sub-folders, but {root} holds train/ and "
+                         "val/ folders (a fixed split): leave out data.folds, or point data.root at a folder of class "
+                         "sub-folders")
+    splits = {split: [(path, label) for label in sorted(usable.get(split, {})) for path in sorted(usable[split][label])]
+              for split in SPLITS}
+    return class_names, splits, skipped, "its train/val" + ("/test" if splits["test"] else "") + " folders"
