@@ -19,6 +19,8 @@ BLOCKS = {
     "convnext_tiny": (8, "features.7 + classifier.0", "features.6"),
     "efficientnet_b0": (9, "features.8", "features.7"),
     "efficientnet_lite0": (17, "blocks.6 + conv_head + bn2", "blocks.5.3"),
+    "efficientnet_lite1": (22, "blocks.6 + conv_head + bn2", "blocks.5.4"),
+    "efficientnet_lite2": (22, "blocks.6 + conv_head + bn2", "blocks.5.4"),
     "mobilenet_v2": (19, "features.18", "features.17"),
     "mobilenet_v3_large": (17, "features.16 + classifier.0", "features.15"),
     "mobilenet_v3_small": (13, "features.12 + classifier.0", "features.11"),

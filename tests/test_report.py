@@ -79,7 +79,7 @@ def test_reports_a_real_sweep_of_transfer_and_finetune(tmp_path, image_folder):
                  f"data.root={image_folder}", "data.image_size=32", "data.num_workers=0", "data.batch_size=8",
                  "trainer.max_epochs=2")
 
-    result = run_report(tmp_path, str(sweep))
+    result = run_report(tmp_path, f"sweep_dir={sweep}")
     assert result.returncode == 0, result.stdout + result.stderr
 
     rows = {row["strategy"]: row for row in read_csv(sweep / "report.csv")}
@@ -107,7 +107,7 @@ def test_partial_sweep_lists_failed_and_incomplete_jobs(tmp_path, capsys):
              log="[2026-11-23 10:00:00,000][finetune][ERROR] - error: data.root /data is not a folder\n")
     make_run(sweep / "2", strategy="full", unfreeze="all", curve=(0.4,))  # killed after one epoch
 
-    assert main([str(sweep)]) == 0
+    assert main([f"sweep_dir={sweep}"]) == 0
 
     rows = {row["job"]: row for row in read_csv(sweep / "report.csv")}
     assert {job: row["status"] for job, row in rows.items()} == {"0": "done", "1": "failed", "2": "incomplete"}
@@ -174,7 +174,7 @@ def test_without_argument_reports_the_newest_sweep_under_multirun(tmp_path, monk
         make_run(sweep / "0", metrics={"val/acc": 0.5})
         (sweep / "multirun.yaml").write_text("hydra: {}\n")
         os.utime(sweep / "multirun.yaml", (mtime, mtime))
-    assert main(["--no-plots"]) == 0
+    assert main(["plots=false"]) == 0
     assert str(Path("multirun") / "2026-11-23" / "new") in capsys.readouterr().out
     assert (tmp_path / "multirun" / "2026-11-23" / "new" / "report.csv").exists()
     assert not (tmp_path / "multirun" / "2026-11-23" / "old" / "report.csv").exists()
@@ -183,14 +183,14 @@ def test_without_argument_reports_the_newest_sweep_under_multirun(tmp_path, monk
 def test_empty_sweep_stops_with_one_line_and_exit_code_2(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_report(tmp_path, str(empty))
+    result = run_report(tmp_path, f"sweep_dir={empty}")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith(f"error: {empty} holds no runs")
 
 
-@pytest.mark.parametrize("arguments", [["missing"], []], ids=["missing folder", "no sweep under multirun"])
+@pytest.mark.parametrize("arguments", [["sweep_dir=missing"], []], ids=["missing folder", "no sweep under multirun"])
 def test_nothing_to_report_is_a_usage_error(tmp_path, monkeypatch, capsys, arguments):
     monkeypatch.chdir(tmp_path)
     assert main(arguments) == 2

@@ -272,5 +272,5 @@ def stored_values(database: Path) -> list[float]:
 
 
 def run_report(tmp_path: Path, sweep: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune.report", str(sweep), "--no-plots"], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "finetune.report", f"sweep_dir={sweep}", "plots=false"], cwd=REPO,
                           env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)

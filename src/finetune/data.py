@@ -10,7 +10,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
@@ -19,11 +18,11 @@ from finetune.augment import PLACES, CanvasDataset, DeviceAugmentation, RandomSt
 from finetune.backbones import Preprocessing
 from finetune.demo import DEMO_NAMES, default_cache_dir, demo_root
 from finetune.errors import UsageError
-from finetune.folders import SPLITS, Sample, read_class_folders, read_split_folders, split_stratified, usable_images
-from finetune.loaders import ImageDataset, ResumableLoader, default_num_workers
-from finetune.samplers import EpochShuffler, FeatureDataset, ViewDataset, ViewSampler, as_batch
+from finetune.folders import SPLITS, Sample, list_and_split
+from finetune.loaders import ImageDataset, default_num_workers, split_loader
+from finetune.samplers import FeatureDataset, ViewDataset
 from finetune.scan import STRONG_IMBALANCE, scan_cache_file, unreadable_images
-from finetune.transforms import eval_transform, train_transform
+from finetune.transforms import augment_preset, batch_mixing, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +52,9 @@ class ImageFolderDataModule(L.LightningDataModule):
             model's in `setup`.
         preprocessing: how images are prepared, for a DataModule used without a model; under a Trainer, `setup`
             takes the model's (`trainer.lightning_module.preprocessing`).
-        augment: training-time augmentation (the three settings below); off, training images are prepared
-            exactly as evaluation images are.
+        augment: the training-time augmentation preset (`finetune.transforms.train_transform`): "basic" (the
+            three settings below), "randaugment", "trivialaugment" or "none" (training images are prepared exactly
+            as evaluation images are); True is "basic", False "none".
         crop_scale: area range of the training-time random resized crop.
         rotation_degrees: training-time random rotation range, in degrees (0 turns it off).
         horizontal_flip: training-time random horizontal flips.
@@ -72,6 +72,13 @@ class ImageFolderDataModule(L.LightningDataModule):
             available when the first split is cached.
         augment_on: where training-time augmentation runs: "loader" (each worker, image by image) or "device"
             (whole batches on the training device, `finetune.augment`; needs the training images cached).
+        folds: k-fold cross-validation (`finetune.folders.split_kfold`): None splits by `split`; K makes fold
+            `fold` of K stratified folds (seeded by `split_seed`) the test set, and carves the validation set from
+            the rest in the proportion `split[1] : split[0]`. The K runs fold=0..K-1 test every image once.
+        fold: the test fold, 0 to folds - 1 (used only with `folds`).
+        random_erasing: probability of erasing a random rectangle of each training image (0: off; needs a preset).
+        mixup: MixUp alpha for whole training batches (0: off); labels become class probabilities.
+        cutmix: CutMix alpha for whole training batches (0: off); with mixup too, one of them per batch.
     """
 
     def __init__(
@@ -83,7 +90,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int | None = None,
         image_size: int | None = None,
-        augment: bool = True,
+        augment: bool | str = True,
         crop_scale: Sequence[float] = (0.8, 1.0),
         rotation_degrees: float = 15.0,
         horizontal_flip: bool = True,
@@ -93,6 +100,11 @@ class ImageFolderDataModule(L.LightningDataModule):
         cache_images_max_gb: float | None = None,
         augment_on: str = "loader",
         preprocessing: Preprocessing | None = None,
+        folds: int | None = None,
+        fold: int = 0,
+        random_erasing: float = 0.0,
+        mixup: float = 0.0,
+        cutmix: float = 0.0,
     ) -> None:
         super().__init__()
         if len(split) != 3 or any(f < 0 for f in split) or not 0.999 < sum(split) < 1.001 or split[0] <= 0:
@@ -111,6 +123,17 @@ class ImageFolderDataModule(L.LightningDataModule):
             raise UsageError(f"data.cache_images={cache_images!r}: use auto, true or false")
         if augment_on not in PLACES:
             raise UsageError(f"data.augment_on={augment_on!r}: use {' or '.join(PLACES)}")
+        preset = augment_preset(augment)
+        if not 0 <= random_erasing <= 1:
+            raise UsageError(f"data.random_erasing={random_erasing} must be a probability, 0 (off) to 1")
+        if random_erasing and preset == "none":
+            raise UsageError("data.random_erasing erases part of augmented training images: set data.augment to "
+                             "basic, randaugment or trivialaugment, or data.random_erasing=0")
+        batch_mixing(2, mixup, cutmix)  # checks the alphas now, before any work
+        if augment_on == "device" and (preset in ("randaugment", "trivialaugment") or random_erasing):
+            what = f"data.augment={preset}" if preset != "basic" else "data.random_erasing"
+            raise UsageError(f"{what} runs image by image in the loader, not on whole batches: use "
+                             "data.augment_on=loader (data.mixup and data.cutmix work in both places)")
         if augment_on == "device" and cache_images is False:
             raise UsageError("data.augment_on=device augments decoded images held in memory: set "
                              "data.cache_images=auto or true, or data.augment_on=loader")
@@ -121,7 +144,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.image_size = image_size
-        self.augments = augment
+        self.augment = preset
+        self.random_erasing = random_erasing
+        self.mixup, self.cutmix = mixup, cutmix
+        self.mixing = None  # MixUp/CutMix of training batches, built in setup (it needs the class count)
+        # Training batches differ from epoch to epoch (what feature caching and the image cache ask).
+        self.augments = preset != "none" or bool(mixup or cutmix)
         self.crop_scale = tuple(crop_scale)
         self.rotation_degrees = rotation_degrees
         self.horizontal_flip = horizontal_flip
@@ -131,6 +159,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.cache_images = cache_images
         self.cache_images_max_gb = cache_images_max_gb
         self.augment_on = augment_on
+        self.folds, self.fold = folds, fold
         self.decoded: dict[str, image_cache.DecodedImages] = {}  # split -> its images, decoded (cache_images)
         self.not_cached: dict[str, str] = {}  # split -> why it is read from disk
         self._cached_as: tuple | None = None  # the resize the decoded images were made with
@@ -153,22 +182,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         if not self.root.is_dir():
             raise UsageError(f"data.root {self.root} is not a folder; pass data.root=<folder with one "
                              "sub-folder of images per class>")
-        if (self.root / "train").is_dir() and (self.root / "val").is_dir():
-            self.class_names, listed = read_split_folders(self.root)
-        else:
-            self.class_names, by_class = read_class_folders(self.root)
-            listed = {"": by_class}
-        self.skipped = self._scan([path for by_class in listed.values() for paths in by_class.values()
-                                   for path in paths])
-        usable = {split: usable_images(self.root / split, self.class_names, by_class, self.skipped)
-                  for split, by_class in listed.items()}
-        if "" in usable:
-            self.splits = split_stratified(usable[""], self.split, self.split_seed, self.class_names)
-            source = f"a stratified {'/'.join(f'{f:g}' for f in self.split)} split (seed {self.split_seed})"
-        else:
-            self.splits = {split: [(path, label) for label in sorted(usable.get(split, {}))
-                                   for path in sorted(usable[split][label])] for split in SPLITS}
-            source = "its train/val" + ("/test" if self.splits["test"] else "") + " folders"
+        self.class_names, self.splits, self.skipped, source = list_and_split(
+            self.root, self.split, self.split_seed, self.folds, self.fold, self._scan)
         counts = ", ".join(f"{name} {len(self.splits[name])}" for name in SPLITS)
         log.info("data: %s, %d classes, %s; %s", self.root, len(self.class_names), counts, source)
         self._report_classes()
@@ -229,6 +244,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         if self.serves_features:
             return
         preprocessing = self._model_preprocessing()
+        self.mixing = batch_mixing(len(self.class_names), self.mixup, self.cutmix)
         for split in STAGE_SPLITS.get(stage, SPLITS):
             self._cache(split, preprocessing)
         if self.augment_on == "device":
@@ -256,8 +272,9 @@ class ImageFolderDataModule(L.LightningDataModule):
         (normalised float images) or, with augment_on="device", as uint8 images for `on_after_batch_transfer`."""
         images, samples = self.decoded.get(split), self.splits[split]
         seed = self.split_seed if split == "train" else 0
-        if split == "train" and self.augments:
-            training = train_transform(preprocessing, self.crop_scale, self.rotation_degrees, self.horizontal_flip)
+        if split == "train" and self.augment != "none":
+            training = train_transform(preprocessing, self.crop_scale, self.rotation_degrees, self.horizontal_flip,
+                                       self.augment, self.random_erasing)
             # Without decoded images (a stage that does not train, such as test, set up before fit) the loader
             # prepares them: its float batches pass through on_after_batch_transfer.
             if augment_on == "device" and images is not None:
@@ -301,7 +318,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _why_not_cached(self, split: str) -> str | None:
         if self.cache_images is False:
             return "data.cache_images=false"
-        if split != "train" or self.cache_images is True or not self.augments or self.augment_on == "device":
+        if split != "train" or self.cache_images is True or self.augment == "none" or self.augment_on == "device":
             return None
         return ("training-time augmentation runs on the original files; data.cache_images=true runs it on "
                 "decoded copies in memory instead (faster; random crops then come from the stored copy)")
@@ -310,11 +327,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         """With augment_on="device": augments (training) or only normalises (evaluation) the uint8 batch where it
         now is; batches already prepared by the loader pass through."""
         images = batch[0]
-        if self.device_augmentation is None or not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
-            return batch
-        if len(batch) == 3:  # a CanvasDataset batch: images, labels, random parameters
-            return self.device_augmentation(images, batch[2]), batch[1]
-        return self.device_augmentation.normalise(images), batch[1]
+        if self.device_augmentation is not None and isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+            if len(batch) == 3:  # a CanvasDataset batch: images, labels, random parameters
+                batch = self.device_augmentation(images, batch[2]), batch[1]
+            else:
+                batch = self.device_augmentation.normalise(images), batch[1]
+        if self.mixing is not None and self.trainer is not None and self.trainer.training:
+            batch = self.mixing(*batch)  # labels become class probabilities
+        return batch
 
     def save_split(self, path: str | os.PathLike) -> None:
         """Writes the split as CSV (split, class, path relative to the data root), one row per image."""
@@ -334,6 +354,9 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def use_features(self, cache: dict[str, tuple[torch.Tensor, ...]]) -> None:
         """Serves cached backbone features (see `finetune.features`) instead of images from now on."""
+        if self.mixup or self.cutmix:
+            raise UsageError("data.mixup and data.cutmix mix images, not cached features: set "
+                             "strategy.cache_features=auto or false")
         self.decoded.clear()  # the images are not needed any more
         train = ViewDataset(*cache["train"])
         self.datasets = {"train": train, **{split: FeatureDataset(*cache[split]) for split in ("val", "test")
@@ -362,38 +385,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        # Under DDP every process loads its own share; the samplers are DistributedSamplers, so Lightning keeps them.
-        shards = {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank} if self.trainer \
-            else {"num_replicas": 1, "rank": 0}
-        dataset = self.datasets[split]
-        sampler = None
-        if shuffle:
-            sampler = (ViewSampler(dataset, self.split_seed, self._sample_weights(), **shards)
-                       if self.serves_features else
-                       EpochShuffler(len(dataset), self.split_seed, keyed=True, weights=self._sample_weights(),
-                                     **shards))
-            # A resumed run's loader starts prefetching before Lightning calls set_epoch: start it at the epoch
-            # Lightning will train next (its own count for set_epoch), or that epoch would replay an earlier order.
-            sampler.set_epoch(self.trainer.fit_loop.epoch_progress.current.processed if self.trainer else 0)
-        elif shards["num_replicas"] > 1:
-            # Every image evaluated exactly once: no padding with repeated images (Lightning's DistributedSampler
-            # pads, which biases the metrics). Processes may run one batch more than others, which is safe without
-            # gradients as long as each runs at least one (finetune.scaling.check_distributed makes sure).
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **shards)
-        loader = ResumableLoader if shuffle else DataLoader
-        common = {
-            "batch_size": self.batch_size,
-            "sampler": sampler,
-            # Its own generator: creating the loader's iterator then draws nothing from the training loop's, so
-            # the dropout masks do not depend on how many loaders a run made (or on a feature cache).
-            "generator": torch.Generator().manual_seed(self.split_seed),
-            **({"trained_batches": self._trained_batches} if shuffle else {}),
-        }
-        if self.serves_features:
-            # In-memory tensors: worker processes would only add start-up and copying.
-            return loader(dataset, collate_fn=as_batch, **common)
-        return loader(dataset, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                      pin_memory=torch.cuda.is_available(), **common)
+        return split_loader(self.datasets[split], shuffle=shuffle, batch_size=self.batch_size, seed=self.split_seed,
+                            num_workers=self.num_workers, in_memory=self.serves_features, trainer=self.trainer,
+                            weights=self._sample_weights() if shuffle else None,
+                            trained_batches=self._trained_batches)
 
     def _trained_batches(self) -> int:
         # Batches of the current epoch whose optimizer step has run (`processed` counts up after the step).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +49,51 @@ def split_stratified(by_class: dict[int, list[str]], fractions: Sequence[float],
                   "test": shuffled[n_train + n_val:]}
         for name, chosen in pieces.items():
             splits[name].extend((path, label) for path in chosen)
+    return splits
+
+
+def split_kfold(by_class: dict[int, list[str]], folds: int, fold: int, val_share: float, seed: int,
+                class_names: list[str]) -> dict[str, list[Sample]]:
+    """Stratified k-fold: fold `fold` of `folds` is the test set; a validation share is carved from the rest.
+
+    Every class is shuffled by `seed` and dealt round the folds, continuing where the previous class stopped, so
+    folds differ in size by at most one image and the `folds` runs of one seed test every image exactly once.
+    From each class's images outside the test fold, a `val_share` (at least one image) is the validation set.
+
+    Args:
+        by_class: each class's images.
+        folds: the number of folds (at least 2).
+        fold: the fold that is the test set, 0 to folds - 1.
+        val_share: the validation set's share of the images left for training and validation, e.g. 0.2 / 0.9.
+        seed: the shuffle's seed: the same seed gives the same folds in every run.
+        class_names: for the error message.
+
+    Raises:
+        UsageError: folds or fold out of range, or a class too small to have a test, a validation and a training
+            image in every fold.
+    """
+    if not isinstance(folds, int) or folds < 2:
+        raise UsageError(f"data.folds={folds} must be at least 2 (or null: one train/val/test split)")
+    if not isinstance(fold, int) or not 0 <= fold < folds:
+        raise UsageError(f"data.fold={fold} must be one of 0..{folds - 1} with data.folds={folds}")
+    generator = np.random.default_rng(seed)
+    splits: dict[str, list[Sample]] = {name: [] for name in SPLITS}
+    dealt = 0  # images dealt so far: the next class starts at the next fold
+    for label in sorted(by_class):
+        paths = sorted(by_class[label])
+        # The fewest images left for training and validation in any fold: n - ceil(n / folds).
+        if len(paths) < folds or len(paths) - -(-len(paths) // folds) < 2:
+            raise UsageError(f"class {class_names[label]!r} has {len(paths)} image(s): too few for data.folds="
+                             f"{folds} (every fold needs one test, one validation and one training image of every "
+                             "class); add images or lower data.folds")
+        shuffled = [paths[i] for i in generator.permutation(len(paths))]
+        test = [path for index, path in enumerate(shuffled) if (dealt + index) % folds == fold]
+        rest = [path for index, path in enumerate(shuffled) if (dealt + index) % folds != fold]
+        dealt += len(paths)
+        n_val = min(len(rest) - 1, max(1, round(len(rest) * val_share)))
+        splits["test"].extend((path, label) for path in test)
+        splits["val"].extend((path, label) for path in rest[:n_val])
+        splits["train"].extend((path, label) for path in rest[n_val:])
     return splits
 
 
@@ -123,3 +168,43 @@ def list_images(folder: str | os.PathLike) -> list[str]:
         log.info("%s: ignored %d file(s) that are not images by name, e.g. %s", folder, len(others),
                  ", ".join(others[:3]))
     return sorted(images)
+
+
+def list_and_split(root: Path, fractions: Sequence[float], seed: int, folds: int | None, fold: int,
+                   unreadable: Callable[[list[str]], dict[str, str]]
+                   ) -> tuple[list[str], dict[str, list[Sample]], dict[str, str], str]:
+    """Lists an image folder and splits it: its own train/val(/test) folders, k folds, or a stratified split.
+
+    Args:
+        root: one sub-folder per class, or train/ and val/ (and test/) folders of class sub-folders.
+        fractions: train, val and test fractions of every class (without `folds`).
+        seed: the split's seed.
+        folds: K for k-fold cross-validation (fold `fold` is the test set; validation is carved from the rest in
+            the proportion val : train of `fractions`), or None.
+        fold: the test fold.
+        unreadable: returns the unreadable images among those it is given, with the reason (`finetune.scan`).
+
+    Returns:
+        The class names, the images of each split, the unreadable (skipped) images, and a phrase naming the split.
+    """
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        class_names, listed = read_split_folders(root)
+    else:
+        class_names, by_class = read_class_folders(root)
+        listed = {"": by_class}
+    skipped = unreadable([path for by_class in listed.values() for paths in by_class.values() for path in paths])
+    usable = {split: usable_images(root / split, class_names, by_class, skipped) for split, by_class in listed.items()}
+    if "" in usable and folds is not None:
+        val_share = fractions[1] / (fractions[0] + fractions[1])
+        splits = split_kfold(usable[""], folds, fold, val_share, seed, class_names)
+        return class_names, splits, skipped, f"fold {fold} of {folds} stratified folds as test (seed {seed})"
+    if "" in usable:
+        splits = split_stratified(usable[""], fractions, seed, class_names)
+        return class_names, splits, skipped, f"a stratified {'/'.join(f'{f:g}' for f in fractions)} split (seed {seed})"
+    if folds is not None:
+        raise UsageError(f"data.folds={folds} splits one folder of class sub-folders, but {root} holds train/ and "
+                         "val/ folders (a fixed split): leave out data.folds, or point data.root at a folder of class "
+                         "sub-folders")
+    splits = {split: [(path, label) for label in sorted(usable.get(split, {})) for path in sorted(usable[split][label])]
+              for split in SPLITS}
+    return class_names, splits, skipped, "its train/val" + ("/test" if splits["test"] else "") + " folders"

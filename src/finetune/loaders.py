@@ -6,11 +6,13 @@ import os
 from collections.abc import Callable, Sequence
 
 import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from finetune.augment import augmentation_seed
 from finetune.folders import Sample
 from finetune.images import load_rgb
+from finetune.samplers import EpochShuffler, ViewSampler, as_batch
 
 
 class ImageDataset(Dataset):
@@ -72,3 +74,49 @@ def default_num_workers() -> int:
     at most 8. The cores are those of the process's affinity: under SLURM, the job's allocation."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(0, min(cores - 1, 8))
+
+
+def split_loader(dataset: Dataset, *, shuffle: bool, batch_size: int, seed: int, num_workers: int, in_memory: bool,
+                 trainer=None, weights: Sequence[float] | None = None,
+                 trained_batches: Callable[[], int] | None = None) -> DataLoader:
+    """The loader of one split: shuffled by epoch and resumable for training, in order for evaluation.
+
+    Args:
+        dataset: the split's images (or cached features, `in_memory`).
+        shuffle: the training loader (`EpochShuffler`/`ViewSampler`, `ResumableLoader`).
+        batch_size: images per batch (per process).
+        seed: the shuffle's seed (each epoch's order depends only on it and the epoch).
+        num_workers: loader processes (not for in-memory tensors).
+        in_memory: the dataset holds cached features: no worker processes, `as_batch` collation.
+        trainer: the Lightning Trainer, for the processes' shares and the epoch to start at; None: one process.
+        weights: per-image draw weights (data.balance=sampler).
+        trained_batches: how many batches of the current epoch have trained (the resume position).
+    """
+    # Under DDP every process loads its own share; the samplers are DistributedSamplers, so Lightning keeps them.
+    shards = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer \
+        else {"num_replicas": 1, "rank": 0}
+    sampler = None
+    if shuffle:
+        sampler = (ViewSampler(dataset, seed, weights, **shards) if in_memory else
+                   EpochShuffler(len(dataset), seed, keyed=True, weights=weights, **shards))
+        # A resumed run's loader starts prefetching before Lightning calls set_epoch: start it at the epoch
+        # Lightning will train next (its own count for set_epoch), or that epoch would replay an earlier order.
+        sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer else 0)
+    elif shards["num_replicas"] > 1:
+        # Every image evaluated exactly once: no padding with repeated images (Lightning's DistributedSampler
+        # pads, which biases the metrics). Processes may run one batch more than others, which is safe without
+        # gradients as long as each runs at least one (finetune.scaling.check_distributed makes sure).
+        sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **shards)
+    loader = ResumableLoader if shuffle else DataLoader
+    common = {
+        "batch_size": batch_size,
+        "sampler": sampler,
+        # Its own generator: creating the loader's iterator then draws nothing from the training loop's, so
+        # the dropout masks do not depend on how many loaders a run made (or on a feature cache).
+        "generator": torch.Generator().manual_seed(seed),
+        **({"trained_batches": trained_batches} if shuffle else {}),
+    }
+    if in_memory:  # in-memory tensors: worker processes would only add start-up and copying
+        return loader(dataset, collate_fn=as_batch, **common)
+    return loader(dataset, num_workers=num_workers, persistent_workers=num_workers > 0,
+                  pin_memory=torch.cuda.is_available(), **common)

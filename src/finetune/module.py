@@ -178,6 +178,8 @@ class ImageClassifier(L.LightningModule):
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         logits = classify_features(self, inputs) if self.trains_on_features else self(inputs)
         loss = (self.training_loss_fn if stage == "train" else self.loss)(logits, labels)
+        if labels.dim() == 2:  # class probabilities (data.mixup, data.cutmix): the metrics take the main class
+            labels = labels.argmax(dim=1)
         getattr(self, f"{stage}_metrics").update(logits, labels)
         if stage in self.confusion:
             self.confusion[stage].update(logits, labels)

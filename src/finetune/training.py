@@ -28,6 +28,9 @@ from finetune.scaling import check_distributed
 
 log = logging.getLogger(__name__)
 
+# What `monitor` may name: validation scores where higher is better (ModelCheckpoint and EarlyStopping use mode max).
+MONITORS = ("val/acc", "val/f1", "val/balanced_acc")
+
 # Frozen blocks are in eval mode on purpose (BatchNorm statistics and dropout stay as pretrained).
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # The evaluation trainer restores only weights from the best checkpoint: it needs none of the fit's callbacks.
@@ -51,7 +54,7 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
-    """Trains, picks the best checkpoint by `val/acc`, tests it, and writes `metrics.json` to the run dir.
+    """Trains, picks the best checkpoint by `monitor` (val/acc by default), tests it, writes `metrics.json`.
 
     Under DDP every process runs this function (Lightning starts the others at `trainer.fit`, or the cluster
     starts them all); each computes the same metrics, and process 0 alone writes files.
@@ -65,6 +68,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         example = "convnext_nano" if cfg.model.source == "timm" else "densenet121"
         raise UsageError(f"model={cfg.model.source} needs the architecture: add model.name=<name>, e.g. "
                          f"model={cfg.model.source} model.name={example} (docs/architectures.md lists them)")
+    if cfg.get("monitor", "val/acc") not in MONITORS:
+        raise UsageError(f"monitor={cfg.monitor}: choose one of {', '.join(MONITORS)} (the best checkpoint's score)")
     resume = resume_from(cfg.ckpt_path, output_dir)
     for section in ("data", "model", "trainer"):
         check_arguments(cfg, section)

@@ -1,0 +1,113 @@
+"""Test-time augmentation (tta=flip|flip5crop): at test, each image is also classified in other views, and the
+mean of the views' class probabilities is scored as `test_tta/*`, next to the plain `test/*` scores.
+
+A Lightning callback, so it serves every `Trainer.test`: the one after training (train.py) and an evaluation of a
+saved checkpoint alike. Views of the evaluation image (already resized and centre-cropped to the network's size):
+
+| tta         | views                                                                                       |
+|-------------|---------------------------------------------------------------------------------------------|
+| `none`      | none: no `test_tta/*` scores                                                                |
+| `flip`      | the image and its mirror image (2)                                                          |
+| `flip5crop` | those, plus the four corner crops and the centre crop of 87.5% of the side, each resized back |
+|             | to the network's size, and their mirror images (12)                                         |
+
+With a feature cache (`strategy.cache_features`), the test batches hold features, not images: the callback then
+classifies the test images itself, from the files, with the evaluation transform.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+from torchvision.transforms.v2 import functional as F
+
+from finetune.errors import UsageError
+from finetune.loaders import ImageDataset
+from finetune.transforms import eval_transform
+
+log = logging.getLogger(__name__)
+
+VIEWS = ("none", "flip", "flip5crop")
+CROP_FRACTION = 0.875  # the 5 crops' side, as a fraction of the image's: small shifts and a slight zoom
+
+
+def views_of(images: torch.Tensor, kind: str) -> list[torch.Tensor]:
+    """The batch `images` (B, C, S, S) in each view of `kind` ("flip" or "flip5crop"), each (B, C, S, S)."""
+    views = [images]
+    if kind == "flip5crop":
+        size = images.shape[-2:]
+        crop = [max(1, round(side * CROP_FRACTION)) for side in size]
+        views += [F.resize(part, list(size), antialias=True) for part in F.five_crop(images, crop)]
+    return views + [view.flip(-1) for view in views]
+
+
+class TestTimeAugmentation(L.Callback):
+    """Scores the test images' mean class probabilities over several views as `test_tta/acc`, `test_tta/f1` and
+    `test_tta/acc_class/<class>`.
+
+    Args:
+        views: "none" (off), "flip" or "flip5crop" (see the table in this module's docstring).
+    """
+
+    def __init__(self, views: str = "none") -> None:
+        if views not in VIEWS:
+            raise UsageError(f"tta={views!r}: choose one of {', '.join(VIEWS)}")
+        self.views = views
+        self.metrics: MetricCollection | None = None
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.views == "none":
+            return
+        classes = len(pl_module.class_names)
+        self.metrics = MetricCollection({
+            "acc": MulticlassAccuracy(classes, average="micro"),
+            "f1": MulticlassF1Score(classes, average="macro"),
+            "confusion": MulticlassConfusionMatrix(classes),
+        }).to(pl_module.device)
+
+    @torch.no_grad()
+    def probabilities(self, pl_module: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
+        """The mean of the views' class probabilities for a batch of evaluation images."""
+        if getattr(pl_module, "uses_channels_last", False):
+            images = images.contiguous(memory_format=torch.channels_last)
+        return torch.stack([pl_module(view).softmax(dim=1) for view in views_of(images, self.views)]).mean(0)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self.metrics is None or getattr(pl_module, "trains_on_features", False):
+            return
+        images, labels = batch[0], batch[1]
+        self.metrics.update(self.probabilities(pl_module, images), labels)
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.metrics is None:
+            return
+        if getattr(pl_module, "trains_on_features", False):
+            self._classify_images_itself(trainer, pl_module)
+        scores = self.metrics.compute()
+        self.metrics = None
+        confusion = scores.pop("confusion").float()
+        per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
+        logged = {f"test_tta/{name}": value for name, value in scores.items()}
+        logged |= {f"test_tta/acc_class/{name}": value for name, value in zip(pl_module.class_names, per_class,
+                                                                               strict=True)}
+        pl_module.log_dict(logged, sync_dist=False)  # torchmetrics already summed every process's images
+        log.info("test-time augmentation (tta=%s, %d views): test_tta/acc %.4f", self.views,
+                 len(views_of(torch.zeros(1, 1, 8, 8), self.views)), float(scores["acc"]))
+
+    def _classify_images_itself(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The test batches held cached features: classify the test images from their files instead."""
+        datamodule = trainer.datamodule
+        samples = datamodule.splits["test"]
+        if trainer.world_size > 1:
+            samples = samples[trainer.global_rank::trainer.world_size]
+        preprocessing = pl_module.preprocessing
+        loader = DataLoader(ImageDataset(samples, eval_transform(preprocessing)), batch_size=datamodule.batch_size,
+                            num_workers=datamodule.num_workers)
+        for images, labels in loader:
+            self.metrics.update(self.probabilities(pl_module, images.to(pl_module.device)),
+                                labels.to(pl_module.device))

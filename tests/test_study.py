@@ -1,0 +1,220 @@
+"""The depth study: k-fold splits, the study's verdict, and a small study through the real command line."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, offline_env, run_multirun
+from omegaconf import OmegaConf
+from scipy import stats as scipy_stats
+
+from finetune.errors import UsageError
+from finetune.folders import split_kfold
+from finetune.report import PLOTS, build_report, write_report
+from finetune.stats import corrected_t
+
+NAMES = ["a", "b", "c"]
+
+
+def _classes(sizes=(23, 11, 7)) -> dict[int, list[str]]:
+    return {label: [f"{NAMES[label]}/{i:03d}.png" for i in range(size)] for label, size in enumerate(sizes)}
+
+
+def test_k_folds_test_every_image_exactly_once_and_keep_classes_in_every_split():
+    by_class, k = _classes(), 5
+    tested = []
+    for fold in range(k):
+        splits = split_kfold(by_class, k, fold, val_share=0.2 / 0.9, seed=3, class_names=NAMES)
+        paths = {name: [path for path, _ in samples] for name, samples in splits.items()}
+        assert not set(paths["test"]) & set(paths["train"]) and not set(paths["test"]) & set(paths["val"])
+        assert not set(paths["train"]) & set(paths["val"])
+        assert sum(len(p) for p in paths.values()) == 41
+        for name in ("train", "val", "test"):
+            assert {label for _, label in splits[name]} == {0, 1, 2}, (fold, name)
+        tested += paths["test"]
+    assert sorted(tested) == sorted(path for paths in by_class.values() for path in paths)
+
+
+def test_folds_are_balanced_seeded_and_carve_the_validation_share_from_the_rest():
+    by_class = _classes((40, 20))
+    sizes = [len(split_kfold(by_class, 5, fold, 0.25, 0, NAMES)["test"]) for fold in range(5)]
+    assert sizes == [12] * 5
+    first = split_kfold(by_class, 5, 2, 0.25, seed=7, class_names=NAMES)
+    assert first == split_kfold(by_class, 5, 2, 0.25, seed=7, class_names=NAMES)
+    assert first != split_kfold(by_class, 5, 2, 0.25, seed=8, class_names=NAMES)
+    assert len(first["val"]) == 8 + 4  # a quarter of each class's 32 and 16 left for training and validation
+    # Uneven classes: fold sizes differ by at most one image.
+    uneven = [len(split_kfold(_classes(), 5, fold, 0.2, 0, NAMES)["test"]) for fold in range(5)]
+    assert max(uneven) - min(uneven) <= 1
+
+
+@pytest.mark.parametrize(("folds", "fold", "message"), [
+    (1, 0, "data.folds=1 must be at least 2"),
+    (5, 5, "data.fold=5 must be one of 0..4"),
+    (8, 0, "class 'c' has 7 image(s): too few for data.folds=8"),
+])
+def test_bad_fold_settings_name_the_fix(folds, fold, message):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        split_kfold(_classes(), folds, fold, 0.2, 0, NAMES)
+
+
+# The verdict, on sweeps written by hand: what train.py leaves in each run folder, without training.
+
+def make_fold_run(sweep: Path, unfreeze, fold: int | None, acc: float, seconds: float, *, seed: int = 0,
+                  predictions: list[tuple[str, str, str]] | None = None, sizes=(250, 70, 80)) -> Path:
+    job = sweep / (f"unfreeze-{unfreeze}_fold-{fold}" if fold is not None else f"unfreeze-{unfreeze}_seed-{seed}")
+    (job / ".hydra").mkdir(parents=True)
+    data = {"root": "/data", "split_seed": "${seed}", "folds": 5 if fold is not None else None, "fold": fold or 0}
+    config = {"seed": seed, "unfreeze": unfreeze, "model": {"name": "tf_efficientnet_lite0"},
+              "strategy": {"name": "finetune", "unfreeze": 2}, "data": data}
+    OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
+    overrides = [f"unfreeze={unfreeze}", *([f"data.fold={fold}"] if fold is not None else [f"seed={seed}"])]
+    OmegaConf.save(OmegaConf.create(["data.root=/data", *overrides]), job / ".hydra" / "overrides.yaml")
+    metrics = {"test/acc": acc, "test/f1": acc - 0.05, "val/acc": acc, "time/fit_seconds": seconds,
+               "params/trainable": 2562 if unfreeze == 0 else 900_000, "epochs": 12}
+    (job / "metrics.json").write_text(json.dumps(metrics))
+    (job / "convergence.json").write_text(json.dumps({"epochs/used": 12, "epochs/converged": 1.0}))
+    rows = [f"{split},a,x{i}.png" for split, n in zip(("train", "val", "test"), sizes, strict=True) for i in range(n)]
+    (job / "split.csv").write_text("split,class,path\n" + "\n".join(rows) + "\n")
+    if predictions is not None:
+        lines = [f"{path},{label},{predicted},0.5,0.5" for path, label, predicted in predictions]
+        (job / "test_predictions.csv").write_text("path,label,predicted,p_a,p_b\n" + "\n".join(lines) + "\n")
+    return job
+
+
+FOLD_NOISE = (0.01, -0.02, 0.0, 0.02, -0.01)
+
+
+def test_a_clear_study_recommends_the_cheapest_depth_not_worse_than_the_best(tmp_path):
+    sweep = tmp_path / "study"
+    for fold, noise in enumerate(FOLD_NOISE):
+        make_fold_run(sweep, 0, fold, 0.72 + noise, seconds=20)
+        make_fold_run(sweep, 2, fold, 0.84 + noise + 0.005 * (fold % 2), seconds=40)
+        make_fold_run(sweep, "all", fold, 0.85 + noise - 0.01 * (fold % 2), seconds=130)
+
+    report = build_report(sweep)
+    group = report.study.groups[0]
+    assert group.recommended.point.unfreeze == 2 and group.best.point.unfreeze == "all"
+    assert not group.undecided
+    verdict = report.study.verdict
+    assert verdict.startswith("Fine-tuning with unfreeze=2 beats transfer learning by +12.2 points (95% CI")
+    assert "Costlier points are not significantly better (the best of them, unfreeze=all:" in verdict
+    assert "costs 3.2x the training time" in verdict and verdict.endswith("Recommended: unfreeze=2 "
+                                                                          "(84.2% accuracy, 95% CI 81.0 to 87.4).")
+    transfer = group.transfer
+    scores = [0.72 + noise for noise in FOLD_NOISE]
+    assert transfer.acc == corrected_t(scores, 250, 80)  # the interval is the corrected t on the fold scores
+    write_report(report, sweep, plots=False)
+    markdown = (sweep / "report.md").read_text()
+    assert markdown.index("## Verdict") < markdown.index("## Points") < markdown.index("## Runs")
+
+
+def test_a_study_the_data_cannot_decide_says_so_and_how_many_images_would(tmp_path):
+    sweep = tmp_path / "study"
+    for fold, noise in enumerate(FOLD_NOISE):
+        make_fold_run(sweep, 0, fold, 0.80 + noise, seconds=20)
+        make_fold_run(sweep, 2, fold, 0.81 - noise, seconds=40)  # +1 point on average, but it swings with the fold
+
+    study = build_report(sweep).study
+    assert study.groups[0].undecided
+    verdict = study.verdict
+    assert verdict.startswith("The data cannot decide: no depth is significantly better or worse than another.")
+    assert "unfreeze=2 against transfer learning (unfreeze=0), is +1.0 points (95% CI" in verdict
+    # Half-width 6.3 points around +1: a 2-point difference needs (6.3 / 2)^2 = 9.9 times the images.
+    assert "To resolve a difference of 2.0 points would take roughly 4,000 images instead of the 400 here" in verdict
+    assert verdict.endswith("Recommended: unfreeze=0.")
+
+
+def test_one_split_uses_per_image_predictions_bootstrap_and_mcnemar(tmp_path):
+    sweep = tmp_path / "study"
+    images = [f"img{i:03d}.png" for i in range(80)]
+    labels = ["a" if i % 2 else "b" for i in range(80)]
+    right_by_head = set(range(56))  # 70%
+    right_by_depth = set(range(4, 76))  # 90%: 20 images only it gets right, 4 only the head does
+    for unfreeze, right, seconds in ((0, right_by_head, 10), (2, right_by_depth, 30)):
+        predictions = [(path, label, label if i in right else ("b" if label == "a" else "a"))
+                       for i, (path, label) in enumerate(zip(images, labels, strict=True))]
+        make_fold_run(sweep, unfreeze, None, len(right) / 80, seconds, predictions=predictions)
+
+    study = build_report(sweep).study
+    assert study.design == "split"
+    comparison = study.groups[0].vs_transfer[0]
+    assert comparison.difference.mean == pytest.approx(0.2)
+    assert comparison.difference.p == pytest.approx(scipy_stats.binomtest(4, 24, 0.5).pvalue)
+    assert comparison.difference.significant
+    assert study.groups[0].recommended.point.unfreeze == 2
+
+
+def test_a_partial_study_reports_over_what_finished_and_lists_what_is_missing(tmp_path):
+    sweep = tmp_path / "study"
+    OmegaConf.save(OmegaConf.create({"hydra": {"sweeper": {"params": {"data.fold": "range(0,5)",
+                                                                      "unfreeze": "0,2,all"}},
+                                               "overrides": {"task": ["data.root=/data"]}}}),
+                   sweep.mkdir(parents=True) or sweep / "multirun.yaml")
+    for fold, noise in enumerate(FOLD_NOISE[:3]):
+        make_fold_run(sweep, 0, fold, 0.72 + noise, seconds=20)
+        make_fold_run(sweep, 2, fold, 0.84 + noise, seconds=40)
+    make_fold_run(sweep, 4, 0, 0.95, seconds=60)  # one fold so far: no interval, not compared yet
+    failed = make_fold_run(sweep, "all", 0, 0.9, seconds=99)
+    (failed / "metrics.json").unlink()
+    (failed / "train.log").write_text("[2026-12-03 10:00:00,000][finetune][ERROR] - error: out of CPU memory\n")
+
+    report = build_report(sweep)
+    assert report.study.groups[0].recommended.point.unfreeze == 2  # over the three folds that finished
+    assert report.study.verdict.endswith("Not compared yet, too few finished folds: unfreeze=4 (1 fold).")
+    problems = "\n".join(report.problems())
+    assert "job unfreeze-all_fold-0 (tf_efficientnet_lite0/finetune/unfreeze=all/seed=0/fold=0) failed: out of CPU " \
+           "memory" in problems
+    assert "- data.fold=1 unfreeze=all: not started" in problems
+    assert "- data.fold=2 unfreeze=all: not started" in problems
+    assert "- data.fold=3 unfreeze=0,2,all: not started" in problems  # one line for what differs only in depth
+    assert "- data.fold=4 unfreeze=0,2,all: not started" in problems
+    assert problems.count("not started") == 4
+
+
+@pytest.mark.slow
+def test_a_small_depth_study_through_the_command_line(tmp_path, image_folder):
+    sweep = tmp_path / "study"
+    run_multirun(tmp_path, sweep, "experiment=depth_study", "unfreeze=0,all", "data.folds=2", "data.fold=0,1",
+                 "model=mobilenet_v2", "model.weights=null", f"data.root={image_folder}", "data.image_size=32",
+                 "data.num_workers=0", "data.batch_size=8", "trainer.max_epochs=2",
+                 "callbacks.test_predictions.latency_batch=2", "callbacks.test_predictions.latency_repeats=1")
+
+    # Each run named by what differs in the sweep: TensorBoard lists them so.
+    runs = {path.name for path in sweep.iterdir() if (path / ".hydra").is_dir()}
+    assert runs == {"unfreeze-0_fold-0", "unfreeze-0_fold-1", "unfreeze-all_fold-0", "unfreeze-all_fold-1"}
+    tested = []
+    for run in runs:
+        assert any((sweep / run / "tensorboard").glob("events.out.tfevents.*"))
+        convergence = json.loads((sweep / run / "convergence.json").read_text())
+        assert convergence["epochs/used"] == 2 and convergence["epochs/converged"] == 0.0  # the cap, not converged
+        assert json.loads((sweep / run / "test_latency.json").read_text())["time/inference_ms_per_image"] > 0
+        with open(sweep / run / "test_predictions.csv", newline="") as file:
+            rows = list(csv.DictReader(file))
+        assert set(rows[0]) == {"path", "label", "predicted", "p_circle", "p_square", "p_stripes"}
+        if run.startswith("unfreeze-0"):
+            tested += [row["path"] for row in rows]
+    assert len(tested) == len(set(tested)) == 36  # the two folds test every image once
+
+    result = subprocess.run([sys.executable, "-m", "finetune.report", f"sweep_dir={sweep}"], cwd=REPO,
+                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "## Verdict" in result.stdout and "Recommended: unfreeze=" in result.stdout
+    page = (sweep / "report.html").read_text()
+    assert page.index("Verdict") < page.index("Paired comparisons") < page.index("Every run")
+    assert page.count("data:image/png;base64,") == len(PLOTS)
+    assert "http://" not in page and "https://" not in page  # nothing fetched: it opens offline
+    with open(sweep / "report_study.csv", newline="") as file:
+        assert [row["unfreeze"] for row in csv.DictReader(file)] == ["0", "all"]
+    if shutil.which("chromium"):  # what a user sees: the page renders, verdict and plots included
+        screenshot = tmp_path / "report.png"
+        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={screenshot}",
+                        "--window-size=1200,2000", (sweep / "report.html").as_uri()], capture_output=True,
+                       timeout=120)
+        assert screenshot.stat().st_size > 50_000
