@@ -1,4 +1,4 @@
-"""The report of a sweep: `python -m finetune.report multirun/<date>/<time>` (default: the newest sweep).
+"""The report of a sweep: `python -m finetune.report sweep_dir=multirun/<date>/<time>` (default: the newest sweep).
 
 A sweep is what `python train.py -m ...` writes: one folder per job (`0/`, `1/`, ... or, for
 `experiment=depth_study`, `unfreeze-2_fold-3/`, ...), each with `.hydra/config.yaml`, `train.log`, per-epoch
