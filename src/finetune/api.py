@@ -105,6 +105,6 @@ def load(checkpoint: str | Path, device: str = "auto", image_size: int | None = 
         device: "auto", "cpu", "cuda", ...
         image_size: crop size; None: the size the run trained at.
     """
-    from finetune.cli import InferenceOptions, load_model
+    from finetune.inference import InferenceOptions, load_model
 
     return Classifier(load_model(InferenceOptions(checkpoint=str(checkpoint), device=device, image_size=image_size)))
