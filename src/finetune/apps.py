@@ -47,7 +47,7 @@ from hydra.errors import CompactHydraException, MissingConfigException, Override
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune.errors import UsageError, close_matches, find_usage_error
+from finetune.errors import UsageError, close_matches, find_usage_error, first_line
 
 log = logging.getLogger("finetune")
 
@@ -290,11 +290,3 @@ def _field_types(schema: type, prefix: str = "") -> dict[str, Any]:
         else:
             types[prefix + field.name] = kind
     return types
-
-
-def first_line(error: BaseException | str) -> str:
-    """The first non-empty line of an exception's message (or of a text); the exception's type name if empty."""
-    lines = str(error).strip().splitlines()
-    if lines:
-        return lines[0].strip()
-    return type(error).__name__ if isinstance(error, BaseException) else ""

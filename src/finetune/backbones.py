@@ -17,7 +17,16 @@ import torch
 from torch import nn
 
 from finetune.blocks import Block, split_into_blocks, timm_block_matcher, torchvision_block_matcher
-from finetune.errors import UsageError, close_matches
+from finetune.errors import UsageError, close_matches, first_line
+from finetune.heads import (
+    last_linear,
+    make_head,
+    replace_module,
+    replace_squeezenet_head,
+    reset_timm_classifier,
+    set_dropout_before_head,
+    switch_off_auxiliary_classifiers,
+)
 from finetune.packaged_weights import PACKAGED_WEIGHTS
 
 log = logging.getLogger(__name__)
@@ -109,31 +118,31 @@ def create_backbone(
     """
     if source == "torchvision":
         network, preprocessing, description = _create_torchvision(name, weights)
-        _switch_off_auxiliary_classifiers(network)
+        switch_off_auxiliary_classifiers(network)
         if type(network).__name__ == "SqueezeNet":
-            head_name = _replace_squeezenet_head(network, num_classes, head_hidden_dim, head_dropout)
+            head_name = replace_squeezenet_head(network, num_classes, head_hidden_dim, head_dropout)
             head_dropout = None  # it is the new head's own
         else:
-            head_name = _last_linear(network)
+            head_name = last_linear(network)
         matcher = torchvision_block_matcher(network)
     elif source == "timm":
         network, preprocessing, description = _create_timm(name, weights)
-        head_name = _reset_timm_classifier(network, name, num_classes, head_hidden_dim)
+        head_name = reset_timm_classifier(network, name, num_classes, head_hidden_dim)
         matcher = timm_block_matcher(network)
     else:
         raise UsageError(f"unknown model.source {source!r}: choose one of {', '.join(SOURCES)}")
 
     old_head = network.get_submodule(head_name)
     if isinstance(old_head, nn.Linear) and (source == "torchvision" or head_hidden_dim is not None):
-        new_head = _make_head(old_head.in_features, num_classes, head_hidden_dim, head_dropout)
+        new_head = make_head(old_head.in_features, num_classes, head_hidden_dim, head_dropout)
         # Every place the old head sits (a distilled model shares it between two tokens) gets the new one.
         for module_name in [n for n, m in network.named_modules(remove_duplicate=False) if m is old_head]:
-            _replace_module(network, module_name, new_head)
+            replace_module(network, module_name, new_head)
     elif source == "torchvision" and type(network).__name__ != "SqueezeNet":
         raise UsageError(f"model {name!r}: its classifier {head_name!r} is a {type(old_head).__name__}, "
                          "not a Linear layer, so it cannot get a new head; pick another architecture")
     if head_dropout is not None and head_hidden_dim is None:
-        _set_dropout_before_head(network, head_name, head_dropout)
+        set_dropout_before_head(network, head_name, head_dropout)
 
     if not matcher:
         log.warning("%s has no block definition: it is one block, so unfreeze=1 trains all of it", name)
@@ -146,69 +155,6 @@ def source_of(name: str) -> str:
     from torchvision import models
 
     return "torchvision" if name in models.list_models() else "timm"
-
-
-def _switch_off_auxiliary_classifiers(network: nn.Module) -> None:
-    """Removes GoogLeNet's and Inception-v3's auxiliary classifiers, as torchvision does when it loads their
-    pretrained weights: they help train from scratch on ImageNet, and in train mode make the network return a
-    tuple. Fine-tuning trains the main classifier alone, so the network always returns one tensor."""
-    if hasattr(network, "aux_logits"):
-        network.aux_logits = False
-        for name in ("aux1", "aux2", "AuxLogits"):
-            if hasattr(network, name):
-                setattr(network, name, None)
-
-
-def _replace_squeezenet_head(network: nn.Module, num_classes: int, hidden_dim: int | None,
-                             dropout: float | None) -> str:
-    """SqueezeNet classifies with a 1x1 convolution, a ReLU and global pooling (`classifier`): the new head is
-    dropout, a 1x1 convolution to `num_classes` and the pooling, without the ReLU, which would keep every logit
-    at or above zero (a class the head starts below zero on could never recover)."""
-    if hidden_dim is not None:
-        raise UsageError("SqueezeNet classifies with a convolution, not a Linear layer: model.head_hidden_dim "
-                         "does not apply to it; leave it null")
-    old = network.classifier
-    conv = next(module for module in old if isinstance(module, nn.Conv2d))
-    own_dropout = next(module.p for module in old if isinstance(module, nn.Dropout))
-    network.classifier = nn.Sequential(
-        nn.Dropout(own_dropout if dropout is None else dropout),
-        nn.Conv2d(conv.in_channels, num_classes, kernel_size=1),
-        nn.AdaptiveAvgPool2d(1),
-        nn.Flatten(1),
-    )
-    return "classifier"
-
-
-def _reset_timm_classifier(network: nn.Module, name: str, num_classes: int, hidden_dim: int | None) -> str:
-    """Gives a timm network a new classifier with timm's own `reset_classifier`; returns its module name.
-
-    Distilled models (DeiT, LeViT) have two classifiers, one on the class token and one on the distillation
-    token, averaged at inference: the new distillation classifier is the new class-token one, shared (one set of
-    weights on both tokens). CrossViT's two classifiers (one per branch, of different widths) stay two, trained
-    together as the head.
-    """
-    try:
-        network.reset_classifier(num_classes)
-        classifier = network.get_classifier()
-    except (NotImplementedError, AttributeError, TypeError) as error:
-        raise UsageError(f"timm model {name!r} cannot get a new classifier ({_reason(error)}); pick another "
-                         "architecture") from error
-    heads = classifier if isinstance(classifier, tuple) else (classifier,)
-    names_of = {id(module): module_name for module_name, module in network.named_modules()}
-    if not all(id(head) in names_of for head in heads):
-        raise UsageError(f"timm model {name!r}: its classifier is not one of its modules, so it cannot be "
-                         "replaced; pick another architecture")
-    names = [names_of[id(head)] for head in heads]
-    for other_name, other in zip(names[1:], heads[1:], strict=True):
-        shapes = [[tuple(p.shape) for p in module.parameters()] for module in (heads[0], other)]
-        if type(other) is not type(heads[0]) or shapes[0] != shapes[1]:
-            raise UsageError(f"timm model {name!r} has classifiers of different shapes ({', '.join(names)}); "
-                             "pick another architecture")
-        _replace_module(network, other_name, heads[0])
-    if hidden_dim is not None and not isinstance(heads[0], nn.Linear):
-        raise UsageError(f"timm model {name!r} classifies with a {type(heads[0]).__name__} ({names[0]}), not a "
-                         "Linear layer: model.head_hidden_dim does not apply to it; leave it null")
-    return names[0]
 
 
 def _create_torchvision(name: str, weights: str | None) -> tuple[nn.Module, Preprocessing, str]:
@@ -250,7 +196,7 @@ def _create_torchvision(name: str, weights: str | None) -> tuple[nn.Module, Prep
         file_name = Path(reference.url).name
         cache = Path(torch.hub.get_dir()) / "checkpoints" / file_name
         raise UsageError(
-            f"could not download pretrained weights {reference} from {reference.url} ({_reason(error)}); "
+            f"could not download pretrained weights {reference} from {reference.url} ({first_line(error)}); "
             f"offline, put that file at {cache}, or pass model.weights=<path to a state dict file> "
             "or model.weights=null for random init"
         ) from error
@@ -293,7 +239,7 @@ def _create_timm(name: str, weights: str | None) -> tuple[nn.Module, Preprocessi
 
             raise UsageError(
                 f"could not download pretrained weights for timm model {full_name!r} "
-                f"(hf-hub:{_hub_id(full_name)}; {_reason(error)}); offline, copy a Hugging Face cache that "
+                f"(hf-hub:{_hub_id(full_name)}; {first_line(error)}); offline, copy a Hugging Face cache that "
                 f"holds them to {constants.HF_HUB_CACHE}, or pass model.weights=<path to a weights file> "
                 "or model.weights=null for random init"
             ) from error
@@ -341,7 +287,7 @@ def _load_state_dict_file(network: nn.Module, path_text: str, name: str) -> None
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise UsageError(f"cannot read weights file {path}: {_reason(error)}") from error
+        raise UsageError(f"cannot read weights file {path}: {first_line(error)}") from error
     try:
         network.load_state_dict(state)
     except RuntimeError as error:
@@ -359,61 +305,3 @@ def _existing_file(path_text: str) -> Path:
         raise UsageError(f"weights file {path} does not exist; pass model.weights=<existing file>, "
                          "DEFAULT, a weights tag, or null for random init")
     return path
-
-
-def _last_linear(network: nn.Module) -> str:
-    """The classifier of a torchvision network: its last Linear layer (fc, classifier.1, heads.head, ...)."""
-    names = [name for name, module in network.named_modules() if isinstance(module, nn.Linear)]
-    if not names:
-        raise UsageError(f"{type(network).__name__} has no Linear classifier to replace")
-    return names[-1]
-
-
-def _make_head(in_features: int, num_classes: int, hidden_dim: int | None, dropout: float | None) -> nn.Module:
-    if hidden_dim is None:
-        return nn.Linear(in_features, num_classes)
-    return nn.Sequential(
-        nn.Linear(in_features, hidden_dim),
-        nn.ReLU(inplace=True),
-        nn.Dropout(0.2 if dropout is None else dropout),
-        nn.Linear(hidden_dim, num_classes),
-    )
-
-
-def _replace_module(network: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = network.get_submodule(parent_path) if parent_path else network
-    setattr(parent, child, new)
-
-
-def dropout_before_head(network: nn.Module, head_name: str) -> float:
-    """The dropout probability the architecture applies to the head's input (0 if none)."""
-    dropouts = _sibling_dropouts(network, head_name)
-    if dropouts:
-        return dropouts[0].p
-    return float(getattr(network, "drop_rate", 0.0) or 0.0)
-
-
-def _sibling_dropouts(network: nn.Module, head_name: str) -> list[nn.Dropout]:
-    parent_path = head_name.rpartition(".")[0]
-    parent = network.get_submodule(parent_path) if parent_path else network
-    return [m for m in parent.children() if isinstance(m, nn.Dropout)]
-
-
-def _set_dropout_before_head(network: nn.Module, head_name: str, p: float) -> None:
-    """Sets the architecture's own dropout in front of the classifier (torchvision: a sibling Dropout;
-    timm: the `drop_rate` the head reads)."""
-    dropouts = _sibling_dropouts(network, head_name)
-    if dropouts:
-        for module in dropouts:
-            module.p = p
-    elif hasattr(network, "drop_rate"):
-        network.drop_rate = p
-    else:
-        raise UsageError(f"{type(network).__name__} has no dropout before its classifier to set; "
-                         "use model.head_hidden_dim=<units> for a head with its own dropout")
-
-
-def _reason(error: BaseException) -> str:
-    text = str(getattr(error, "reason", None) or error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -26,9 +26,8 @@ import torch
 from omegaconf import MISSING
 
 from finetune import apps, exporters
-from finetune.apps import first_line
 from finetune.backbones import Preprocessing
-from finetune.errors import UsageError
+from finetune.errors import UsageError, first_line
 from finetune.inference import InferenceOptions, load_model
 
 

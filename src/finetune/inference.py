@@ -16,9 +16,8 @@ import torch
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from finetune.apps import first_line
 from finetune.backbones import Preprocessing
-from finetune.errors import UsageError
+from finetune.errors import UsageError, first_line
 
 DEVICES = ("auto", "cpu", "cuda")
 

@@ -12,11 +12,12 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from finetune.backbones import Preprocessing, create_backbone, dropout_before_head
+from finetune.backbones import Preprocessing, create_backbone
 from finetune.callbacks import MemoryFormatAndCompile, ResumeRandomState, check_compile_setting
 from finetune.errors import UsageError
 from finetune.features import Cut, classify_features
 from finetune.freezing import Unfreezing, keep_frozen_in_eval_mode, parameter_groups, set_depth, unfreeze_schedule
+from finetune.heads import dropout_before_head
 from finetune.metrics import classification_metrics
 from finetune.schedules import FixScheduleLength, WarmupCosine
 

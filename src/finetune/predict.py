@@ -19,7 +19,7 @@ from omegaconf import MISSING
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import apps
-from finetune.errors import UsageError
+from finetune.errors import UsageError, first_line
 from finetune.folders import list_images
 from finetune.images import IMAGE_EXTENSIONS, load_rgb
 from finetune.inference import InferenceOptions, LoadedModel, load_model, quiet_lightning, trainer
@@ -118,7 +118,7 @@ class _ImageFiles(Dataset):
             return index, self.transform(load_rgb(self.paths[index])), None
         except Exception as error:  # whatever a damaged file makes Pillow raise, it is that file's problem
             reason = str(error).strip()
-            return index, None, f"{type(error).__name__}: {apps.first_line(error)}" if reason else \
+            return index, None, f"{type(error).__name__}: {first_line(error)}" if reason else \
                 type(error).__name__
 
 
