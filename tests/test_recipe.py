@@ -194,13 +194,15 @@ def test_conf_documents_every_recipe_key():
 def test_lp_ft_trains_the_head_first_then_fine_tunes_with_warmup_and_a_lower_backbone_lr(tmp_path, image_folder,
                                                                                           augment):
     # none: the frozen prefix is cached and the probe reads the cache; basic: the probe runs the images itself.
-    result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", "strategy=lp_ft", f"data.augment={augment}",
-                     "trainer.max_epochs=2")
+    # The packaged ImageNet weights (offline): a random network's features of these tiny images are degenerate.
+    result = run_cli(tmp_path, "model=efficientnet_lite0", "data.image_size=64", "data.batch_size=8",
+                     "data.num_workers=0", f"data.root={image_folder}", "strategy=lp_ft", f"data.augment={augment}",
+                     "trainer.max_epochs=1")
     output = result.stdout + result.stderr
 
     assert ("feature cache on" in output) == (augment == "none")
     line = next(line for line in output.splitlines() if "linear probe (LP-FT)" in line)
     assert "300 full-batch steps on 27 images" in line
-    assert float(line.split("train acc ")[1].split(",")[0]) >= 0.9  # 27 images, 1280 features: separable
+    assert float(line.split("train acc ")[1].split(",")[0]) >= 0.9  # 27 images, 1,280 features: separable
     assert "head lr 0.001" in output and "backbone lr 0.0001" in output
     assert metrics_of(tmp_path / "run")["test/acc"] >= 0
