@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from finetune import demo
+from finetune import demo, partial_folders
 from finetune.demo import DEMO_NAMES, README_NAME, default_cache_dir, demo_root
 from finetune.errors import UsageError
 
@@ -289,16 +289,16 @@ def test_retry_after_interrupted_build_succeeds(tmp_path, monkeypatch) -> None:
     assert _leftovers(tmp_path) == []
 
 
-@pytest.mark.skipif(demo.fcntl is None, reason="needs flock to tell live builds from dead ones")
+@pytest.mark.skipif(partial_folders.fcntl is None, reason="needs flock to tell live builds from dead ones")
 def test_abandoned_partial_is_reclaimed_but_live_one_kept(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(demo, "_copy_file", _fast_fake_copy)
     datasets = tmp_path / "datasets"
-    dead = datasets / f".elpv{demo._PARTIAL_SUFFIX}dead"
-    live = datasets / f".elpv4{demo._PARTIAL_SUFFIX}live"
+    dead = datasets / f".elpv{partial_folders.PARTIAL_SUFFIX}dead"
+    live = datasets / f".elpv4{partial_folders.PARTIAL_SUFFIX}live"
     for folder in (dead, live):
         (folder / "functional").mkdir(parents=True)
         (folder / "functional" / "x.png").write_bytes(b"")
-    lock_fd = demo._try_lock(live)  # stands in for a build still running
+    lock_fd = partial_folders.try_lock(live)  # stands in for a build still running
     assert lock_fd is not None
     try:
         demo_root("elpv", cache_dir=tmp_path)

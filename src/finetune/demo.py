@@ -17,17 +17,13 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import import_module, metadata
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
+from finetune.partial_folders import make_partial, remove_abandoned_partials
 
 __all__ = [
     "DEMO_NAMES",
@@ -48,10 +44,6 @@ README_NAME = "README.txt"
 # Written last, inside the temporary folder, just before it is renamed into
 # place: its presence is what tells later calls that the folder is complete.
 _MARKER_NAME = ".complete.json"
-_PARTIAL_SUFFIX = ".partial-"
-# Where flock is unavailable we cannot tell a killed build from a running one,
-# so its leftovers are only reclaimed once they are clearly abandoned.
-_STALE_PARTIAL_AGE_S = 24 * 3600
 
 _INSTALL_HINT = "pip install elpv-dataset"
 
@@ -250,7 +242,7 @@ def _plan(demo: _Demo, labels: Sequence[_Label], data_dir: Path) -> list[tuple[P
 def _materialise(name: str, demo: _Demo, root: Path, data_dir: Path) -> None:
     plan = _plan(demo, _read_labels(data_dir / "labels.csv"), data_dir)
     root.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_partials(root.parent)
+    remove_abandoned_partials(root.parent)
 
     logger.info(
         "Materialising demo data set %r (ELPV solar cells, %d images, %s) into %s; "
@@ -263,7 +255,7 @@ def _materialise(name: str, demo: _Demo, root: Path, data_dir: Path) -> None:
         ELPV_SOURCE_URL,
     )
     start = time.perf_counter()
-    partial, lock_fd = _make_partial(root)
+    partial, lock_fd = make_partial(root)
     try:
         for class_name in demo.classes:
             (partial / class_name).mkdir()
@@ -288,75 +280,6 @@ def _materialise(name: str, demo: _Demo, root: Path, data_dir: Path) -> None:
             shutil.rmtree(partial, ignore_errors=True)
         if lock_fd is not None:
             os.close(lock_fd)
-
-
-def _make_partial(root: Path) -> tuple[Path, int | None]:
-    """Create and lock an empty, hidden build folder next to ``root``.
-
-    The lock (where the OS and file system support flock) is what marks the
-    folder as alive: the kernel drops it when the builder dies, however it dies,
-    so a later run can tell a killed build from one in progress and reclaim it.
-    """
-    while True:
-        partial = root.with_name(f".{root.name}{_PARTIAL_SUFFIX}{uuid.uuid4().hex}")
-        partial.mkdir()
-        try:
-            lock_fd = _try_lock(partial)
-        except OSError:
-            return partial, None  # no locking here; clean-up falls back to age
-        if lock_fd is not None:
-            return partial, lock_fd
-        # A concurrent clean-up locked it between our mkdir and flock and will
-        # delete it; leave it to that process and start over under a new name.
-
-
-def _try_lock(folder: Path) -> int | None:
-    """Lock ``folder`` exclusively without blocking.
-
-    Returns:
-        A file descriptor holding the lock, or None if another process holds it.
-
-    Raises:
-        OSError: If the folder cannot be opened or locking is unsupported.
-    """
-    if fcntl is None:
-        raise OSError("flock is not available on this platform")
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    except OSError:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _remove_abandoned_partials(parent: Path) -> None:
-    for candidate in parent.iterdir():
-        if not (candidate.name.startswith(".") and _PARTIAL_SUFFIX in candidate.name):
-            continue
-        try:
-            lock_fd = _try_lock(candidate)
-        except OSError:
-            lock_fd = -1  # cannot tell from a lock; judge by age below
-        if lock_fd is None:
-            continue  # its builder is still running
-        if lock_fd >= 0:
-            try:
-                logger.debug("Removing abandoned partial demo folder %s", candidate)
-                shutil.rmtree(candidate, ignore_errors=True)
-            finally:
-                os.close(lock_fd)
-            continue
-        try:
-            age = time.time() - candidate.stat().st_mtime
-        except OSError:
-            continue  # vanished: its builder finished or cleaned up
-        if age > _STALE_PARTIAL_AGE_S:
-            logger.debug("Removing old partial demo folder %s", candidate)
-            shutil.rmtree(candidate, ignore_errors=True)
 
 
 def _write_readme(path: Path, name: str, demo: _Demo, counts: Counter[str]) -> None:
