@@ -32,8 +32,10 @@ def resolve_device(name: str | None) -> torch.device:
 
 def machine(device: torch.device) -> str:
     """One line on where the figures come from."""
-    cpu = f"{psutil.cpu_count(logical=True)}-core CPU ({platform.machine()}), torch {torch.__version__}, " \
-          f"{torch.get_num_threads()} intra-op threads"
+    cpu = (
+        f"{psutil.cpu_count(logical=True)}-core CPU ({platform.machine()}), torch {torch.__version__}, "
+        f"{torch.get_num_threads()} intra-op threads"
+    )
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}; host {cpu}"
     return cpu
@@ -46,8 +48,16 @@ def today() -> str:
 def revision() -> str:
     """The checkout's commit (with `-dirty` for uncommitted changes), or "unknown" outside git."""
     try:
-        return subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=10).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "describe", "--always", "--dirty"],
+                capture_output=True,
+                text=True,
+                cwd=Path(__file__).resolve().parent,
+                timeout=10,
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -91,22 +101,36 @@ def wait_until_idle(max_wait_s: float, use_load: bool = True, poll_s: float = 30
         if others < QUIET_CORES and (not use_load or current <= IDLE_LOAD):
             return current
         if waited >= max_wait_s:
-            print(f"WARNING: still busy after {waited:.0f} s (load average {current:.2f}, other processes "
-                  f"{others:.2f} cores): measuring anyway", flush=True)
+            print(
+                f"WARNING: still busy after {waited:.0f} s (load average {current:.2f}, other processes "
+                f"{others:.2f} cores): measuring anyway",
+                flush=True,
+            )
             return current
-        print(f"machine busy (load average {current:.2f}, other processes {others:.2f} cores): waiting "
-              f"{poll_s:.0f} s ({waited:.0f} of {max_wait_s:.0f} s waited)", flush=True)
+        print(
+            f"machine busy (load average {current:.2f}, other processes {others:.2f} cores): waiting "
+            f"{poll_s:.0f} s ({waited:.0f} of {max_wait_s:.0f} s waited)",
+            flush=True,
+        )
         time.sleep(poll_s)
         waited += poll_s
 
 
 def add_idle_arguments(parser, unit: str) -> None:
     """--max-wait and --retries: how long to wait for an idle machine, and how often to measure a `unit` again."""
-    parser.add_argument("--max-wait", type=float, default=600,
-                        help="seconds to wait for an idle machine (load average <= 1.5 at the start, other "
-                             f"processes under 0.15 cores before each {unit})")
-    parser.add_argument("--retries", type=int, default=3,
-                        help=f"times a {unit} is measured again when other processes used the CPU meanwhile")
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=600,
+        help="seconds to wait for an idle machine (load average <= 1.5 at the start, other "
+        f"processes under 0.15 cores before each {unit})",
+    )
+    parser.add_argument(
+        "--retries",
+        type=int,
+        default=3,
+        help=f"times a {unit} is measured again when other processes used the CPU meanwhile",
+    )
 
 
 def release_memory() -> None:

@@ -115,9 +115,17 @@ class StepTimer(L.Callback):
 
 def config(root: Path, work: Path, args, device: torch.device, extra: list[str]):
     overrides = [
-        "model=mobilenet_v2", "model.weights=null", "unfreeze=2", "strategy=finetune", "strategy.scheduler=constant",
-        f"seed={SEED}", f"data.root={root}", f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
-        f"trainer.max_epochs={args.epochs}", f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
+        "model=mobilenet_v2",
+        "model.weights=null",
+        "unfreeze=2",
+        "strategy=finetune",
+        "strategy.scheduler=constant",
+        f"seed={SEED}",
+        f"data.root={root}",
+        f"data.image_size={args.image_size}",
+        f"data.batch_size={args.batch_size}",
+        f"trainer.max_epochs={args.epochs}",
+        f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
         f"paths.output_dir={work / 'run'}",
     ]
     if device.type == "cuda":
@@ -148,9 +156,16 @@ def run(root: Path, work: Path, args, device: torch.device, name: str) -> dict:
         data.setup("fit")  # decodes the cache, if any; the trainer's own setup call then finds it built
         cache_s = time.perf_counter() - started
         timer = StepTimer(device)
-        trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[timer], logger=False, enable_checkpointing=False,
-                                         enable_progress_bar=False, enable_model_summary=False,
-                                         limit_val_batches=0, num_sanity_val_steps=0)
+        trainer: L.Trainer = instantiate(
+            cfg.trainer,
+            callbacks=[timer],
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+        )
         fit_start = time.perf_counter()
         trainer.fit(model, datamodule=data)
         fit_s = time.perf_counter() - fit_start
@@ -160,15 +175,22 @@ def run(root: Path, work: Path, args, device: torch.device, name: str) -> dict:
     steady = [(w, c) for e, w, c in timer.steps if e > 0]
     total = sum(waits) + sum(computes)
     result = {
-        "name": name, "cache_s": cache_s, "fit_s": fit_s, "steps": len(timer.steps),
-        "data_s": sum(waits), "compute_s": sum(computes), "fraction": sum(waits) / total,
+        "name": name,
+        "cache_s": cache_s,
+        "fit_s": fit_s,
+        "steps": len(timer.steps),
+        "data_s": sum(waits),
+        "compute_s": sum(computes),
+        "fraction": sum(waits) / total,
         "images_s": images * args.epochs / total,
         "first_epoch_s": sum(w + c for e, w, c in timer.steps if e == 0),
         "steady_fraction": sum(w for w, _ in steady) / sum(w + c for w, c in steady) if steady else float("nan"),
         "steady_images_s": len(steady) * args.batch_size / sum(w + c for w, c in steady) if steady else float("nan"),
-        "median_wait_ms": 1000 * statistics.median(waits), "median_compute_ms": 1000 * statistics.median(computes),
+        "median_wait_ms": 1000 * statistics.median(waits),
+        "median_compute_ms": 1000 * statistics.median(computes),
         "cached_mb": sum(d.nbytes for d in data.decoded.values()) / 1e6,
-        "workers": data.num_workers, "workers_uss_mib": timer.workers_uss,
+        "workers": data.num_workers,
+        "workers_uss_mib": timer.workers_uss,
         "train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),
     }
     result.update(sampler.result())
@@ -182,8 +204,11 @@ def measure(root: Path, work: Path, args, device: torch.device, name: str) -> di
         wait_until_idle(args.max_wait, use_load=False)
         result = run(root, work, args, device, name)
         result["busy"] = device.type != "cuda" and result["other_cores"] >= QUIET_CORES
-        print(f"  {name}: {result['fit_s']:.1f} s fit, data fraction {result['fraction']:.3f}, "
-              f"{result['images_s']:.1f} images/s (other processes {result['other_cores']:.2f} cores)", flush=True)
+        print(
+            f"  {name}: {result['fit_s']:.1f} s fit, data fraction {result['fraction']:.3f}, "
+            f"{result['images_s']:.1f} images/s (other processes {result['other_cores']:.2f} cores)",
+            flush=True,
+        )
         if not result["busy"]:
             break
         print(f"  (other processes used the CPU: {'again' if attempt < args.retries else 'kept, flagged busy'})")
@@ -191,15 +216,21 @@ def measure(root: Path, work: Path, args, device: torch.device, name: str) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="150 images a class, 3 epochs, 2 repeats (~2 min on 2 cores)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="150 images a class, 3 epochs, 2 repeats (~2 min on 2 cores)"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
-    parser.add_argument("--variants", default="files,cached,device",
-                        help="comma-separated, the first is the baseline (default files,cached,device)")
-    parser.add_argument("--repeats", type=int, default=None, help="rounds over the variants, medians reported "
-                        "(default 1; --quick 2)")
+    parser.add_argument(
+        "--variants",
+        default="files,cached,device",
+        help="comma-separated, the first is the baseline (default files,cached,device)",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="rounds over the variants, medians reported (default 1; --quick 2)"
+    )
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -224,36 +255,51 @@ def main() -> None:
         start_load = wait_until_idle(args.max_wait)
         print(f"# {' '.join(['python', 'bench/data_pipeline.py', *sys.argv[1:]])}")
         print(f"# {today()}; {machine(device)}; finetune {revision()}; load average {start_load:.2f}")
-        print(f"# data {root} ({f'first {per_class} a class' if per_class else 'all'}), {args.image_size} px, batch "
-              f"{args.batch_size}, {args.epochs} epochs; mobilenet_v2 random init, unfreeze=2, AdamW 1e-3 constant"
-              + ("; bf16-mixed" if device.type == "cuda" else ""))
+        print(
+            f"# data {root} ({f'first {per_class} a class' if per_class else 'all'}), {args.image_size} px, batch "
+            f"{args.batch_size}, {args.epochs} epochs; mobilenet_v2 random init, unfreeze=2, AdamW 1e-3 constant"
+            + ("; bf16-mixed" if device.type == "cuda" else "")
+        )
         runs: dict[str, list[dict]] = {name: [] for name in names}
         for _ in range(args.repeats):
             for name in names:
                 runs[name].append(measure(root, Path(work), args, device, name))
 
-    rows = [{key: (statistics.median(r[key] for r in results) if isinstance(results[0][key], float)
-                   else results[0][key]) for key in results[0]} | {"busy": any(r["busy"] for r in results)}
-            for results in runs.values()]
+    rows = [
+        {
+            key: (statistics.median(r[key] for r in results) if isinstance(results[0][key], float) else results[0][key])
+            for key in results[0]
+        }
+        | {"busy": any(r["busy"] for r in results)}
+        for results in runs.values()
+    ]
     memory = "GPU peak MiB" if device.type == "cuda" else "RSS peak MiB"
-    print(f"\n| variant | cache s | fit s | steps | data wait s | compute s | data fraction | images/s | first epoch s "
-          f"| steady data fraction | steady images/s | wait / compute ms (median) | {memory} | workers RSS / USS MiB "
-          "| cached MB | train loss |")
+    print(
+        f"\n| variant | cache s | fit s | steps | data wait s | compute s | data fraction | images/s | first epoch s "
+        f"| steady data fraction | steady images/s | wait / compute ms (median) | {memory} | workers RSS / USS MiB "
+        "| cached MB | train loss |"
+    )
     print("|---|" + "---:|" * 15)
     for r in rows:
         peak = r["cuda_peak_mib"] if device.type == "cuda" else r["rss_peak_mib"]
-        print(f"| {r['name']}{' (busy)' if r['busy'] else ''} | {r['cache_s']:.1f} | {r['fit_s']:.1f} | {r['steps']} "
-              f"| {r['data_s']:.1f} | {r['compute_s']:.1f} | {r['fraction']:.3f} | {r['images_s']:.1f} "
-              f"| {r['first_epoch_s']:.1f} | {r['steady_fraction']:.3f} | {r['steady_images_s']:.1f} "
-              f"| {r['median_wait_ms']:.0f} / {r['median_compute_ms']:.0f} | {peak:.0f} "
-              f"| {r['workers_rss_peak_mib']:.0f} / {r['workers_uss_mib']:.0f} | {r['cached_mb']:.0f} "
-              f"| {r['train_loss']:.4f} |")
-    print(f"\n{rows[0]['workers']} loader worker(s); load average at the variants' starts "
-          f"{min(r['load_start'] for r in rows):.2f} to {max(r['load_start'] for r in rows):.2f}, other processes "
-          f"<= {max(r['other_cores'] for r in rows):.2f} cores; load average now {load():.2f}")
+        print(
+            f"| {r['name']}{' (busy)' if r['busy'] else ''} | {r['cache_s']:.1f} | {r['fit_s']:.1f} | {r['steps']} "
+            f"| {r['data_s']:.1f} | {r['compute_s']:.1f} | {r['fraction']:.3f} | {r['images_s']:.1f} "
+            f"| {r['first_epoch_s']:.1f} | {r['steady_fraction']:.3f} | {r['steady_images_s']:.1f} "
+            f"| {r['median_wait_ms']:.0f} / {r['median_compute_ms']:.0f} | {peak:.0f} "
+            f"| {r['workers_rss_peak_mib']:.0f} / {r['workers_uss_mib']:.0f} | {r['cached_mb']:.0f} "
+            f"| {r['train_loss']:.4f} |"
+        )
+    print(
+        f"\n{rows[0]['workers']} loader worker(s); load average at the variants' starts "
+        f"{min(r['load_start'] for r in rows):.2f} to {max(r['load_start'] for r in rows):.2f}, other processes "
+        f"<= {max(r['other_cores'] for r in rows):.2f} cores; load average now {load():.2f}"
+    )
     first, last = rows[0], rows[-1]
-    print(f"{last['name']} vs {first['name']}: data fraction {first['fraction']:.3f} -> {last['fraction']:.3f}, "
-          f"images/s {first['images_s']:.1f} -> {last['images_s']:.1f}")
+    print(
+        f"{last['name']} vs {first['name']}: data fraction {first['fraction']:.3f} -> {last['fraction']:.3f}, "
+        f"images/s {first['images_s']:.1f} -> {last['images_s']:.1f}"
+    )
     print(f"data_fraction {last['fraction']:.3f} speedup {last['images_s'] / first['images_s']:.2f}")
 
 

@@ -47,15 +47,20 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="batch 8 at 128 px, 3 warm-up and 10 timed steps")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     parser.add_argument("--batch-size", type=int, default=None, help="default 32; --quick 8")
     parser.add_argument("--image-size", type=int, default=None, help="default 224; --quick 128")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per setting (at least)")
-    parser.add_argument("--min-time", type=float, default=2.0,
-                        help="time steps until they add up to this many seconds too (fast settings get more)")
+    parser.add_argument(
+        "--min-time",
+        type=float,
+        default=2.0,
+        help="time steps until they add up to this many seconds too (fast settings get more)",
+    )
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
     parser.add_argument("--depths", nargs="+", default=list(DEPTHS), help="unfreeze settings; include 'all'")
@@ -73,9 +78,11 @@ def main() -> None:
 
     print(f"# {' '.join(['python', 'bench/depth_cost.py', *sys.argv[1:]])}")
     print(f"# {today()}; {machine(device)}; finetune {revision()}")
-    print(f"# one step = zero_grad + {step_kind}; synthetic batch {batch_size}x3x{image_size}x{image_size} "
-          f"(seed 0), 2 classes, random init, fp32; median of {steps} steps (more until they take {args.min_time:g} s) "
-          f"after {warmup} warm-up steps")
+    print(
+        f"# one step = zero_grad + {step_kind}; synthetic batch {batch_size}x3x{image_size}x{image_size} "
+        f"(seed 0), 2 classes, random init, fp32; median of {steps} steps (more until they take {args.min_time:g} s) "
+        f"after {warmup} warm-up steps"
+    )
     idle = wait_until_idle(args.max_wait)
     print(f"# load average before measuring: {idle:.2f}\n")
 
@@ -84,28 +91,46 @@ def main() -> None:
     labels = torch.randint(0, 2, (batch_size,), generator=generator).to(device)
 
     results: dict[tuple[str, str], dict] = {}
-    print("| model | unfreeze | trainable params | ms/step | relative to all | frozen params with .grad "
-          "| frozen block outputs requiring grad | timed steps | load | other processes (cores) |")
+    print(
+        "| model | unfreeze | trainable params | ms/step | relative to all | frozen params with .grad "
+        "| frozen block outputs requiring grad | timed steps | load | other processes (cores) |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
         for depth in args.depths:
             unfreeze = depth if depth == "all" else int(depth)
-            results[name, depth] = measure(name, unfreeze, images, labels, device, steps, warmup,
-                                           not args.no_optimizer_step, args.max_wait, args.retries, args.min_time)
+            results[name, depth] = measure(
+                name,
+                unfreeze,
+                images,
+                labels,
+                device,
+                steps,
+                warmup,
+                not args.no_optimizer_step,
+                args.max_wait,
+                args.retries,
+                args.min_time,
+            )
         for depth in args.depths:
             result = results[name, depth]
             result["relative"] = result["ms"] / results[name, "all"]["ms"]
-            print(f"| {name} | {depth} | {result['trainable']:,} | {result['ms']:.1f} | {result['relative']:.2f} | "
-                  f"{result['frozen_with_grad']} of {result['frozen_params']} | "
-                  f"{result['frozen_outputs_with_grad']} of {result['frozen_outputs']} | {result['steps']} | "
-                  f"{result['load_start']:.2f} | {result['other_cores']:.2f} |", flush=True)
+            print(
+                f"| {name} | {depth} | {result['trainable']:,} | {result['ms']:.1f} | {result['relative']:.2f} | "
+                f"{result['frozen_with_grad']} of {result['frozen_params']} | "
+                f"{result['frozen_outputs_with_grad']} of {result['frozen_outputs']} | {result['steps']} | "
+                f"{result['load_start']:.2f} | {result['other_cores']:.2f} |",
+                flush=True,
+            )
     print()
     for name in args.models:
         if "0" in args.depths:
             r = results[name, "0"]
-            print(f"{name} unfreeze=0: {r['frozen_with_grad']} of {r['frozen_params']} frozen parameters received "
-                  f"a .grad; {r['frozen_outputs_with_grad']} of {r['frozen_outputs']} frozen block outputs required "
-                  "grad (0 and 0: backward stops at the head)")
+            print(
+                f"{name} unfreeze=0: {r['frozen_with_grad']} of {r['frozen_params']} frozen parameters received "
+                f"a .grad; {r['frozen_outputs_with_grad']} of {r['frozen_outputs']} frozen block outputs required "
+                "grad (0 and 0: backward stops at the head)"
+            )
     leaks = [key for key, r in results.items() if r["frozen_with_grad"] or r["frozen_outputs_with_grad"]]
     print(f"backward through frozen blocks: {'FOUND in ' + str(leaks) if leaks else 'none, at every depth'}")
     busy = [f"{name} unfreeze={depth}" for (name, depth), r in results.items() if r["busy"]]
@@ -118,8 +143,19 @@ def main() -> None:
     print(", ".join(ratios))
 
 
-def measure(name: str, unfreeze, images: torch.Tensor, labels: torch.Tensor, device: torch.device, steps: int,
-            warmup: int, optimizer_step: bool, max_wait: float, retries: int, min_time: float) -> dict:
+def measure(
+    name: str,
+    unfreeze,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    optimizer_step: bool,
+    max_wait: float,
+    retries: int,
+    min_time: float,
+) -> dict:
     torch.manual_seed(0)
     model = ImageClassifier(name, class_names=["a", "b"], weights=None, unfreeze=unfreeze).to(device)
     use_memory_format(model, device)  # as model.channels_last=auto does
@@ -131,11 +167,19 @@ def measure(name: str, unfreeze, images: torch.Tensor, labels: torch.Tensor, dev
     criterion = nn.CrossEntropyLoss()
 
     frozen_names = {p for block in model.frozen_blocks for p in block.parameters}
-    frozen_modules = [model.network.get_submodule(m) for block in model.frozen_blocks for m in block.modules
-                      if _is_module(model.network, m)]
+    frozen_modules = [
+        model.network.get_submodule(m)
+        for block in model.frozen_blocks
+        for m in block.modules
+        if _is_module(model.network, m)
+    ]
     outputs_with_grad = []
-    hooks = [module.register_forward_hook(lambda _m, _i, out: outputs_with_grad.append(
-        isinstance(out, torch.Tensor) and out.requires_grad)) for module in frozen_modules]
+    hooks = [
+        module.register_forward_hook(
+            lambda _m, _i, out: outputs_with_grad.append(isinstance(out, torch.Tensor) and out.requires_grad)
+        )
+        for module in frozen_modules
+    ]
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -163,12 +207,22 @@ def measure(name: str, unfreeze, images: torch.Tensor, labels: torch.Tensor, dev
         busy = sampler.result()["other_cores"] >= QUIET_CORES and device.type != "cuda"
         if not busy:
             break
-        print(f"  ({name} unfreeze={unfreeze}: other processes used {sampler.result()['other_cores']:.2f} cores "
-              f"meanwhile: {'again' if attempt < retries else 'kept, flagged busy'})", flush=True)
-    return {"ms": 1000 * statistics.median(times), "steps": len(times), "trainable": sum(p.numel() for p in trainable),
-            "frozen_with_grad": with_grad, "frozen_params": len(frozen_names),
-            "frozen_outputs_with_grad": sum(outputs_with_grad), "frozen_outputs": len(outputs_with_grad), "busy": busy,
-            **sampler.result()}
+        print(
+            f"  ({name} unfreeze={unfreeze}: other processes used {sampler.result()['other_cores']:.2f} cores "
+            f"meanwhile: {'again' if attempt < retries else 'kept, flagged busy'})",
+            flush=True,
+        )
+    return {
+        "ms": 1000 * statistics.median(times),
+        "steps": len(times),
+        "trainable": sum(p.numel() for p in trainable),
+        "frozen_with_grad": with_grad,
+        "frozen_params": len(frozen_names),
+        "frozen_outputs_with_grad": sum(outputs_with_grad),
+        "frozen_outputs": len(outputs_with_grad),
+        "busy": busy,
+        **sampler.result(),
+    }
 
 
 def _is_module(network: nn.Module, name: str) -> bool:

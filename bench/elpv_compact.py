@@ -32,8 +32,11 @@ def compact_copy(source: Path, target: Path, quality: int) -> tuple[int, int]:
     jobs = []
     for class_dir in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
         (target / class_dir.name).mkdir(parents=True)
-        jobs += [(image, target / class_dir.name / f"{image.stem}.jpg") for image in sorted(class_dir.iterdir())
-                 if image.is_file() and not image.name.startswith(".")]
+        jobs += [
+            (image, target / class_dir.name / f"{image.stem}.jpg")
+            for image in sorted(class_dir.iterdir())
+            if image.is_file() and not image.name.startswith(".")
+        ]
 
     def convert(job: tuple[Path, Path]) -> int:
         source_file, target_file = job
@@ -50,10 +53,14 @@ def compact_copy(source: Path, target: Path, quality: int) -> tuple[int, int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--source", default=None, help="an ImageFolder root (default: the ELPV demo, materialised "
-                        "from the elpv-dataset package)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="an ImageFolder root (default: the ELPV demo, materialised from the elpv-dataset package)",
+    )
     parser.add_argument("--target", default=str(REPO / ".elpv" / "elpv"), help="default: .elpv/elpv in the repo")
     parser.add_argument("--quality", type=int, default=92, help="JPEG quality (default 92)")
     parser.add_argument("--force", action="store_true", help="replace an existing target")
@@ -71,8 +78,10 @@ def main() -> None:
         source = demo_root("elpv")
     started = time.perf_counter()
     count, size = compact_copy(source, target, args.quality)
-    print(f"{count} images from {source} -> {target}: JPEG q{args.quality}, {size / 2**20:.1f} MiB, "
-          f"{time.perf_counter() - started:.1f} s")
+    print(
+        f"{count} images from {source} -> {target}: JPEG q{args.quality}, {size / 2**20:.1f} MiB, "
+        f"{time.perf_counter() - started:.1f} s"
+    )
 
 
 if __name__ == "__main__":

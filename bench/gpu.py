@@ -87,9 +87,13 @@ PATHS = {
     "device": ["data.cache_images=true", "data.augment_on=device"],
     "features": ["data.augment=false", "strategy.cache_features=true"],
 }
-EXTRAS = {"compile": ["model.compile=true"], "graphs": ["model.compile=reduce-overhead"],
-          "fp32": ["trainer.precision=32-true"],
-          "nchw": ["model.channels_last=false"], "nometrics": ["+callbacks.gpu_timer.train_metrics=false"]}
+EXTRAS = {
+    "compile": ["model.compile=true"],
+    "graphs": ["model.compile=reduce-overhead"],
+    "fp32": ["trainer.precision=32-true"],
+    "nchw": ["model.channels_last=false"],
+    "nometrics": ["+callbacks.gpu_timer.train_metrics=false"],
+}
 # In order of priority: the guard skips from the end. "study" is the depth study; compiling, the least certain
 # cost (a minute or two of compilation), comes last.
 DEFAULT_CELLS = [
@@ -106,8 +110,13 @@ DEFAULT_CELLS = [
     "resnet50:all:files:128",
     "mobilenet_v2:all:device:128:compile",
 ]
-TINY_CELLS = ["mobilenet_v2:all:device:16", "mobilenet_v2:all:files:16", "mobilenet_v2:0:features:16",
-              "mobilenet_v2:all:device:16:nometrics", "study"]
+TINY_CELLS = [
+    "mobilenet_v2:all:device:16",
+    "mobilenet_v2:all:files:16",
+    "mobilenet_v2:0:features:16",
+    "mobilenet_v2:all:device:16:nometrics",
+    "study",
+]
 STUDY_DEPTHS = "0,1,2,4,all"
 STUDY_SEEDS = "0,1,2"
 # Seconds a cell needs at least to be worth starting (start-up alone is 5-15 s); compiling takes a minute or two.
@@ -118,6 +127,7 @@ MIN_STUDY_S = 60
 
 # ---------------------------------------------------------------------------------------------------------------
 # Inside each training run: the callback (train.py instantiates it from +callbacks.gpu_timer._target_=gpu.StepTimer).
+
 
 class HostProfiler(Profiler):
     """Lightning's profiler hook points, timed for three actions only (host clocks): the training loader's `next`
@@ -211,8 +221,14 @@ class StepTimer(L.Callback):
         loss.update = mean_update
 
     def on_train_epoch_start(self, trainer, module) -> None:
-        self._epoch = {"epoch": trainer.current_epoch, "start": self._mark(), "marks": [], "host_wait": 0.0,
-                       "host_step": 0.0, "images": 0}
+        self._epoch = {
+            "epoch": trainer.current_epoch,
+            "start": self._mark(),
+            "marks": [],
+            "host_wait": 0.0,
+            "host_step": 0.0,
+            "images": 0,
+        }
         self._host_ready = time.perf_counter()
 
     def on_train_batch_start(self, trainer, module, batch, batch_index) -> None:
@@ -227,8 +243,13 @@ class StepTimer(L.Callback):
         self._epoch["marks"][-1][1] = self._mark()
         if self._catching is not None:  # one whole cycle counted: the loop between steps, then step 2
             self._count_syncs()
-        elif self.cuda and self.sync_check and self.syncs is None and batch_index == 1 and \
-                trainer.current_epoch == min(1, trainer.max_epochs - 1):
+        elif (
+            self.cuda
+            and self.sync_check
+            and self.syncs is None
+            and batch_index == 1
+            and trainer.current_epoch == min(1, trainer.max_epochs - 1)
+        ):
             self._start_counting_syncs()
         now = time.perf_counter()
         self._epoch["host_step"] += now - self._host_start
@@ -286,16 +307,32 @@ class StepTimer(L.Callback):
             waits.append(self._seconds(previous, start))
             steps.append(self._seconds(start, end))
             previous = end
-        self.epochs.append({"epoch": epoch["epoch"], "images": epoch["images"], "wait_s": sum(waits),
-                            "step_s": sum(steps), "steps": len(steps), "host_wait_s": epoch["host_wait"],
-                            "host_step_s": epoch["host_step"]})
+        self.epochs.append(
+            {
+                "epoch": epoch["epoch"],
+                "images": epoch["images"],
+                "wait_s": sum(waits),
+                "step_s": sum(steps),
+                "steps": len(steps),
+                "host_wait_s": epoch["host_wait"],
+                "host_step_s": epoch["host_step"],
+            }
+        )
 
     def on_fit_end(self, trainer, module) -> None:
         fit_s = self._now() - self.fit_start
-        result = {"fit_start_wall": self.fit_start_wall, "fit_end_wall": time.time(), "callback_fit_s": fit_s,
-                  "epochs": self.epochs, "validation_s": self.validation_s, "sanity_s": self.sanity_s,
-                  "syncs": self.syncs, "notes": self.notes, "device": str(module.device),
-                  "host": self.profiler.totals if self.profiler is not None else None}
+        result = {
+            "fit_start_wall": self.fit_start_wall,
+            "fit_end_wall": time.time(),
+            "callback_fit_s": fit_s,
+            "epochs": self.epochs,
+            "validation_s": self.validation_s,
+            "sanity_s": self.sanity_s,
+            "syncs": self.syncs,
+            "notes": self.notes,
+            "device": str(module.device),
+            "host": self.profiler.totals if self.profiler is not None else None,
+        }
         if self.cuda:
             result["gpu_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
             result["gpu_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -305,6 +342,7 @@ class StepTimer(L.Callback):
 
 # ---------------------------------------------------------------------------------------------------------------
 # The driver.
+
 
 @dataclass
 class Cell:
@@ -325,10 +363,18 @@ class Cell:
         return "nometrics" in self.extras
 
     def overrides(self) -> list[str]:
-        extra = [o for name in self.extras for o in
-                 (EXTRAS[name] if name in EXTRAS else [f"data.num_workers={int(name[1:])}"])]
-        return [f"model={self.model}", f"unfreeze={self.unfreeze}", f"data.batch_size={self.batch}",
-                *PATHS[self.path], *extra]
+        extra = [
+            o
+            for name in self.extras
+            for o in (EXTRAS[name] if name in EXTRAS else [f"data.num_workers={int(name[1:])}"])
+        ]
+        return [
+            f"model={self.model}",
+            f"unfreeze={self.unfreeze}",
+            f"data.batch_size={self.batch}",
+            *PATHS[self.path],
+            *extra,
+        ]
 
 
 def parse_cell(spec: str) -> Cell:
@@ -351,8 +397,11 @@ def parse_cell(spec: str) -> Cell:
 
 def common_overrides(args, data_root: Path, device: str) -> list[str]:
     return [
-        "model.weights=null", f"data.root={data_root}", f"data.image_size={args.image_size}",
-        "trainer=gpu" if device == "cuda" else "trainer=cpu", "trainer.enable_progress_bar=false",
+        "model.weights=null",
+        f"data.root={data_root}",
+        f"data.image_size={args.image_size}",
+        "trainer=gpu" if device == "cuda" else "trainer=cpu",
+        "trainer.enable_progress_bar=false",
         f"seed={args.seed}",
     ]
 
@@ -372,8 +421,9 @@ def run_train(arguments: list[str], log: Path, env: dict, timeout: float) -> tup
     with open(log, "w") as output:
         output.write("$ " + " ".join(shlex.quote(c) for c in command) + "\n")
         output.flush()
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
             code = process.wait(timeout=max(1.0, timeout))
         except subprocess.TimeoutExpired:
@@ -395,23 +445,44 @@ def last_lines(path: Path, count: int = 3) -> str:
 def measure_cell(cell: Cell, args, data_root: Path, device: str, work: Path, env: dict, budget: Budget) -> dict:
     run_dir = work / "runs" / cell.name
     timer_file = run_dir / "timer.json"
-    arguments = [*common_overrides(args, data_root, device), *cell.overrides(),
-                 f"trainer.max_epochs={args.epochs}", f"hydra.run.dir={run_dir}",
-                 "+callbacks.gpu_timer._target_=gpu.StepTimer", f"+callbacks.gpu_timer.path={timer_file}",
-                 "+trainer.profiler._target_=gpu.HostProfiler"]
-    row = {"cell": cell.spec, "model": cell.model, "unfreeze": cell.unfreeze, "path": cell.path,
-           "batch": cell.batch, "extras": cell.extras, "epochs": args.epochs, "experiment": cell.experiment,
-           "command": "python train.py " + " ".join(arguments)}
+    arguments = [
+        *common_overrides(args, data_root, device),
+        *cell.overrides(),
+        f"trainer.max_epochs={args.epochs}",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.gpu_timer._target_=gpu.StepTimer",
+        f"+callbacks.gpu_timer.path={timer_file}",
+        "+trainer.profiler._target_=gpu.HostProfiler",
+    ]
+    row = {
+        "cell": cell.spec,
+        "model": cell.model,
+        "unfreeze": cell.unfreeze,
+        "path": cell.path,
+        "batch": cell.batch,
+        "extras": cell.extras,
+        "epochs": args.epochs,
+        "experiment": cell.experiment,
+        "command": "python train.py " + " ".join(arguments),
+    }
     launched = time.time()
     code, wall = run_train(arguments, work / "logs" / f"{cell.name}.log", env, budget.left() - args.reserve)
     row.update(wall_s=wall, exit_code=code)
     if code != 0:
-        row["status"] = "stopped at the budget" if code is None else f"failed ({code}): " + \
-            last_lines(work / "logs" / f"{cell.name}.log")
+        row["status"] = (
+            "stopped at the budget"
+            if code is None
+            else f"failed ({code}): " + last_lines(work / "logs" / f"{cell.name}.log")
+        )
         return row
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    row.update(status="done", images_per_s=metrics["time/train_images_per_second"],
-               fit_s=metrics["time/fit_seconds"], val_acc=metrics.get("val/acc"), test_acc=metrics.get("test/acc"))
+    row.update(
+        status="done",
+        images_per_s=metrics["time/train_images_per_second"],
+        fit_s=metrics["time/fit_seconds"],
+        val_acc=metrics.get("val/acc"),
+        test_acc=metrics.get("test/acc"),
+    )
     if timer_file.is_file():
         timer = json.loads(timer_file.read_text())
         row.update(summarise_timer(timer, cell.batch))
@@ -442,39 +513,57 @@ def summarise_timer(timer: dict, batch: int) -> dict:
         # The host's wait for the loader's next batch, over the host's time in the training loop.
         "host_loader_wait": host["train/fetch"] / host_total if host_total and "train/fetch" in host else float("nan"),
         "host_between_steps": host_between / host_total if host_total else float("nan"),
-        "host_transfer_s": host.get("train/transfer"), "checkpoint_s": host.get("train/checkpoint"),
+        "host_transfer_s": host.get("train/transfer"),
+        "checkpoint_s": host.get("train/checkpoint"),
         "step_ms": 1000 * step / steps if steps else float("nan"),
-        "train_s": train_s, "validation_s": validation_s, "sanity_s": timer["sanity_s"],
+        "train_s": train_s,
+        "validation_s": validation_s,
+        "sanity_s": timer["sanity_s"],
         # Checkpoints, epoch-end hooks, the loop between epochs (the callback's fit: on_fit_start to on_fit_end).
         "other_in_fit_s": timer["callback_fit_s"] - train_s - validation_s - timer["sanity_s"],
         "syncs_per_step": timer["syncs"]["count"] if timer.get("syncs") else None,
         "sync_places": timer["syncs"]["places"] if timer.get("syncs") else None,
-        "gpu_peak_gib": timer.get("gpu_peak_gib"), "timer_notes": timer.get("notes", []),
+        "gpu_peak_gib": timer.get("gpu_peak_gib"),
+        "timer_notes": timer.get("notes", []),
     }
     return result
 
 
 def study_arguments(args, data_root: Path, device: str, sweep_dir: Path) -> tuple[list[str], str]:
     experiment = REPO / "conf" / "experiment" / "depth_study.yaml"
-    base = [*common_overrides(args, data_root, device), f"model={args.study_model}",
-            f"data.batch_size={args.study_batch}", *PATHS[args.study_path], f"trainer.max_epochs={args.study_epochs}",
-            f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${hydra.job.num}"]
+    base = [
+        *common_overrides(args, data_root, device),
+        f"model={args.study_model}",
+        f"data.batch_size={args.study_batch}",
+        *PATHS[args.study_path],
+        f"trainer.max_epochs={args.study_epochs}",
+        f"hydra.sweep.dir={sweep_dir}",
+        "hydra.sweep.subdir=${hydra.job.num}",
+    ]
     if experiment.is_file() and "sweeper" in experiment.read_text() and not args.study_explicit:
         # Its own depths and seeds; the 15-run shape is checked from what it ran.
         return ["-m", "experiment=depth_study", *base], "experiment=depth_study"
-    return ["-m", f"unfreeze={args.study_depths}", f"seed={args.study_seeds}", *base], \
-        f"-m unfreeze={args.study_depths} seed={args.study_seeds}"
+    return [
+        "-m",
+        f"unfreeze={args.study_depths}",
+        f"seed={args.study_seeds}",
+        *base,
+    ], f"-m unfreeze={args.study_depths} seed={args.study_seeds}"
 
 
 def measure_study(args, data_root: Path, device: str, work: Path, env: dict, budget: Budget) -> dict:
     sweep_dir = work / "study"
     arguments, how = study_arguments(args, data_root, device, sweep_dir)
     planned = len(args.study_depths.split(",")) * len(args.study_seeds.split(","))
-    row = {"cell": "study", "how": how, "planned_runs": planned, "epochs": args.study_epochs,
-           "command": "python train.py " + " ".join(arguments)}
+    row = {
+        "cell": "study",
+        "how": how,
+        "planned_runs": planned,
+        "epochs": args.study_epochs,
+        "command": "python train.py " + " ".join(arguments),
+    }
     code, wall = run_train(arguments, work / "logs" / "study.log", env, budget.left() - args.reserve)
-    finished = sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: int(p.parent.name)) if sweep_dir.is_dir() \
-        else []
+    finished = sorted(sweep_dir.glob("*/metrics.json"), key=lambda p: int(p.parent.name)) if sweep_dir.is_dir() else []
     metrics = [json.loads(p.read_text()) for p in finished]
     row.update(wall_s=wall, exit_code=code, finished_runs=len(metrics))
     if metrics:
@@ -485,12 +574,16 @@ def measure_study(args, data_root: Path, device: str, work: Path, env: dict, bud
         row["status"] = "done"
         row["study_wall_s"] = wall
     elif metrics:
-        row["status"] = ("stopped at the budget" if code is None else f"failed ({code})") + \
-            f" after {len(metrics)} of {planned} runs: wall extrapolated"
+        row["status"] = (
+            "stopped at the budget" if code is None else f"failed ({code})"
+        ) + f" after {len(metrics)} of {planned} runs: wall extrapolated"
         row["study_wall_s"] = wall / len(metrics) * planned
     else:
-        row["status"] = "stopped at the budget, no run finished" if code is None else \
-            f"failed ({code}): " + last_lines(work / "logs" / "study.log")
+        row["status"] = (
+            "stopped at the budget, no run finished"
+            if code is None
+            else f"failed ({code}): " + last_lines(work / "logs" / "study.log")
+        )
     return row
 
 
@@ -523,54 +616,94 @@ def table(rows: list[dict], device: str) -> str:
         split = "-"
         if r.get("fit_s") and r.get("train_s") is not None:
             checkpoints = r.get("checkpoint_s") or 0.0
-            split = (f"{fmt(r['fit_s'])} = {fmt(r['train_s'])} + {fmt(r['validation_s'] + r['sanity_s'])} + "
-                     f"{fmt(checkpoints)} + {fmt(r['other_in_fit_s'] - checkpoints)} + {fmt(r['setup_in_fit_s'])}")
+            split = (
+                f"{fmt(r['fit_s'])} = {fmt(r['train_s'])} + {fmt(r['validation_s'] + r['sanity_s'])} + "
+                f"{fmt(checkpoints)} + {fmt(r['other_in_fit_s'] - checkpoints)} + {fmt(r['setup_in_fit_s'])}"
+            )
         lines.append(
             f"| {r['model']} | {r['unfreeze']} | {r['path']} | {r['batch']} | {'+'.join(r['extras']) or '-'} "
             f"| {rate(r.get('images_per_s'))} | {rate(r.get('steady_images_per_s'))} "
             f"| {fmt(r.get('data_wait'), 3)} | {fmt(r.get('steady_data_wait'), 3)} "
             f"| {fmt(r.get('host_loader_wait'), 3)} | {fmt(r.get('step_ms'))} | {fmt(r.get('syncs_per_step'))} "
             f"| {fmt(r.get('gpu_peak_gib'), 2)} | {split} | {fmt(r.get('before_fit_s'))} "
-            f"| {fmt(r.get('after_fit_s'))} | {fmt(r.get('val_acc'), 3)} | {r['status']} |")
+            f"| {fmt(r.get('after_fit_s'))} | {fmt(r.get('val_acc'), 3)} | {r['status']} |"
+        )
     return "\n".join(lines)
 
 
 def skipped_row(item: Cell | str, args) -> dict:
     if item == "study":
-        return {"cell": "study", "status": "skipped (budget)", "how": "-", "planned_runs": 0, "finished_runs": 0,
-                "wall_s": 0.0, "epochs": args.study_epochs}
-    return {"cell": item.spec, "status": "skipped (budget)", "model": item.model, "unfreeze": item.unfreeze,
-            "path": item.path, "batch": item.batch, "extras": item.extras, "experiment": item.experiment}
+        return {
+            "cell": "study",
+            "status": "skipped (budget)",
+            "how": "-",
+            "planned_runs": 0,
+            "finished_runs": 0,
+            "wall_s": 0.0,
+            "epochs": args.study_epochs,
+        }
+    return {
+        "cell": item.spec,
+        "status": "skipped (budget)",
+        "model": item.model,
+        "unfreeze": item.unfreeze,
+        "path": item.path,
+        "batch": item.batch,
+        "extras": item.extras,
+        "experiment": item.experiment,
+    }
 
 
 def study_line(row: dict) -> str:
-    return (f"depth study ({row['how']}, {row['epochs']} epochs): {row['status']}; {row['finished_runs']} of "
-            f"{row['planned_runs']} runs in {fmt(row['wall_s'])} s wall; whole study "
-            f"{fmt(row.get('study_wall_s'))} s; mean {rate(row.get('mean_images_per_s'))} images/s over each fit")
+    return (
+        f"depth study ({row['how']}, {row['epochs']} epochs): {row['status']}; {row['finished_runs']} of "
+        f"{row['planned_runs']} runs in {fmt(row['wall_s'])} s wall; whole study "
+        f"{fmt(row.get('study_wall_s'))} s; mean {rate(row.get('mean_images_per_s'))} images/s over each fit"
+    )
 
 
 def headline(rows: list[dict], device: str) -> tuple[str, dict | None]:
-    candidates = [r for r in rows if r["cell"] != "study" and r["model"] == "mobilenet_v2" and r["unfreeze"] == "all"
-                  and not r["experiment"] and r.get("images_per_s")]
+    candidates = [
+        r
+        for r in rows
+        if r["cell"] != "study"
+        and r["model"] == "mobilenet_v2"
+        and r["unfreeze"] == "all"
+        and not r["experiment"]
+        and r.get("images_per_s")
+    ]
     best = max(candidates, key=lambda r: r["images_per_s"], default=None)
     prefix = "gpu" if device == "cuda" else "cpu"
     if best is None:
         return f"{prefix} mobilenet_v2 unfreeze=all images_per_second nan data_wait nan", None
-    return (f"{prefix} mobilenet_v2 unfreeze=all images_per_second {rate(best['images_per_s']).replace(',', '')} "
-            f"data_wait {best.get('data_wait', float('nan')):.3f}"), best
+    return (
+        f"{prefix} mobilenet_v2 unfreeze=all images_per_second {rate(best['images_per_s']).replace(',', '')} "
+        f"data_wait {best.get('data_wait', float('nan')):.3f}"
+    ), best
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda if available")
-    parser.add_argument("--tiny", action="store_true",
-                        help="a CPU dry run: 64 px, 1 epoch, 20 images a class, 4 small cells, a 2-run study")
-    parser.add_argument("--data-root", default=None,
-                        help="an image folder (default: .elpv/elpv from bench/elpv_compact.py, else the ELPV demo)")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a CPU dry run: 64 px, 1 epoch, 20 images a class, 4 small cells, a 2-run study",
+    )
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="an image folder (default: .elpv/elpv from bench/elpv_compact.py, else the ELPV demo)",
+    )
     parser.add_argument("--per-class", type=int, default=None, help="only the first N images of each class")
-    parser.add_argument("--cells", default=None, help="comma-separated model:unfreeze:path:batch[:extra...] or "
-                        f"study, run in that order (default: {','.join(DEFAULT_CELLS)})")
+    parser.add_argument(
+        "--cells",
+        default=None,
+        help="comma-separated model:unfreeze:path:batch[:extra...] or "
+        f"study, run in that order (default: {','.join(DEFAULT_CELLS)})",
+    )
     parser.add_argument("--epochs", type=int, default=None, help="epochs of each cell (default 10; --tiny 1)")
     parser.add_argument("--image-size", type=int, default=None, help="default 224; --tiny 64")
     parser.add_argument("--seed", type=int, default=42)
@@ -581,13 +714,21 @@ def main() -> None:
     parser.add_argument("--study-model", default="mobilenet_v2")
     parser.add_argument("--study-batch", type=int, default=None, help="default 128; --tiny 16")
     parser.add_argument("--study-path", default="device", choices=tuple(p for p in PATHS if p != "features"))
-    parser.add_argument("--study-explicit", action="store_true",
-                        help="run the explicit -m unfreeze=... seed=... sweep even where experiment=depth_study exists")
-    parser.add_argument("--budget-seconds", type=float, default=480,
-                        help="stop starting cells, and stop a running one, so that all ends within this (default 480)")
+    parser.add_argument(
+        "--study-explicit",
+        action="store_true",
+        help="run the explicit -m unfreeze=... seed=... sweep even where experiment=depth_study exists",
+    )
+    parser.add_argument(
+        "--budget-seconds",
+        type=float,
+        default=480,
+        help="stop starting cells, and stop a running one, so that all ends within this (default 480)",
+    )
     parser.add_argument("--reserve", type=float, default=15, help="seconds kept for the report (default 15)")
-    parser.add_argument("--out", default=None, help="where the table, JSON and logs go (default $OUT, else a "
-                        "temporary folder)")
+    parser.add_argument(
+        "--out", default=None, help="where the table, JSON and logs go (default $OUT, else a temporary folder)"
+    )
     args = parser.parse_args()
     tiny = args.tiny
     args.epochs = args.epochs or (1 if tiny else 10)
@@ -598,8 +739,9 @@ def main() -> None:
     args.study_batch = args.study_batch or (16 if tiny else 128)
     per_class = args.per_class or (20 if tiny else None)
     specs = args.cells.split(",") if args.cells else TINY_CELLS if tiny else DEFAULT_CELLS
-    items: list[Cell | str] = [s if s == "study" else parse_cell(s) for s in specs
-                               if not (s == "study" and args.no_study)]
+    items: list[Cell | str] = [
+        s if s == "study" else parse_cell(s) for s in specs if not (s == "study" and args.no_study)
+    ]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")
@@ -614,21 +756,23 @@ def main() -> None:
         if per_class:
             data_root = subset(data_root, work / "data", per_class)
         env = dict(os.environ)
-        env.update({
-            # The callback's module (this file) for the runs; src/ where finetune is not installed (device machine).
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH), str(REPO / "src"), env.get("PYTHONPATH")])),
-            "PYTHONUNBUFFERED": "1",
-            "HYDRA_FULL_ERROR": "1",  # a failed cell's log then ends with its traceback
-            # The scan's verdicts are kept here: only the first run decodes every file to check it.
-            "FINETUNE_CACHE": str(work / "cache"),
-            "HF_HUB_OFFLINE": "1",
-        })
+        env.update(
+            {
+                # The callback's module (this file) for the runs; src/ where finetune is not installed (device machine).
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH), str(REPO / "src"), env.get("PYTHONPATH")])),
+                "PYTHONUNBUFFERED": "1",
+                "HYDRA_FULL_ERROR": "1",  # a failed cell's log then ends with its traceback
+                # The scan's verdicts are kept here: only the first run decodes every file to check it.
+                "FINETUNE_CACHE": str(work / "cache"),
+                "HF_HUB_OFFLINE": "1",
+            }
+        )
         header = [
             f"# {' '.join(['python', 'bench/gpu.py', *sys.argv[1:]])}",
             f"# {today()}; {machine(torch.device(device))}; finetune {revision()}; budget {args.budget_seconds:.0f} s",
             f"# data {data_root} ({f'first {per_class} a class' if per_class else 'all images'}), {args.image_size} "
-            f"px, {args.epochs} epochs a cell, random init, " + ("bf16-mixed, channels-last (trainer=gpu)"
-                                                                  if device == "cuda" else "fp32 (trainer=cpu)"),
+            f"px, {args.epochs} epochs a cell, random init, "
+            + ("bf16-mixed, channels-last (trainer=gpu)" if device == "cuda" else "fp32 (trainer=cpu)"),
         ]
         print("\n".join(header), flush=True)
         rows: list[dict] = []
@@ -639,8 +783,9 @@ def main() -> None:
             if tiny:
                 needed = 5
             if budget.left() - args.reserve < needed:
-                print(f"skipped {name}: {budget.left():.0f} s of the budget left, it needs about {needed} s",
-                      flush=True)
+                print(
+                    f"skipped {name}: {budget.left():.0f} s of the budget left, it needs about {needed} s", flush=True
+                )
                 rows.append(skipped_row(item, args))
                 continue
             if item == "study":
@@ -648,13 +793,16 @@ def main() -> None:
                 print(study_line(row), flush=True)
             else:
                 row = measure_cell(item, args, data_root, device, work, env, budget)
-                print(f"{name}: {row['status']}, {rate(row.get('images_per_s'))} images/s over the fit, data "
-                      f"wait {fmt(row.get('data_wait'), 3)}, {fmt(row['wall_s'])} s wall "
-                      f"({budget.left():.0f} s of the budget left)", flush=True)
+                print(
+                    f"{name}: {row['status']}, {rate(row.get('images_per_s'))} images/s over the fit, data "
+                    f"wait {fmt(row.get('data_wait'), 3)}, {fmt(row['wall_s'])} s wall "
+                    f"({budget.left():.0f} s of the budget left)",
+                    flush=True,
+                )
             rows.append(row)
             save(out, work, header, rows, device)  # after every cell: a run stopped from outside keeps what it has
     report = save(out, None, header, rows, device)
-    print("\n" + "\n".join(report[len(header) + 1:]), flush=True)
+    print("\n" + "\n".join(report[len(header) + 1 :]), flush=True)
 
 
 def save(out: Path, work: Path | None, header: list[str], rows: list[dict], device: str) -> list[str]:

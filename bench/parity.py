@@ -69,7 +69,7 @@ from finetune.module import ImageClassifier, prefers_channels_last
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SEED = 42
 UNFREEZE = 2
-LR = 1e-3            # strategy=finetune: head and blocks at 1e-3
+LR = 1e-3  # strategy=finetune: head and blocks at 1e-3
 WEIGHT_DECAY = 1e-4  # the strategy's default, AdamW (decoupled)
 
 # As train.py: frozen blocks are in eval mode on purpose.
@@ -79,24 +79,35 @@ warnings.filterwarnings("ignore", message=r".*The number of training batches.*")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="a subset (--per-class images of each class) at 112 px for 2 epochs")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a subset (--per-class images of each class) at 112 px for 2 epochs"
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     parser.add_argument("--repeats", type=int, default=2, help="plain/ours pairs (default 2)")
     parser.add_argument("--epochs", type=int, default=None, help="default 3; --quick 2")
     parser.add_argument("--image-size", type=int, default=None, help="default 224 (the weights'); --quick 112")
-    parser.add_argument("--per-class", type=int, default=None,
-                        help="use the first N images of each class (default: all; --quick 300)")
-    parser.add_argument("--data-root", default=None,
-                        help="an image folder (one sub-folder per class) instead of the ELPV demo, e.g. a copy "
-                             "of it on a machine without the elpv-dataset package")
+    parser.add_argument(
+        "--per-class", type=int, default=None, help="use the first N images of each class (default: all; --quick 300)"
+    )
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help="an image folder (one sub-folder per class) instead of the ELPV demo, e.g. a copy "
+        "of it on a machine without the elpv-dataset package",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--num-workers", type=int, default=None, help="default: the data module's (cores - 1)")
-    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                        help="an extra Hydra override for our side only, to find where time goes, "
-                             "e.g. trainer.num_sanity_val_steps=0 (then it is not the real pipeline)")
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an extra Hydra override for our side only, to find where time goes, "
+        "e.g. trainer.num_sanity_val_steps=0 (then it is not the real pipeline)",
+    )
     add_idle_arguments(parser, "run")
     args = parser.parse_args()
     repeats = args.repeats
@@ -114,9 +125,11 @@ def main() -> None:
             root = subset(root, work / "data", per_class)
         command = " ".join(["python", "bench/parity.py", *sys.argv[1:]])
         print(f"# {command}\n# {today()}; {machine(device)}; finetune {revision()}")
-        print(f"# data {root} ({f'first {per_class} per class' if per_class else 'all'}), image size "
-              f"{image_size}, batch {args.batch_size}, {epochs} epochs, {repeats} repeat(s), seed {SEED}; "
-              f"tf_efficientnet_lite0 unfreeze={UNFREEZE}, AdamW lr {LR:g} wd {WEIGHT_DECAY:g}, constant lr")
+        print(
+            f"# data {root} ({f'first {per_class} per class' if per_class else 'all'}), image size "
+            f"{image_size}, batch {args.batch_size}, {epochs} epochs, {repeats} repeat(s), seed {SEED}; "
+            f"tf_efficientnet_lite0 unfreeze={UNFREEZE}, AdamW lr {LR:g} wd {WEIGHT_DECAY:g}, constant lr"
+        )
         bench = Parity(root, work, device, epochs, image_size, args.batch_size, args.num_workers, args.override)
         bench.max_wait, bench.retries = args.max_wait, args.retries
         bench.check_same_setup()
@@ -131,11 +144,14 @@ def main() -> None:
                 result = bench.measure(side, tag=f"{side}-{repeat}")
                 runs[side].append(result)
                 phase = {name: sum(e[name] for e in result["epochs"]) for name in ("train", "val", "after_val")}
-                print(f"  {side:5} repeat {repeat}: {result['total_s']:.2f} s = before epoch 1 "
-                      f"{result['before_epochs_s']:.2f} (sanity {result['sanity_s']:.2f}) + train {phase['train']:.2f}"
-                      f" + val {phase['val']:.2f} + after val {phase['after_val']:.2f}; val acc "
-                      f"{result['val_acc']:.4f}; load {result['load_start']:.2f}, other processes "
-                      f"{result['other_cores']:.2f} cores", flush=True)
+                print(
+                    f"  {side:5} repeat {repeat}: {result['total_s']:.2f} s = before epoch 1 "
+                    f"{result['before_epochs_s']:.2f} (sanity {result['sanity_s']:.2f}) + train {phase['train']:.2f}"
+                    f" + val {phase['val']:.2f} + after val {phase['after_val']:.2f}; val acc "
+                    f"{result['val_acc']:.4f}; load {result['load_start']:.2f}, other processes "
+                    f"{result['other_cores']:.2f} cores",
+                    flush=True,
+                )
         bench.check_modes(runs)
         report(runs, epochs, bench.train_images, device)
     finally:
@@ -143,17 +159,35 @@ def main() -> None:
 
 
 class Parity:
-    def __init__(self, root: Path, work: Path, device: torch.device, epochs: int, image_size: int,
-                 batch_size: int, num_workers: int | None, extra_overrides: list[str]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        work: Path,
+        device: torch.device,
+        epochs: int,
+        image_size: int,
+        batch_size: int,
+        num_workers: int | None,
+        extra_overrides: list[str],
+    ) -> None:
         self.work = work
         self.device = device
         self.epochs = epochs
         self.image_size = image_size
         self.overrides = [
-            "model=efficientnet_lite0", f"unfreeze={UNFREEZE}", "strategy=finetune", "strategy.scheduler=constant",
-            f"strategy.lr={LR}", f"strategy.weight_decay={WEIGHT_DECAY}", "strategy.optimizer=adamw", f"seed={SEED}",
-            f"data.root={root}", f"data.image_size={image_size}", f"data.batch_size={batch_size}",
-            f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
+            "model=efficientnet_lite0",
+            f"unfreeze={UNFREEZE}",
+            "strategy=finetune",
+            "strategy.scheduler=constant",
+            f"strategy.lr={LR}",
+            f"strategy.weight_decay={WEIGHT_DECAY}",
+            "strategy.optimizer=adamw",
+            f"seed={SEED}",
+            f"data.root={root}",
+            f"data.image_size={image_size}",
+            f"data.batch_size={batch_size}",
+            f"trainer.max_epochs={epochs}",
+            "trainer.enable_progress_bar=false",
             f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
         ]
         if num_workers is not None:
@@ -169,10 +203,12 @@ class Parity:
         self.model_cfg = cfg.model
         self.train_images = len(self.datamodule.splits["train"])
         self.val_images = len(self.datamodule.splits["val"])
-        print(f"# split: {self.train_images} train / {self.val_images} val images, "
-              f"{self.datamodule.num_workers} loader worker(s), "
-              f"{math.ceil(self.train_images / batch_size)} + {math.ceil(self.val_images / batch_size)} "
-              "batches per epoch")
+        print(
+            f"# split: {self.train_images} train / {self.val_images} val images, "
+            f"{self.datamodule.num_workers} loader worker(s), "
+            f"{math.ceil(self.train_images / batch_size)} + {math.ceil(self.val_images / batch_size)} "
+            "batches per epoch"
+        )
 
     def config(self, output_dir: Path):
         """The composed configuration with its outputs in `output_dir`; composed once, so every run of this
@@ -208,17 +244,20 @@ class Parity:
         plain, frozen = self.plain_network()
         ours_state, plain_state = ours.network.state_dict(), plain.state_dict()
         same_weights = ours_state.keys() == plain_state.keys() and all(
-            torch.equal(ours_state[k], plain_state[k]) for k in ours_state)
+            torch.equal(ours_state[k], plain_state[k]) for k in ours_state
+        )
         trainable = {n for n, p in ours.network.named_parameters() if p.requires_grad}
         same_trainable = trainable == {n for n, p in plain.named_parameters() if p.requires_grad}
         ours.train()
         plain.train()
         keep_frozen_in_eval_mode(plain, frozen)
         same_modes = training_modules(ours.network) == training_modules(plain)
-        print(f"# same initial weights: {same_weights}; same trainable parameters ({len(trainable)} tensors, "
-              f"{sum(p.numel() for p in plain.parameters() if p.requires_grad):,} values): {same_trainable}; "
-              f"same modules in train mode ({len(training_modules(plain))} of {len(list(plain.modules()))}): "
-              f"{same_modes}")
+        print(
+            f"# same initial weights: {same_weights}; same trainable parameters ({len(trainable)} tensors, "
+            f"{sum(p.numel() for p in plain.parameters() if p.requires_grad):,} values): {same_trainable}; "
+            f"same modules in train mode ({len(training_modules(plain))} of {len(list(plain.modules()))}): "
+            f"{same_modes}"
+        )
         if not (same_weights and same_trainable and same_modes):
             raise SystemExit("the two sides do not start from the same setup")
 
@@ -265,9 +304,11 @@ class Parity:
             result["busy"] = result["other_cores"] >= QUIET_CORES and self.device.type != "cuda"
             if not result["busy"]:
                 break
-            print(f"  ({side}: other processes used {result['other_cores']:.2f} cores meanwhile "
-                  f"({result['total_s']:.1f} s): {'again' if attempt < self.retries else 'kept, flagged busy'})",
-                  flush=True)
+            print(
+                f"  ({side}: other processes used {result['other_cores']:.2f} cores meanwhile "
+                f"({result['total_s']:.1f} s): {'again' if attempt < self.retries else 'kept, flagged busy'})",
+                flush=True,
+            )
         return result
 
     def _sync(self) -> float:
@@ -285,8 +326,9 @@ class Parity:
         network.to(device)
         if channels_last:
             network.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.AdamW([p for p in network.parameters() if p.requires_grad], lr=LR,
-                                      weight_decay=WEIGHT_DECAY)
+        optimizer = torch.optim.AdamW(
+            [p for p in network.parameters() if p.requires_grad], lr=LR, weight_decay=WEIGHT_DECAY
+        )
         criterion = nn.CrossEntropyLoss()
         self.datamodule.setup("fit")
         loaders = {"train": self.datamodule.train_dataloader(), "val": self.datamodule.val_dataloader()}
@@ -339,12 +381,24 @@ class Parity:
                 best_loss = val_loss
                 torch.save(network.state_dict(), out_dir / "best.pt")
             epoch_end = self._sync()
-            epochs.append({"wall": epoch_end - epoch_start, "train": train_end - epoch_start,
-                           "val": val_end - train_end, "after_val": epoch_end - val_end})
+            epochs.append(
+                {
+                    "wall": epoch_end - epoch_start,
+                    "train": train_end - epoch_start,
+                    "val": val_end - train_end,
+                    "after_val": epoch_end - val_end,
+                }
+            )
         loaders.clear()  # shuts the persistent workers down, as Lightning's teardown does inside fit
         total = self._sync() - started
-        return {"total_s": total, "epochs": epochs, "val_acc": val_acc, "modes": modes,
-                "before_epochs_s": total - sum(e["wall"] for e in epochs), "sanity_s": 0.0}
+        return {
+            "total_s": total,
+            "epochs": epochs,
+            "val_acc": val_acc,
+            "modes": modes,
+            "before_epochs_s": total - sum(e["wall"] for e in epochs),
+            "sanity_s": 0.0,
+        }
 
     def run_ours(self, output_dir: Path, limit_batches: int | None = None) -> dict:
         L.seed_everything(SEED, workers=True, verbose=False)
@@ -355,22 +409,34 @@ class Parity:
         callbacks = [instantiate(callback) for callback in (cfg.get("callbacks") or {}).values()]
         extra = {}
         if limit_batches:
-            extra = {"max_epochs": 1, "limit_train_batches": limit_batches, "limit_val_batches": limit_batches,
-                     "num_sanity_val_steps": 0}
+            extra = {
+                "max_epochs": 1,
+                "limit_train_batches": limit_batches,
+                "limit_val_batches": limit_batches,
+                "num_sanity_val_steps": 0,
+            }
         logger = instantiate(cfg.logger) if cfg.get("logger") else False  # ~logger: none, to find its cost
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, timer], logger=logger, **extra)
         constructed = self._sync()
         trainer.fit(model, datamodule=self.datamodule)
         total = self._sync() - started
         epochs = timer.epochs()
-        return {"total_s": total, "epochs": epochs, "val_acc": float(trainer.callback_metrics["val/acc"]),
-                "modes": timer.modes, "sanity_s": timer.sanity, "trainer_init_s": constructed - started,
-                "before_epochs_s": total - sum(e["wall"] for e in epochs)}
+        return {
+            "total_s": total,
+            "epochs": epochs,
+            "val_acc": float(trainer.callback_metrics["val/acc"]),
+            "modes": timer.modes,
+            "sanity_s": timer.sanity,
+            "trainer_init_s": constructed - started,
+            "before_epochs_s": total - sum(e["wall"] for e in epochs),
+        }
 
     def check_modes(self, runs: dict[str, list[dict]]) -> None:
         plain, ours = runs["plain"][0]["modes"], runs["ours"][0]["modes"]
-        print(f"# modules in train mode at the first training batch: plain {len(plain)}, ours {len(ours)}, "
-              f"identical: {plain == ours}")
+        print(
+            f"# modules in train mode at the first training batch: plain {len(plain)}, ours {len(ours)}, "
+            f"identical: {plain == ours}"
+        )
 
 
 def training_modules(network: nn.Module) -> set[str]:
@@ -419,8 +485,14 @@ class PhaseTimer(L.Callback):
             end = self.marks[index + 1]["start"] if index + 1 < len(self.marks) else self.end
             train_end = mark.get("train_end", end)
             val_end = mark.get("val_end", train_end)
-            result.append({"wall": end - mark["start"], "train": train_end - mark["start"],
-                           "val": val_end - train_end, "after_val": end - val_end})
+            result.append(
+                {
+                    "wall": end - mark["start"],
+                    "train": train_end - mark["start"],
+                    "val": val_end - train_end,
+                    "after_val": end - val_end,
+                }
+            )
         return result
 
 
@@ -456,28 +528,40 @@ def report(runs: dict[str, list[dict]], epochs: int, train_images: int, device: 
     print("|" + "|".join(["---"] + ["---:"] * (len(heads) - 1)) + "|")
     for row in rows:
         memory = row["cuda"] if device.type == "cuda" else row["rss"]
-        cells = [row["side"], f"{row['total']:.1f}", *(f"{row[f'epoch{e}']:.1f}" for e in range(epochs)),
-                 f"{row['images_s']:.1f}", f"{memory:.0f}", f"{row['val_acc']:.4f}"]
+        cells = [
+            row["side"],
+            f"{row['total']:.1f}",
+            *(f"{row[f'epoch{e}']:.1f}" for e in range(epochs)),
+            f"{row['images_s']:.1f}",
+            f"{memory:.0f}",
+            f"{row['val_acc']:.4f}",
+        ]
         print("| " + " | ".join(cells) + " |")
     print("\nwhere the time goes (medians, seconds; epochs = train + val + after val):")
     print("| side | before epoch 1 (of which sanity check) | train | val | after val (checkpoints, logging) |")
     print("|---|---:|---:|---:|---:|")
     for row in rows:
-        print(f"| {row['side']} | {row['before']:.2f} ({row['sanity']:.2f}) | {row['train']:.2f} | "
-              f"{row['val']:.2f} | {row['after_val']:.2f} |")
+        print(
+            f"| {row['side']} | {row['before']:.2f} ({row['sanity']:.2f}) | {row['train']:.2f} | "
+            f"{row['val']:.2f} | {row['after_val']:.2f} |"
+        )
     extra = []
     for row in rows:
-        extra.append(f"{row['side']}: load at start <= {row['load']:.2f}, other processes <= {row['other']:.2f} "
-                     f"cores, loader workers' summed peak RSS {row['workers_rss']:.0f} MiB (shared pages counted "
-                     "in each)")
+        extra.append(
+            f"{row['side']}: load at start <= {row['load']:.2f}, other processes <= {row['other']:.2f} "
+            f"cores, loader workers' summed peak RSS {row['workers_rss']:.0f} MiB (shared pages counted "
+            "in each)"
+        )
     print("\n" + "\n".join(extra))
     plain, ours = rows
     busy = sum(r["busy"] for side in runs.values() for r in side)
     if busy:
         print(f"WARNING: {busy} measurement(s) ran while other processes used the CPU: the figures are not clean")
     print(f"(load average now {load():.2f})")
-    print(f"plain {plain['total']:.1f} s, ours {ours['total']:.1f} s; val acc plain {plain['val_acc']:.4f}, "
-          f"ours {ours['val_acc']:.4f}; ratio {ours['total'] / plain['total']:.3f}")
+    print(
+        f"plain {plain['total']:.1f} s, ours {ours['total']:.1f} s; val acc plain {plain['val_acc']:.4f}, "
+        f"ours {ours['val_acc']:.4f}; ratio {ours['total'] / plain['total']:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -70,8 +70,13 @@ class CachedFeatures(L.LightningDataModule):
         self.train, self.val = FeatureDataset(*train), FeatureDataset(*val)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train, batch_size=BATCH, sampler=EpochShuffler(len(self.train), SEED),
-                          collate_fn=as_batch, generator=torch.Generator().manual_seed(SEED))
+        return DataLoader(
+            self.train,
+            batch_size=BATCH,
+            sampler=EpochShuffler(len(self.train), SEED),
+            collate_fn=as_batch,
+            generator=torch.Generator().manual_seed(SEED),
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val, batch_size=BATCH, collate_fn=as_batch)
@@ -79,8 +84,16 @@ class CachedFeatures(L.LightningDataModule):
 
 def new_model() -> ImageClassifier:
     L.seed_everything(SEED, workers=True, verbose=False)
-    model = ImageClassifier("tf_efficientnet_lite0", ["a", "b"], source="timm", weights=None, unfreeze=0,
-                            lr=LR, weight_decay=WEIGHT_DECAY, scheduler="constant")
+    model = ImageClassifier(
+        "tf_efficientnet_lite0",
+        ["a", "b"],
+        source="timm",
+        weights=None,
+        unfreeze=0,
+        lr=LR,
+        weight_decay=WEIGHT_DECAY,
+        scheduler="constant",
+    )
     model.features_cut = Cut(model.head_name, (), (FEATURES,))
     return model
 
@@ -127,8 +140,15 @@ def run_plain(data: CachedFeatures, epochs: int, out_dir: Path, device: torch.de
 def run_ours(data: CachedFeatures, epochs: int, out_dir: Path, device: torch.device) -> tuple[float, float]:
     accelerator = "gpu" if device.type == "cuda" else "cpu"
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("train", overrides=[f"trainer.max_epochs={epochs}", "trainer.enable_progress_bar=false",
-                                          f"trainer.accelerator={accelerator}", "+trainer.enable_model_summary=false"])
+        cfg = compose(
+            "train",
+            overrides=[
+                f"trainer.max_epochs={epochs}",
+                "trainer.enable_progress_bar=false",
+                f"trainer.accelerator={accelerator}",
+                "+trainer.enable_model_summary=false",
+            ],
+        )
     cfg.paths.output_dir = str(out_dir)
     OmegaConf.resolve(cfg)
     model = new_model()
@@ -159,9 +179,11 @@ def main() -> None:
     rule = torch.randn(FEATURES, generator=generator)
     data = CachedFeatures(synthetic_features(TRAIN, generator, rule), synthetic_features(VAL, generator, rule))
     steps = epochs * -(-TRAIN // BATCH)
-    print(f"# python bench/step_overhead.py {' '.join(sys.argv[1:])}\n# {today()}; {machine(device)}; "
-          f"finetune {revision()}\n# {TRAIN} / {VAL} cached feature vectors of {FEATURES}, batch {BATCH}, "
-          f"{epochs} epochs: {steps} training steps; load {wait_until_idle(args.max_wait):.2f}")
+    print(
+        f"# python bench/step_overhead.py {' '.join(sys.argv[1:])}\n# {today()}; {machine(device)}; "
+        f"finetune {revision()}\n# {TRAIN} / {VAL} cached feature vectors of {FEATURES}, batch {BATCH}, "
+        f"{epochs} epochs: {steps} training steps; load {wait_until_idle(args.max_wait):.2f}"
+    )
     times: dict[str, list[float]] = {"plain": [], "ours": []}
     with tempfile.TemporaryDirectory() as scratch:
         for repeat in range(args.repeats):
@@ -170,8 +192,11 @@ def main() -> None:
                 out_dir.mkdir()
                 seconds, val_acc = run(copy.copy(data), epochs, out_dir, device)
                 times[side].append(seconds)
-                print(f"  {side:5} repeat {repeat}: {seconds:.2f} s ({1000 * seconds / steps:.2f} ms a step), "
-                      f"val acc {val_acc:.4f}", flush=True)
+                print(
+                    f"  {side:5} repeat {repeat}: {seconds:.2f} s ({1000 * seconds / steps:.2f} ms a step), "
+                    f"val acc {val_acc:.4f}",
+                    flush=True,
+                )
     plain, ours = statistics.median(times["plain"]), statistics.median(times["ours"])
     print(f"plain {plain:.2f} s, ours {ours:.2f} s (medians of {args.repeats})")
     print(f"overhead {1000 * (ours - plain) / steps:.2f} ms a step, ratio {ours / plain:.2f}")

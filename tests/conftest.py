@@ -49,23 +49,26 @@ def image_folder(tmp_path_factory) -> Path:
 def offline_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a CLI run that must not reach the network, with its own caches."""
     env = dict(os.environ)
-    env.update({
-        "TORCH_HOME": str(tmp_path / "torch_home"),
-        "HF_HUB_OFFLINE": "1",
-        # Any download attempt fails at once, online or not: nothing listens on port 9 here.
-        "https_proxy": "http://127.0.0.1:9",
-        "HTTPS_PROXY": "http://127.0.0.1:9",
-        "PYTHONWARNINGS": "ignore",
-        # The demo data set is materialised here, not in the user's cache.
-        "FINETUNE_CACHE": str(tmp_path / "cache"),
-        # tests/faults.py: callbacks that interrupt a run at an exact step (+callbacks.fault._target_=faults...).
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
-    })
+    env.update(
+        {
+            "TORCH_HOME": str(tmp_path / "torch_home"),
+            "HF_HUB_OFFLINE": "1",
+            # Any download attempt fails at once, online or not: nothing listens on port 9 here.
+            "https_proxy": "http://127.0.0.1:9",
+            "HTTPS_PROXY": "http://127.0.0.1:9",
+            "PYTHONWARNINGS": "ignore",
+            # The demo data set is materialised here, not in the user's cache.
+            "FINETUNE_CACHE": str(tmp_path / "cache"),
+            # tests/faults.py: callbacks that interrupt a run at an exact step (+callbacks.fault._target_=faults...).
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])),
+        }
+    )
     return env
 
 
-def run_cli(tmp_path: Path, *overrides: str, check: bool = True, run_dir: Path | None = None
-            ) -> subprocess.CompletedProcess:
+def run_cli(
+    tmp_path: Path, *overrides: str, check: bool = True, run_dir: Path | None = None
+) -> subprocess.CompletedProcess:
     """Runs `python train.py` from the repo root, its run directory in tmp_path/run (or run_dir)."""
     return _train(tmp_path, [f"hydra.run.dir={run_dir or tmp_path / 'run'}", *overrides], check)
 
@@ -78,8 +81,7 @@ def run_multirun(tmp_path: Path, sweep_dir: Path, *overrides: str, check: bool =
 def _train(tmp_path: Path, arguments: list[str], check: bool) -> subprocess.CompletedProcess:
     # Hydra's flags (-m) must come before the overrides.
     command = [sys.executable, str(REPO / "train.py"), *arguments, "trainer.enable_progress_bar=false"]
-    result = subprocess.run(command, cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run(command, cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"exit code {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result
@@ -92,12 +94,26 @@ def trained_run(tmp_path_factory, image_folder) -> Path:
     MobileNetV2 at random init (no download), 32 px, one epoch: about 15 s on two CPU cores.
     """
     tmp_path = tmp_path_factory.mktemp("trained")
-    run_cli(tmp_path, "model=mobilenet_v2", "model.weights=null", f"data.root={image_folder}", "data.image_size=32",
-            "data.batch_size=8", "data.num_workers=0", "trainer.max_epochs=1")
+    run_cli(
+        tmp_path,
+        "model=mobilenet_v2",
+        "model.weights=null",
+        f"data.root={image_folder}",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+    )
     return tmp_path / "run"
 
 
 def run_module(tmp_path: Path, module: str, *arguments: str) -> subprocess.CompletedProcess:
     """Runs `python -m <module> key=value ...` offline, from tmp_path (relative paths land there)."""
-    return subprocess.run([sys.executable, "-m", module, *arguments], cwd=tmp_path, env=offline_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *arguments],
+        cwd=tmp_path,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

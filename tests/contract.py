@@ -34,8 +34,19 @@ def build_uninitialised(source: str, name: str):
             return create_backbone(name, NUM_CLASSES, source=source, weights=None)
 
 
-_INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
-                 "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+_INITIALISERS = (
+    "uniform_",
+    "normal_",
+    "trunc_normal_",
+    "constant_",
+    "ones_",
+    "zeros_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "orthogonal_",
+)
 
 
 def check_structure(source: str, name: str, device: str = "meta") -> tuple:
@@ -73,9 +84,11 @@ def check_contract(source: str, name: str, size: int) -> dict:
     network.train()
     keep_frozen_in_eval_mode(network, frozen)
     frozen_names = {n for block in frozen for n in block.parameters}
-    frozen_bn = {module_name: module for module_name, module in network.named_modules()
-                 if isinstance(module, _BatchNorm) and module.weight is not None
-                 and f"{module_name}.weight" in frozen_names}
+    frozen_bn = {
+        module_name: module
+        for module_name, module in network.named_modules()
+        if isinstance(module, _BatchNorm) and module.weight is not None and f"{module_name}.weight" in frozen_names
+    }
     statistics = {n: m.running_mean.clone() for n, m in frozen_bn.items() if m.running_mean is not None}
 
     images = torch.randn(2, 3, size, size)
@@ -90,12 +103,15 @@ def check_contract(source: str, name: str, size: int) -> dict:
     parameters = dict(network.named_parameters())
     trainable = {n for n, p in parameters.items() if p.requires_grad}
     with_gradient = {n for n, p in parameters.items() if p.grad is not None}
-    assert with_gradient == trainable, (f"{name}: gradients differ from the trainable set: missing "
-                                        f"{sorted(trainable - with_gradient)[:5]}, extra "
-                                        f"{sorted(with_gradient - trainable)[:5]}")
+    assert with_gradient == trainable, (
+        f"{name}: gradients differ from the trainable set: missing "
+        f"{sorted(trainable - with_gradient)[:5]}, extra "
+        f"{sorted(with_gradient - trainable)[:5]}"
+    )
     for module_name, module in frozen_bn.items():
         assert not module.training, f"{name}: BatchNorm {module_name} of a frozen block is in train mode"
         if module_name in statistics:
-            assert torch.equal(statistics[module_name], module.running_mean), \
+            assert torch.equal(statistics[module_name], module.running_mean), (
                 f"{name}: BatchNorm {module_name} of a frozen block updated its statistics"
+            )
     return {"blocks": len(blocks), "parameters": sum(sizes.values()), "frozen_bn": len(frozen_bn)}

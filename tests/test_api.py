@@ -16,9 +16,20 @@ from finetune.transforms import eval_transform
 def test_train_then_load_and_predict(tmp_path, image_folder, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     run = tmp_path / "run"
-    metrics = finetune.train(["model=mobilenet_v2", "model.weights=null", "unfreeze=2", f"data.root={image_folder}",
-                              "data.image_size=32", "data.batch_size=8", "data.num_workers=0", "trainer.max_epochs=1",
-                              "trainer.enable_progress_bar=false", f"hydra.run.dir={run}"])
+    metrics = finetune.train(
+        [
+            "model=mobilenet_v2",
+            "model.weights=null",
+            "unfreeze=2",
+            f"data.root={image_folder}",
+            "data.image_size=32",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "trainer.max_epochs=1",
+            "trainer.enable_progress_bar=false",
+            f"hydra.run.dir={run}",
+        ]
+    )
     assert callable(finetune.train)  # still the function once the training module is imported (no name clash)
     # The CLI's run dir: its config record, checkpoints, TensorBoard, metrics.json with what train returned.
     assert json.loads((run / "metrics.json").read_text()) == pytest.approx(metrics)

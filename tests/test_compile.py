@@ -31,17 +31,34 @@ def fit(image_folder, tmp_path, compile, epochs=2, **options) -> tuple[ImageClas
     L.seed_everything(0)
     # NCHW on both sides: channels_last=auto picks NHWC for eager CPU runs only, and another layout sums in another
     # order (differences of 1e-4 after training), which is not what this compares.
-    model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, scheduler="constant",
-                            compile=compile,
-                            channels_last=False, **options)
+    model = ImageClassifier(
+        "mobilenet_v2",
+        CLASSES,
+        weights=None,
+        image_size=32,
+        scheduler="constant",
+        compile=compile,
+        channels_last=False,
+        **options,
+    )
     before = {k: v.clone() for k, v in model.network.state_dict().items()}
     data = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0, image_size=32)
     data.prepare_data()
     modes = Modes()
     # Validation at the end only: each new state (train or eval mode, depth) is one more compilation.
-    trainer = L.Trainer(max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
-                        check_val_every_n_epoch=epochs, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", default_root_dir=tmp_path, callbacks=[modes])
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        check_val_every_n_epoch=epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        default_root_dir=tmp_path,
+        callbacks=[modes],
+    )
     trainer.fit(model, datamodule=data)
     return model, before, modes, trainer
 
@@ -55,8 +72,9 @@ def test_compiled_training_matches_eager_and_checkpoints_load_uncompiled(image_f
     assert compiled.network._compiled_call_impl is not None and eager.network._compiled_call_impl is None
     # Validation ran compiled, in eval mode, and scored the same.
     for metric in ("val/loss", "val/acc"):
-        assert float(trainer.callback_metrics[metric]) == pytest.approx(float(eager_trainer.callback_metrics[metric]),
-                                                                         abs=1e-5)
+        assert float(trainer.callback_metrics[metric]) == pytest.approx(
+            float(eager_trainer.callback_metrics[metric]), abs=1e-5
+        )
 
     after_eager, after_compiled = eager.network.state_dict(), compiled.network.state_dict()
     assert after_eager.keys() == after_compiled.keys()
@@ -93,18 +111,35 @@ def test_inductor_compiled_steps_train_what_eager_steps_train(image_folder):
     for compile in (False, True):
         L.seed_everything(0)
         # SGD: an update proportional to the gradient (Adam's first steps amplify rounding-level differences).
-        model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=64, unfreeze=2, optimizer="sgd",
-                                lr=0.01, compile=compile, channels_last=False)  # NCHW on both sides, as in fit() above
+        model = ImageClassifier(
+            "mobilenet_v2",
+            CLASSES,
+            weights=None,
+            image_size=64,
+            unfreeze=2,
+            optimizer="sgd",
+            lr=0.01,
+            compile=compile,
+            channels_last=False,
+        )  # NCHW on both sides, as in fit() above
         initial = {k: v.clone() for k, v in model.network.state_dict().items()}
         data = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0, image_size=64)
         data.prepare_data()
-        trainer = L.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+        trainer = L.Trainer(
+            max_steps=3,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            accelerator="cpu",
+        )
         with torch._inductor.config.patch(fallback_random=True):
             trainer.fit(model, datamodule=data)
         results.append(model.network.state_dict())
-    trained = [k for k in results[0] if k.startswith(("features.17.", "features.18.", "classifier."))
-               and k.endswith("weight")]
+    trained = [
+        k for k in results[0] if k.startswith(("features.17.", "features.18.", "classifier.")) and k.endswith("weight")
+    ]
     assert trained and all(not torch.equal(initial[k], results[1][k]) for k in trained)
     for key in trained:
         assert torch.allclose(results[0][key], results[1][key], atol=1e-5, rtol=1e-4), key

@@ -32,8 +32,12 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
 
 def test_evaluates_a_labelled_folder(tmp_path, trained_run, image_folder):
     before = snapshot(image_folder)
-    result = run_module(tmp_path, "finetune.evaluate", f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}",
-                        f"data.root={image_folder}")
+    result = run_module(
+        tmp_path,
+        "finetune.evaluate",
+        f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}",
+        f"data.root={image_folder}",
+    )
     assert result.returncode == 0, result.stderr
     output = trained_run / "evaluation" / image_folder.name  # the default: in the run's folder
     assert f"written to {output}: metrics.json, per_class.csv, confusion_matrix.png" in result.stdout
@@ -62,8 +66,9 @@ def test_evaluates_a_labelled_folder(tmp_path, trained_run, image_folder):
     assert metrics["test/f1"] == pytest.approx(sum(f1s) / len(f1s))  # every class is present
     assert (output / "confusion_matrix.png").read_bytes().startswith(PNG_SIGNATURE)
     # Trainer.test: the model's own metrics, under training's names; balanced accuracy is the mean recall.
-    assert metrics["test/balanced_acc"] == pytest.approx(sum(row["recall"] for row in metrics["per_class"].values())
-                                                         / len(CLASSES))
+    assert metrics["test/balanced_acc"] == pytest.approx(
+        sum(row["recall"] for row in metrics["per_class"].values()) / len(CLASSES)
+    )
     assert metrics["test/loss"] > 0
     assert list(tmp_path.iterdir()) == []  # nothing written where it ran (no .hydra/, no log, no lightning_logs/)
     for name in CLASSES:
@@ -78,13 +83,19 @@ def test_unknown_class_folder_is_a_one_line_error(tmp_path, trained_run, image_f
         (data / name).mkdir(parents=True)
         shutil.copy(image_folder / source / f"{source}_000.png", data / name / "a.png")
     output = tmp_path / "results"
-    result = run_module(tmp_path, "finetune.evaluate", f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}",
-                        f"data.root={data}", f"output={output}")
+    result = run_module(
+        tmp_path,
+        "finetune.evaluate",
+        f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}",
+        f"data.root={data}",
+        f"output={output}",
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: {data} has classes the checkpoint does not know: triangle; it knows circle, square, stripes "
-        "(a subset of them is fine)")
+        "(a subset of them is fine)"
+    )
     assert not output.exists()
     assert sorted(p.name for p in data.rglob("*")) == ["a.png", "a.png", "circle", "triangle"]
 
@@ -120,8 +131,17 @@ def test_macro_f1_counts_the_classes_in_the_data_or_the_predictions():
 
 def test_split_test_scores_the_runs_own_test_images(tmp_path, trained_run, capsys):
     # In process (the CLI path is covered above): the run's data.root and image size come from its config.
-    assert main([f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}", "split=test",
-                 f"output={tmp_path / 'test'}", "num_workers=0"]) == 0
+    assert (
+        main(
+            [
+                f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}",
+                "split=test",
+                f"output={tmp_path / 'test'}",
+                "num_workers=0",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((tmp_path / "test" / "metrics.json").read_text())
     trained = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["images"] == 3  # one test image per class
@@ -132,15 +152,20 @@ def test_split_test_scores_the_runs_own_test_images(tmp_path, trained_run, capsy
 
 def test_results_never_go_inside_the_data_folder(tmp_path, trained_run, image_folder, capsys):
     inside = image_folder / "results"
-    assert main([f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}", f"data.root={image_folder}",
-                 f"output={inside}"]) == 2
+    assert (
+        main(
+            [f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}", f"data.root={image_folder}", f"output={inside}"]
+        )
+        == 2
+    )
     assert "inside data.root" in capsys.readouterr().err
     assert not inside.exists()
 
 
 def test_an_unknown_split_is_one_line_naming_the_choices(tmp_path, trained_run):
-    result = run_module(tmp_path, "finetune.evaluate", f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}",
-                        "split=testing")
+    result = run_module(
+        tmp_path, "finetune.evaluate", f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}", "split=testing"
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown split 'testing': choose split=train or split=val or split=test"
     assert list(tmp_path.iterdir()) == []

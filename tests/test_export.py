@@ -23,8 +23,16 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def checkpoint(tmp_path_factory, image_folder):
     """A mobilenet_v2 trained one epoch at 32x32 pixels by the real train.py (its run config records the size)."""
     tmp_path = tmp_path_factory.mktemp("export_run")
-    run_cli(tmp_path, "model=mobilenet_v2", "model.weights=null", f"data.root={image_folder}", "data.image_size=32",
-            "data.batch_size=16", "data.num_workers=0", "trainer.max_epochs=1")
+    run_cli(
+        tmp_path,
+        "model=mobilenet_v2",
+        "model.weights=null",
+        f"data.root={image_folder}",
+        "data.image_size=32",
+        "data.batch_size=16",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+    )
     return tmp_path / "run" / "checkpoints" / "last.ckpt"
 
 
@@ -69,9 +77,22 @@ def test_onnx_export_over_the_real_command_line_matches_pytorch(tmp_path, checkp
     import onnxruntime
 
     output = tmp_path / "out" / "model.onnx"
-    result = subprocess.run([sys.executable, "-m", "finetune.export", f"checkpoint={checkpoint}", "format=onnx",
-                             f"output={output}", "opset=18"], cwd=REPO, env=offline_env(tmp_path), capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.export",
+            f"checkpoint={checkpoint}",
+            "format=onnx",
+            f"output={output}",
+            "opset=18",
+        ],
+        cwd=REPO,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert float(PARITY.search(result.stdout).group(1)) <= 1e-4
     assert "image size 32 (data.image_size of the run" in result.stdout
@@ -80,8 +101,7 @@ def test_onnx_export_over_the_real_command_line_matches_pytorch(tmp_path, checkp
     for batch in (1, 4):  # the batch dimension is dynamic
         images = random_images(batch)
         (logits,) = session.run(["logits"], {"images": images.numpy()})
-        torch.testing.assert_close(torch.from_numpy(logits), reference_logits(reference, images),
-                                   atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.from_numpy(logits), reference_logits(reference, images), atol=1e-4, rtol=1e-4)
     assert_description(export.classes_file_for(output), "onnx", reference)
     stored = onnx.load(str(output), load_external_data=False)
     assert {entry.domain: entry.version for entry in stored.opset_import}[""] == 18
@@ -131,9 +151,21 @@ def test_a_mismatch_fails_with_the_figures_and_writes_nothing(tmp_path, checkpoi
 
 
 def test_unknown_format_is_one_line_and_exit_code_2(tmp_path, checkpoint):
-    result = subprocess.run([sys.executable, "-m", "finetune.export", f"checkpoint={checkpoint}", "format=tflite",
-                             f"output={tmp_path / 'model.tflite'}"], cwd=REPO, env=offline_env(tmp_path),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.export",
+            f"checkpoint={checkpoint}",
+            "format=tflite",
+            f"output={tmp_path / 'model.tflite'}",
+        ],
+        cwd=REPO,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown format 'tflite': choose format=onnx or format=torchscript"
     assert "Traceback" not in result.stdout + result.stderr
@@ -151,10 +183,17 @@ def test_exports_a_timm_model(tmp_path, format):
 
 
 def test_an_unknown_key_is_one_line_naming_the_valid_keys(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "finetune.export", "checkpoint=x.ckpt", "format=onnx",
-                             "output=m.onnx", "opsett=17"], cwd=tmp_path, env=offline_env(tmp_path),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.export", "checkpoint=x.ckpt", "format=onnx", "output=m.onnx", "opsett=17"],
+        cwd=tmp_path,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
-    assert result.stderr.strip() == ("error: unknown key 'opsett' (did you mean opset?); valid keys: checkpoint, "
-                                     "format, output (required); image_size, opset, atol, overwrite")
+    assert result.stderr.strip() == (
+        "error: unknown key 'opsett' (did you mean opset?); valid keys: checkpoint, "
+        "format, output (required); image_size, opset, atol, overwrite"
+    )
     assert list(tmp_path.iterdir()) == []

@@ -15,8 +15,14 @@ import torch
 from conftest import CLASSES, REPO, draw, make_image_folder, offline_env, run_cli
 from PIL import Image
 
-TINY = ("model=mobilenet_v2", "model.weights=null", "data.image_size=32", "data.batch_size=8",
-        "data.num_workers=0", "trainer.max_epochs=1")
+TINY = (
+    "model=mobilenet_v2",
+    "model.weights=null",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "trainer.max_epochs=1",
+)
 
 
 def make_messy_folder(root):
@@ -49,8 +55,11 @@ def make_messy_folder(root):
     photo.save(circle / "ñandú_日本.png")
     photo.save(square / "UPPER_CASE.JPG")
     photo.save(stripes / "modern.webp")
-    return {circle / "truncated_upload.jpg": "truncated", square / "empty.png": "empty file",
-            stripes / "notes.jpg": "not an image"}
+    return {
+        circle / "truncated_upload.jpg": "truncated",
+        square / "empty.png": "empty file",
+        stripes / "notes.jpg": "not an image",
+    }
 
 
 def snapshot(root):
@@ -113,8 +122,9 @@ def write_class(root, name, count, seed=0):
         draw(CLASSES[seed % 3], rng).save(root / name / f"{name}_{index:03d}.png")
 
 
-@pytest.mark.parametrize("case", ["missing root", "one class", "class of unreadable files", "class too small",
-                                  "empty class in val folder"])
+@pytest.mark.parametrize(
+    "case", ["missing root", "one class", "class of unreadable files", "class too small", "empty class in val folder"]
+)
 def test_data_that_cannot_train_stops_with_one_line(tmp_path, case):
     data = tmp_path / "data"
     if case == "missing root":
@@ -144,20 +154,22 @@ def test_data_that_cannot_train_stops_with_one_line(tmp_path, case):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize(("override", "expected"), [
-    ("model=mobilenet_v9", ("unknown model=mobilenet_v9 (did you mean mobilenet_v2", "choose one of")),
-    ("model.name=resnet1888", ("unknown torchvision model 'resnet1888' (did you mean resnet18",)),
-    ("data.batch_sizee=4", ("unknown key data.batch_sizee (did you mean data.batch_size?)",
-                            "+data.batch_sizee=4")),
-    ("data.batch_size=abc", ("data.batch_size='abc' is not a whole number", "data.batch_size=32")),
-    ("trainer.max_epochs=2.5", ("trainer.max_epochs=2.5 is not a whole number or null",)),
-    ("strategy.lr=fast", ("strategy.lr='fast' is not a number; e.g. strategy.lr=0.5",)),
-    ("seed=abc", ("seed='abc' is not a whole number",)),
-    ("unfreeze=two", ("unfreeze='two' is not accepted: use 0 (head only)",)),
-    ("unfreeze=30", ("unfreeze=30 is out of range: mobilenet_v2 has 19 blocks",)),
-    ("data.split=[0.7,0.2", ("cannot read the override 'data.split=[0.7,0.2'",)),
-    ("data.balance=oversample", ("data.balance=oversample: choose sampler, loss_weights or null",)),
-])
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("model=mobilenet_v9", ("unknown model=mobilenet_v9 (did you mean mobilenet_v2", "choose one of")),
+        ("model.name=resnet1888", ("unknown torchvision model 'resnet1888' (did you mean resnet18",)),
+        ("data.batch_sizee=4", ("unknown key data.batch_sizee (did you mean data.batch_size?)", "+data.batch_sizee=4")),
+        ("data.batch_size=abc", ("data.batch_size='abc' is not a whole number", "data.batch_size=32")),
+        ("trainer.max_epochs=2.5", ("trainer.max_epochs=2.5 is not a whole number or null",)),
+        ("strategy.lr=fast", ("strategy.lr='fast' is not a number; e.g. strategy.lr=0.5",)),
+        ("seed=abc", ("seed='abc' is not a whole number",)),
+        ("unfreeze=two", ("unfreeze='two' is not accepted: use 0 (head only)",)),
+        ("unfreeze=30", ("unfreeze=30 is out of range: mobilenet_v2 has 19 blocks",)),
+        ("data.split=[0.7,0.2", ("cannot read the override 'data.split=[0.7,0.2'",)),
+        ("data.balance=oversample", ("data.balance=oversample: choose sampler, loss_weights or null",)),
+    ],
+)
 def test_configuration_mistakes_stop_with_one_line(tmp_path, image_folder, override, expected):
     result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", override, check=False)
     assert_one_line_error(result, *expected)
@@ -166,8 +178,14 @@ def test_configuration_mistakes_stop_with_one_line(tmp_path, image_folder, overr
 
 def test_hydra_full_error_shows_the_traceback(tmp_path, image_folder):
     env = offline_env(tmp_path) | {"HYDRA_FULL_ERROR": "1"}
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), f"hydra.run.dir={tmp_path / 'run'}",
-                             "data.batch_size=abc"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", "data.batch_size=abc"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0 and "Traceback" in result.stderr and "UsageError" in result.stderr
 
 
@@ -180,22 +198,34 @@ def test_a_run_never_overwrites_an_earlier_one(tmp_path, image_folder):
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
 
 
-RESUMABLE = ("model=mobilenet_v2", "model.weights=null", "data.image_size=32", "data.num_workers=1",
-             "data.batch_size=8", "strategy.scheduler=constant", "trainer.deterministic=true", "trainer.max_epochs=3",
-             "callbacks.step_checkpoint.every_n_train_steps=3")
+RESUMABLE = (
+    "model=mobilenet_v2",
+    "model.weights=null",
+    "data.image_size=32",
+    "data.num_workers=1",
+    "data.batch_size=8",
+    "strategy.scheduler=constant",
+    "trainer.deterministic=true",
+    "trainer.max_epochs=3",
+    "callbacks.step_checkpoint.every_n_train_steps=3",
+)
 
 
 def fault(step: int, **kind: str) -> list[str]:
-    return ["+callbacks.fault._target_=faults.FaultAtStep", f"+callbacks.fault.step={step}",
-            *(f"+callbacks.fault.{key}={value}" for key, value in kind.items())]
+    return [
+        "+callbacks.fault._target_=faults.FaultAtStep",
+        f"+callbacks.fault.step={step}",
+        *(f"+callbacks.fault.{key}={value}" for key, value in kind.items()),
+    ]
 
 
 def assert_same_training(straight, resumed):
     metrics = [json.loads((run / "metrics.json").read_text()) for run in (straight, resumed)]
     for key in ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss", "epochs"):
         assert metrics[0][key] == pytest.approx(metrics[1][key], abs=1e-6), key
-    weights = [torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-               for run in (straight, resumed)]
+    weights = [
+        torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for run in (straight, resumed)
+    ]
     assert all(torch.allclose(weights[0][k].float(), weights[1][k].float(), atol=1e-6) for k in weights[0])
 
 
@@ -238,12 +268,24 @@ def test_kill_9_loses_only_the_steps_since_the_last_step_checkpoint(tmp_path, im
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path, image_folder):
     env = offline_env(tmp_path)
     process = subprocess.Popen(
-        [sys.executable, str(REPO / "train.py"), f"hydra.run.dir={tmp_path / 'run'}", *RESUMABLE,
-         f"data.root={image_folder}", "trainer.max_epochs=50", "trainer.enable_progress_bar=false"],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            str(REPO / "train.py"),
+            f"hydra.run.dir={tmp_path / 'run'}",
+            *RESUMABLE,
+            f"data.root={image_folder}",
+            "trainer.max_epochs=50",
+            "trainer.enable_progress_bar=false",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         # A shell starts background commands with SIGINT ignored, and children inherit that (a test run started
         # with `&` then fails here): Ctrl-C reaches the run as it reaches a terminal's foreground process.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
     while not checkpoint.exists() and time.monotonic() < deadline and process.poll() is None:
@@ -256,8 +298,9 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, image_folder):
     assert "Ctrl-C: training state saved in" in output
     saved = torch.load(checkpoint, weights_only=True)
     assert 0 < saved["global_step"] < 50 * 4
-    resumed = run_cli(tmp_path, *RESUMABLE, f"data.root={image_folder}", "trainer.max_epochs=3", "ckpt_path=last",
-                      check=False)
+    resumed = run_cli(
+        tmp_path, *RESUMABLE, f"data.root={image_folder}", "trainer.max_epochs=3", "ckpt_path=last", check=False
+    )
     # Resuming a 50-epoch run with max_epochs=3 after it passed epoch 3 just evaluates; otherwise it trains on.
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (tmp_path / "run" / "metrics.json").exists()
@@ -265,8 +308,12 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, image_folder):
 
 def test_out_of_memory_names_the_settings_to_lower(tmp_path, image_folder):
     result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", *fault(1, error="oom"), check=False)
-    assert_one_line_error(result, "out of GPU memory with data.batch_size=8, data.image_size=32, unfreeze=",
-                          "lower data.batch_size first", "trainer.precision=bf16-mixed")
+    assert_one_line_error(
+        result,
+        "out of GPU memory with data.batch_size=8, data.image_size=32, unfreeze=",
+        "lower data.batch_size first",
+        "trainer.precision=bf16-mixed",
+    )
 
 
 def test_class_imbalance_is_reported_and_balanced_on_request(tmp_path):
@@ -282,8 +329,9 @@ def test_class_imbalance_is_reported_and_balanced_on_request(tmp_path):
 
     weighted = run_cli(tmp_path / "weighted", *TINY, f"data.root={data}", "data.balance=loss_weights")
     assert "strong class imbalance" not in weighted.stdout + weighted.stderr
-    hyperparameters = torch.load(tmp_path / "weighted" / "run" / "checkpoints" / "last.ckpt",
-                                 weights_only=True)["hyper_parameters"]
+    hyperparameters = torch.load(tmp_path / "weighted" / "run" / "checkpoints" / "last.ckpt", weights_only=True)[
+        "hyper_parameters"
+    ]
     # total / (classes * count)
     assert hyperparameters["class_weights"] == pytest.approx([21 / (2 * 17), 21 / (2 * 4)])
 

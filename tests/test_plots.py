@@ -26,8 +26,10 @@ def test_training_does_not_wait_for_a_figure_and_each_lands_at_its_step():
 
     def slow_figure(epoch: int):
         # Drawing cannot finish until the caller has moved on.
-        return lambda: releases[epoch].wait(timeout=30) and confusion_matrix_figure(
-            [[3, 1], [epoch, 4]], ["cats", "dogs"], f"val, epoch {epoch}")
+        return lambda: (
+            releases[epoch].wait(timeout=30)
+            and confusion_matrix_figure([[3, 1], [epoch, 4]], ["cats", "dogs"], f"val, epoch {epoch}")
+        )
 
     figures.add(writer, "val/confusion_matrix", slow_figure(0), step=7)
     assert writer.images == []  # add() returned while the figure was still being drawn
@@ -37,8 +39,10 @@ def test_training_does_not_wait_for_a_figure_and_each_lands_at_its_step():
     releases[1].set()
     figures.wait()
 
-    assert [(tag, step) for tag, _, step, _, _ in writer.images] == [("val/confusion_matrix", 7),
-                                                                    ("val/confusion_matrix", 14)]
+    assert [(tag, step) for tag, _, step, _, _ in writer.images] == [
+        ("val/confusion_matrix", 7),
+        ("val/confusion_matrix", 14),
+    ]
     for _, image, _, dataformats, thread in writer.images:
         assert dataformats == "HWC" and image.dtype == np.uint8 and image.shape[2] == 3
         assert thread.startswith("finetune-figures")

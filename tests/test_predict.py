@@ -32,8 +32,9 @@ def make_mixed_folder(root: Path, image_folder: Path) -> list[str]:
             expected.append(str(relative))
     (root / "nested" / "deeper").mkdir(parents=True)
     (root / "empty.jpg").write_bytes(b"")
-    (root / "nested" / "deeper" / "truncated.png").write_bytes((image_folder / "circle" / "circle_005.png")
-                                                                .read_bytes()[:200])
+    (root / "nested" / "deeper" / "truncated.png").write_bytes(
+        (image_folder / "circle" / "circle_005.png").read_bytes()[:200]
+    )
     (root / "notes.jpg").write_text("not an image, whatever its name says\n")
     # Skipped: not images by name, hidden, or in a hidden folder.
     (root / "readme.txt").write_text("hello")
@@ -53,15 +54,22 @@ def test_predicts_a_folder_one_row_per_image(tmp_path, trained_run, image_folder
     expected = make_mixed_folder(tmp_path / "photos", image_folder)
     checkpoint = trained_run / "checkpoints" / "last.ckpt"
     output = tmp_path / "out" / "deeper" / "predictions.csv"  # its folders do not exist yet
-    result = run_module(tmp_path, "finetune.predict", f"checkpoint={checkpoint}", "input=photos",
-                        f"output={output}")
+    result = run_module(tmp_path, "finetune.predict", f"checkpoint={checkpoint}", "input=photos", f"output={output}")
     assert result.returncode == 0, result.stderr
     assert f"predicted 6 of 9 image(s), 3 unreadable; written to {output}" in result.stdout
     assert "image size 32 (data.image_size of the run" in result.stderr  # the size it trained at
 
     columns, rows = read_rows(output)
-    assert columns == ["path", "class", "probability", "top2_class", "top2_probability", "top3_class",
-                       "top3_probability", "error"]
+    assert columns == [
+        "path",
+        "class",
+        "probability",
+        "top2_class",
+        "top2_probability",
+        "top3_class",
+        "top3_probability",
+        "error",
+    ]
     assert [row["path"] for row in rows] == [str(Path("photos") / path) for path in expected]
     for row in rows:
         if row["path"].endswith(UNREADABLE):
@@ -69,7 +77,8 @@ def test_predicts_a_folder_one_row_per_image(tmp_path, trained_run, image_folder
             continue
         assert row["error"] == ""
         ranked = [(row["class"], float(row["probability"]))] + [
-            (row[f"top{rank}_class"], float(row[f"top{rank}_probability"])) for rank in (2, 3)]
+            (row[f"top{rank}_class"], float(row[f"top{rank}_probability"])) for rank in (2, 3)
+        ]
         assert sorted(name for name, _ in ranked) == sorted(CLASSES)  # names from the checkpoint, each once
         probabilities = [p for _, p in ranked]
         assert probabilities == sorted(probabilities, reverse=True)  # top-1 is the argmax
@@ -104,8 +113,9 @@ def test_single_image_and_no_overwriting(tmp_path, trained_run, image_folder):
     again = run_module(tmp_path, "finetune.predict", *arguments)
     assert again.returncode == 2
     assert "Traceback" not in again.stderr
-    assert again.stderr.strip() == (f"error: {output} already exists; pass overwrite=true to replace it, "
-                                    "or another output=")
+    assert again.stderr.strip() == (
+        f"error: {output} already exists; pass overwrite=true to replace it, or another output="
+    )
     assert output.read_bytes() == written
 
 
@@ -118,12 +128,15 @@ def test_overwrite_true_and_folders_as_output(tmp_path):
         check_output_file(tmp_path, overwrite=True)
 
 
-@pytest.mark.parametrize(("arguments", "message"), [
-    (["checkpoint=a.ckpt", "input=x", "output=y.csv", "topk=2"], "unknown key 'topk' (did you mean top_k?)"),
-    (["checkpoint=a.ckpt", "output=y.csv"], "missing input="),
-    (["checkpoint=a.ckpt", "input=x", "output=y.csv", "top_k=many"], "top_k: Value 'many'"),
-    (["a.ckpt"], "'a.ckpt' is not key=value"),
-])
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["checkpoint=a.ckpt", "input=x", "output=y.csv", "topk=2"], "unknown key 'topk' (did you mean top_k?)"),
+        (["checkpoint=a.ckpt", "output=y.csv"], "missing input="),
+        (["checkpoint=a.ckpt", "input=x", "output=y.csv", "top_k=many"], "top_k: Value 'many'"),
+        (["a.ckpt"], "'a.ckpt' is not key=value"),
+    ],
+)
 def test_bad_arguments_give_one_line_naming_the_valid_keys(tmp_path, capsys, arguments, message):
     assert main(arguments) == 2
     error = capsys.readouterr().err.strip()
@@ -142,15 +155,27 @@ def test_writes_only_its_output_and_full_error_shows_the_traceback(tmp_path, tra
     # A Hydra app by default writes outputs/<date>/ with .hydra/ and a log: predict writes its CSV only.
     checkpoint = trained_run / "checkpoints" / "last.ckpt"
     image = image_folder / "circle" / "circle_000.png"
-    result = run_module(tmp_path, "finetune.predict", f"checkpoint={checkpoint}", f"input={image}", "output=p.csv",
-                        "num_workers=0")
+    result = run_module(
+        tmp_path, "finetune.predict", f"checkpoint={checkpoint}", f"input={image}", "output=p.csv", "num_workers=0"
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["p.csv"]
 
-    full = subprocess.run([sys.executable, "-m", "finetune.predict", f"checkpoint={checkpoint}",
-                           f"input={tmp_path / 'nothing'}", "output=q.csv"], cwd=tmp_path,
-                          env=offline_env(tmp_path) | {"HYDRA_FULL_ERROR": "1"}, capture_output=True, text=True,
-                          timeout=300)
+    full = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune.predict",
+            f"checkpoint={checkpoint}",
+            f"input={tmp_path / 'nothing'}",
+            "output=q.csv",
+        ],
+        cwd=tmp_path,
+        env=offline_env(tmp_path) | {"HYDRA_FULL_ERROR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert full.returncode != 0 and "Traceback" in full.stderr and "UsageError: input" in full.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["p.csv"]
 

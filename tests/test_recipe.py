@@ -37,8 +37,11 @@ def rescore(run: Path, root: Path, tta: str | None = None, state: str = "state_d
     model = ImageClassifier.from_checkpoint(str(best_checkpoint(run))).eval()
     model.load_state_dict(checkpoint[state])
     with open(run / "split.csv") as file:
-        samples = [(str(root / row["path"]), model.class_names.index(row["class"])) for row in csv.DictReader(file)
-                   if row["split"] == "test"]
+        samples = [
+            (str(root / row["path"]), model.class_names.index(row["class"]))
+            for row in csv.DictReader(file)
+            if row["split"] == "test"
+        ]
     images, labels = zip(*ImageDataset(samples, eval_transform(model.preprocessing)), strict=True)
     images, labels = torch.stack(images), torch.tensor(labels)
     with torch.no_grad():
@@ -50,12 +53,15 @@ def rescore(run: Path, root: Path, tta: str | None = None, state: str = "state_d
 
 # --- augmentation presets, MixUp/CutMix -------------------------------------------------------------------------
 
+
 def test_presets_build_torchvision_policies():
     from finetune.backbones import Preprocessing
 
     preprocessing = Preprocessing(32, 36, "bilinear", (0.5,) * 3, (0.5,) * 3)
-    kinds = {preset: [type(step) for step in train_transform(preprocessing, (0.8, 1), 15, True, preset, 0.25)
-                      .transforms] for preset in ("basic", "randaugment", "trivialaugment")}
+    kinds = {
+        preset: [type(step) for step in train_transform(preprocessing, (0.8, 1), 15, True, preset, 0.25).transforms]
+        for preset in ("basic", "randaugment", "trivialaugment")
+    }
     assert T.RandomRotation in kinds["basic"] and T.RandAugment not in kinds["basic"]
     assert T.RandAugment in kinds["randaugment"] and T.RandomRotation not in kinds["randaugment"]
     assert T.TrivialAugmentWide in kinds["trivialaugment"]
@@ -81,8 +87,17 @@ def test_mixing_gives_training_batches_class_probabilities_only(image_folder):
 
 @pytest.mark.slow
 def test_randaugment_erasing_mixup_cutmix_and_label_smoothing_train_through_the_cli(tmp_path, image_folder):
-    run_cli(tmp_path, *TINY, f"data.root={image_folder}", "trainer.max_epochs=1", "data.augment=randaugment",
-            "data.random_erasing=0.5", "data.mixup=0.4", "data.cutmix=1.0", "model.label_smoothing=0.1")
+    run_cli(
+        tmp_path,
+        *TINY,
+        f"data.root={image_folder}",
+        "trainer.max_epochs=1",
+        "data.augment=randaugment",
+        "data.random_erasing=0.5",
+        "data.mixup=0.4",
+        "data.cutmix=1.0",
+        "model.label_smoothing=0.1",
+    )
 
     metrics = metrics_of(tmp_path / "run")
     assert 0 <= metrics["train/acc"] <= 1 and 0 <= metrics["test/acc"] <= 1  # hard labels for the metrics
@@ -90,18 +105,25 @@ def test_randaugment_erasing_mixup_cutmix_and_label_smoothing_train_through_the_
     assert checkpoint["hyper_parameters"]["label_smoothing"] == 0.1
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (("data.augment=fancy",), "data.augment='fancy': choose one of basic, randaugment, trivialaugment, none"),
-    (("data.augment=trivialaugment", "data.augment_on=device"),
-     "data.augment=trivialaugment runs image by image in the loader"),
-    (("data.augment=none", "data.random_erasing=0.3"), "data.random_erasing erases part of augmented"),
-    (("data.mixup=-1",), "data.mixup=-1"),
-    (("data.augment=none", "data.mixup=0.2", "strategy.cache_features=true", "unfreeze=0"),
-     "data.mixup and data.cutmix mix images, not cached features"),
-    (("monitor=val/bogus",), "monitor=val/bogus: choose one of val/acc, val/f1, val/balanced_acc"),
-    (("tta=mirror",), "tta='mirror': choose one of none, flip, flip5crop"),
-    (("callbacks=[default,ema]", "callbacks.ema.decay=1.5"), "callbacks.ema.decay=1.5 must be between 0 and 1"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("data.augment=fancy",), "data.augment='fancy': choose one of basic, randaugment, trivialaugment, none"),
+        (
+            ("data.augment=trivialaugment", "data.augment_on=device"),
+            "data.augment=trivialaugment runs image by image in the loader",
+        ),
+        (("data.augment=none", "data.random_erasing=0.3"), "data.random_erasing erases part of augmented"),
+        (("data.mixup=-1",), "data.mixup=-1"),
+        (
+            ("data.augment=none", "data.mixup=0.2", "strategy.cache_features=true", "unfreeze=0"),
+            "data.mixup and data.cutmix mix images, not cached features",
+        ),
+        (("monitor=val/bogus",), "monitor=val/bogus: choose one of val/acc, val/f1, val/balanced_acc"),
+        (("tta=mirror",), "tta='mirror': choose one of none, flip, flip5crop"),
+        (("callbacks=[default,ema]", "callbacks.ema.decay=1.5"), "callbacks.ema.decay=1.5 must be between 0 and 1"),
+    ],
+)
 def test_bad_recipe_settings_stop_with_one_line(tmp_path, image_folder, overrides, message):
     result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", *overrides, check=False)
     output = result.stdout + result.stderr
@@ -119,12 +141,21 @@ def test_true_and_false_stay_aliases_of_basic_and_none(image_folder):
 
 # --- EMA of the weights ---------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_ema_weights_are_validated_checkpointed_and_tested(tmp_path, image_folder):
     run = tmp_path / "run"
     # decay 0.99 over 8 steps: the average stays near the weights after the first step, far from the last ones.
-    run_cli(tmp_path, *TINY, f"data.root={image_folder}", "trainer.max_epochs=2", "callbacks=[default,ema]",
-            "callbacks.ema.decay=0.99", "strategy.lr=0.01", "unfreeze=all")
+    run_cli(
+        tmp_path,
+        *TINY,
+        f"data.root={image_folder}",
+        "trainer.max_epochs=2",
+        "callbacks=[default,ema]",
+        "callbacks.ema.decay=0.99",
+        "strategy.lr=0.01",
+        "unfreeze=all",
+    )
 
     checkpoint = torch.load(best_checkpoint(run), map_location="cpu", weights_only=False)
     averaged, current = checkpoint["state_dict"], checkpoint["current_model_state"]
@@ -139,16 +170,26 @@ def test_ema_weights_are_validated_checkpointed_and_tested(tmp_path, image_folde
 
 # --- checkpoint metric, early stopping --------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 def test_monitor_picks_the_checkpoint_metric_and_early_stopping_uses_it(tmp_path, image_folder):
     # A learning rate of 0 never improves val/f1: patience 1 stops after the second epoch of 6.
-    run_cli(tmp_path, *TINY, f"data.root={image_folder}", "trainer.max_epochs=6", "monitor=val/f1",
-            "callbacks=[default,early_stopping]", "callbacks.early_stopping.patience=1", "strategy.lr=0")
+    run_cli(
+        tmp_path,
+        *TINY,
+        f"data.root={image_folder}",
+        "trainer.max_epochs=6",
+        "monitor=val/f1",
+        "callbacks=[default,early_stopping]",
+        "callbacks.early_stopping.patience=1",
+        "strategy.lr=0",
+    )
 
     run = tmp_path / "run"
     checkpoint = torch.load(best_checkpoint(run), map_location="cpu", weights_only=False)
-    monitors = {key for key in checkpoint["callbacks"] if key.startswith("ModelCheckpoint")
-                and "'monitor': 'val/f1'" in key}
+    monitors = {
+        key for key in checkpoint["callbacks"] if key.startswith("ModelCheckpoint") and "'monitor': 'val/f1'" in key
+    }
     assert monitors
     assert best_checkpoint(run).stem.endswith(f"{metrics_of(run)['val/f1']:.4f}")
     assert metrics_of(run)["epochs"] == 2
@@ -156,6 +197,7 @@ def test_monitor_picks_the_checkpoint_metric_and_early_stopping_uses_it(tmp_path
 
 
 # --- test-time augmentation -------------------------------------------------------------------------------------
+
 
 def test_views_are_the_image_its_crops_and_their_mirror_images():
     images = torch.rand(2, 3, 16, 16)
@@ -189,15 +231,25 @@ def test_conf_documents_every_recipe_key():
 
 # --- LP-FT ----------------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.slow
 @pytest.mark.parametrize("augment", ["none", "basic"])
-def test_lp_ft_trains_the_head_first_then_fine_tunes_with_warmup_and_a_lower_backbone_lr(tmp_path, image_folder,
-                                                                                          augment):
+def test_lp_ft_trains_the_head_first_then_fine_tunes_with_warmup_and_a_lower_backbone_lr(
+    tmp_path, image_folder, augment
+):
     # none: the frozen prefix is cached and the probe reads the cache; basic: the probe runs the images itself.
     # The packaged ImageNet weights (offline): a random network's features of these tiny images are degenerate.
-    result = run_cli(tmp_path, "model=efficientnet_lite0", "data.image_size=64", "data.batch_size=8",
-                     "data.num_workers=0", f"data.root={image_folder}", "strategy=lp_ft", f"data.augment={augment}",
-                     "trainer.max_epochs=1")
+    result = run_cli(
+        tmp_path,
+        "model=efficientnet_lite0",
+        "data.image_size=64",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        f"data.root={image_folder}",
+        "strategy=lp_ft",
+        f"data.augment={augment}",
+        "trainer.max_epochs=1",
+    )
     output = result.stdout + result.stderr
 
     assert ("feature cache on" in output) == (augment == "none")

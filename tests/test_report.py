@@ -20,9 +20,18 @@ from finetune.report import PLOTS, build_report, main, write_report
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def make_run(job_dir: Path, *, strategy: str = "transfer", unfreeze: int | str = 0, seed: int = 0,
-             lr: float = 1e-3, overrides: tuple[str, ...] = (), metrics: dict | None = None,
-             curve: tuple[float, ...] = (), log: str = "") -> Path:
+def make_run(
+    job_dir: Path,
+    *,
+    strategy: str = "transfer",
+    unfreeze: int | str = 0,
+    seed: int = 0,
+    lr: float = 1e-3,
+    overrides: tuple[str, ...] = (),
+    metrics: dict | None = None,
+    curve: tuple[float, ...] = (),
+    log: str = "",
+) -> Path:
     """A run folder as train.py writes it, without training: config, overrides, and what else is given."""
     hydra = job_dir / ".hydra"
     hydra.mkdir(parents=True)
@@ -36,8 +45,10 @@ def make_run(job_dir: Path, *, strategy: str = "transfer", unfreeze: int | str =
         "paths": {"output_dir": "${hydra:runtime.output_dir}"},
     }
     OmegaConf.save(OmegaConf.create(config), hydra / "config.yaml")
-    OmegaConf.save(OmegaConf.create([f"strategy={strategy}", f"seed={seed}", "data.root=/data", *overrides]),
-                   hydra / "overrides.yaml")
+    OmegaConf.save(
+        OmegaConf.create([f"strategy={strategy}", f"seed={seed}", "data.root=/data", *overrides]),
+        hydra / "overrides.yaml",
+    )
     if metrics is not None:
         (job_dir / "metrics.json").write_text(json.dumps(metrics))
     if curve:
@@ -69,15 +80,30 @@ def assert_png(path: Path) -> None:
 
 
 def run_report(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune.report", *arguments], cwd=REPO, env=offline_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune.report", *arguments],
+        cwd=REPO,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_reports_a_real_sweep_of_transfer_and_finetune(tmp_path, image_folder):
     sweep = tmp_path / "sweep"
-    run_multirun(tmp_path, sweep, "strategy=transfer,finetune", "model=mobilenet_v2", "model.weights=null",
-                 f"data.root={image_folder}", "data.image_size=32", "data.num_workers=0", "data.batch_size=8",
-                 "trainer.max_epochs=2")
+    run_multirun(
+        tmp_path,
+        sweep,
+        "strategy=transfer,finetune",
+        "model=mobilenet_v2",
+        "model.weights=null",
+        f"data.root={image_folder}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "trainer.max_epochs=2",
+    )
 
     result = run_report(tmp_path, f"sweep_dir={sweep}")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -103,8 +129,12 @@ def test_partial_sweep_lists_failed_and_incomplete_jobs(tmp_path, capsys):
     (sweep / "multirun.yaml").parent.mkdir()
     (sweep / "multirun.yaml").write_text("hydra: {}\n")
     make_run(sweep / "0", metrics={"val/acc": 0.75, "test/acc": 0.7, "params/trainable": 2562}, curve=(0.5, 0.75))
-    make_run(sweep / "1", strategy="finetune", unfreeze=2,
-             log="[2026-11-23 10:00:00,000][finetune][ERROR] - error: data.root /data is not a folder\n")
+    make_run(
+        sweep / "1",
+        strategy="finetune",
+        unfreeze=2,
+        log="[2026-11-23 10:00:00,000][finetune][ERROR] - error: data.root /data is not a folder\n",
+    )
     make_run(sweep / "2", strategy="full", unfreeze="all", curve=(0.4,))  # killed after one epoch
 
     assert main([f"sweep_dir={sweep}"]) == 0
@@ -123,20 +153,44 @@ def test_partial_sweep_lists_failed_and_incomplete_jobs(tmp_path, capsys):
 
 def test_seeds_of_one_point_are_aggregated(tmp_path):
     sweep = tmp_path / "sweep"
-    runs = [("transfer", 0, (), 0.5), ("transfer", 0, (), 0.6), ("transfer", 0, (), 0.7),
-            ("finetune", 2, (), 0.8), ("finetune", 2, (), 0.9), ("finetune", 2, ("strategy.lr=0.01",), 0.4)]
+    runs = [
+        ("transfer", 0, (), 0.5),
+        ("transfer", 0, (), 0.6),
+        ("transfer", 0, (), 0.7),
+        ("finetune", 2, (), 0.8),
+        ("finetune", 2, (), 0.9),
+        ("finetune", 2, ("strategy.lr=0.01",), 0.4),
+    ]
     for job, (strategy, unfreeze, overrides, test_acc) in enumerate(runs):
         seed = sum(1 for other in runs[:job] if other[:3] == (strategy, unfreeze, overrides))
-        metrics = {"val/acc": test_acc + 0.05, "test/acc": test_acc, "test/f1": test_acc - 0.1,
-                   "params/trainable": 2562 if strategy == "transfer" else 888_642, "best_epoch": 1}
-        make_run(sweep / str(job), strategy=strategy, unfreeze=unfreeze, seed=seed, overrides=overrides,
-                 lr=0.01 if overrides else 1e-3, metrics=metrics, curve=(test_acc - 0.2, test_acc + 0.05))
+        metrics = {
+            "val/acc": test_acc + 0.05,
+            "test/acc": test_acc,
+            "test/f1": test_acc - 0.1,
+            "params/trainable": 2562 if strategy == "transfer" else 888_642,
+            "best_epoch": 1,
+        }
+        make_run(
+            sweep / str(job),
+            strategy=strategy,
+            unfreeze=unfreeze,
+            seed=seed,
+            overrides=overrides,
+            lr=0.01 if overrides else 1e-3,
+            metrics=metrics,
+            curve=(test_acc - 0.2, test_acc + 0.05),
+        )
 
     report = build_report(sweep)
 
     assert [(row.strategy, row.seed, row.other) for row in report.rows] == [  # shallow to deep
-        ("transfer", 0, ""), ("transfer", 1, ""), ("transfer", 2, ""),
-        ("finetune", 0, ""), ("finetune", 1, ""), ("finetune", 0, "strategy.lr=0.01")]
+        ("transfer", 0, ""),
+        ("transfer", 1, ""),
+        ("transfer", 2, ""),
+        ("finetune", 0, ""),
+        ("finetune", 1, ""),
+        ("finetune", 0, "strategy.lr=0.01"),
+    ]
     assert report.rows[3].val_acc_curve == pytest.approx([0.6, 0.85])  # both events files read, val/acc only
     transfer, finetune, finetune_lr = report.points
     assert (finetune.n, finetune.seeds, finetune_lr.n, transfer.n, transfer.seeds) == (2, [0, 1], 1, 3, [0, 1, 2])
@@ -148,7 +202,10 @@ def test_seeds_of_one_point_are_aggregated(tmp_path):
     write_report(report, sweep)
     by_point = read_csv(sweep / "report_by_point.csv")
     assert [(row["strategy"], row["n"], row["seeds"]) for row in by_point] == [
-        ("transfer", "3", "0 1 2"), ("finetune", "2", "0 1"), ("finetune", "1", "0")]
+        ("transfer", "3", "0 1 2"),
+        ("finetune", "2", "0 1"),
+        ("finetune", "1", "0"),
+    ]
     assert float(by_point[0]["test_acc_mean"]) == pytest.approx(0.6)
     assert float(by_point[0]["test_acc_std"]) == pytest.approx(0.1)
     assert by_point[2]["test_acc_std"] == ""
@@ -203,19 +260,28 @@ def test_transfer_vs_finetune_notebook_runs_a_tiny_sweep(tmp_path, image_folder,
     for name, value in offline_env(tmp_path).items():
         monkeypatch.setenv(name, value)
     sweep = tmp_path / "sweep"
-    tiny = ["model.weights=null", "data.image_size=32", "data.num_workers=0", "data.batch_size=8",
-            "trainer.limit_train_batches=2"]
+    tiny = [
+        "model.weights=null",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "trainer.limit_train_batches=2",
+    ]
     notebook = nbformat.read(REPO / "notebooks" / "transfer_vs_finetune.ipynb", as_version=4)
     parameters = notebook.cells[1]
-    for old, new in (("DATA_ROOT = None", f"DATA_ROOT = {str(image_folder)!r}"),
-                     ('MODEL = "efficientnet_lite0"', 'MODEL = "mobilenet_v2"'), ("EPOCHS = 3", "EPOCHS = 2"),
-                     ("EXTRA_OVERRIDES = []", f"EXTRA_OVERRIDES = {tiny!r}"),
-                     ("NEW_SWEEP_DIR = None", f"NEW_SWEEP_DIR = {str(sweep)!r}")):
+    for old, new in (
+        ("DATA_ROOT = None", f"DATA_ROOT = {str(image_folder)!r}"),
+        ('MODEL = "efficientnet_lite0"', 'MODEL = "mobilenet_v2"'),
+        ("EPOCHS = 3", "EPOCHS = 2"),
+        ("EXTRA_OVERRIDES = []", f"EXTRA_OVERRIDES = {tiny!r}"),
+        ("NEW_SWEEP_DIR = None", f"NEW_SWEEP_DIR = {str(sweep)!r}"),
+    ):
         assert old in parameters.source
         parameters.source = parameters.source.replace(old, new)
 
-    NotebookClient(notebook, timeout=300, kernel_name="python3",
-                   resources={"metadata": {"path": str(REPO / "notebooks")}}).execute()
+    NotebookClient(
+        notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(REPO / "notebooks")}}
+    ).execute()
 
     outputs = [output for cell in notebook.cells for output in cell.get("outputs", [])]
     markdown = "".join(output.get("data", {}).get("text/markdown", "") for output in outputs)
@@ -227,8 +293,12 @@ def test_transfer_vs_finetune_notebook_runs_a_tiny_sweep(tmp_path, image_folder,
 def test_report_flags_strong_class_imbalance_and_skipped_images(tmp_path):
     sweep = tmp_path / "sweep"
     make_run(sweep / "0", metrics={"val/acc": 0.9, "test/acc": 0.9, "data/imbalance": 1.2, "data/skipped_files": 0})
-    make_run(sweep / "1", strategy="finetune", unfreeze=2,
-             metrics={"val/acc": 0.9, "test/acc": 0.9, "data/imbalance": 6.5, "data/skipped_files": 3})
+    make_run(
+        sweep / "1",
+        strategy="finetune",
+        unfreeze=2,
+        metrics={"val/acc": 0.9, "test/acc": 0.9, "data/imbalance": 6.5, "data/skipped_files": 3},
+    )
     text = build_report(sweep).to_markdown()
     assert "Strong class imbalance in 1 run(s): the largest training class has up to 6.5x" in text
     assert "data.balance=sampler" in text

@@ -30,6 +30,7 @@ TINY = ("data.image_size=32", "data.batch_size=8", "data.num_workers=0")
 
 # --- samplers -----------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(("size", "processes"), [(36, 2), (37, 2), (10, 3), (2, 3)])
 def test_epoch_shuffler_shards_one_order_across_processes(size, processes):
     one = EpochShuffler(size, seed=7, keyed=True)
@@ -64,6 +65,7 @@ def test_view_sampler_shards_the_views_of_the_epoch():
 
 # --- DDP on the CPU -----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def uneven_folder(tmp_path_factory) -> Path:
     """train/val/test folders: 36 training images (18 per process: whole steps of 6), 13 validation images
@@ -88,10 +90,20 @@ def test_ddp_on_two_processes_trains_what_one_process_trains(tmp_path, uneven_fo
     # (the order of the gradient all-reduce). All three run on the feature cache (data.augment=false): transfer
     # from the head's input, finetune and gradual from the frozen prefix; gradual unfreezes 2 blocks at epoch 2,
     # after DDP wrapped the model.
-    common = ("model=timm", "model.name=convnext_atto", "model.weights=null", f"data.root={uneven_folder}",
-              "data.image_size=32", "data.num_workers=0", "data.augment=false", "trainer.max_epochs=3",
-              "trainer.deterministic=true", "strategy.lr=1e-2", "strategy.backbone_lr=1e-2",
-              "strategy=transfer,finetune,gradual")
+    common = (
+        "model=timm",
+        "model.name=convnext_atto",
+        "model.weights=null",
+        f"data.root={uneven_folder}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.augment=false",
+        "trainer.max_epochs=3",
+        "trainer.deterministic=true",
+        "strategy.lr=1e-2",
+        "strategy.backbone_lr=1e-2",
+        "strategy=transfer,finetune,gradual",
+    )
     ddp, single = tmp_path / "ddp", tmp_path / "single"
     run_multirun(tmp_path, ddp, *common, "trainer=ddp_cpu", "trainer.devices=2", "data.batch_size=6")
     run_multirun(tmp_path, single, *common, "data.batch_size=12")
@@ -131,12 +143,25 @@ def test_processes_started_by_the_cluster_find_their_ranks(tmp_path, image_folde
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", f"--master-port={port}",
-               str(REPO / "train.py"), f"hydra.run.dir={run}", "trainer=ddp_cpu", "trainer.devices=2",
-               "trainer.max_epochs=1", "trainer.enable_progress_bar=false", "model=mobilenet_v2", "model.weights=null",
-               "unfreeze=2", f"data.root={image_folder}", *TINY]
-    result = subprocess.run(command, cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True,
-                            timeout=600)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node=2",
+        f"--master-port={port}",
+        str(REPO / "train.py"),
+        f"hydra.run.dir={run}",
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "trainer.max_epochs=1",
+        "trainer.enable_progress_bar=false",
+        "model=mobilenet_v2",
+        "model.weights=null",
+        "unfreeze=2",
+        f"data.root={image_folder}",
+        *TINY,
+    ]
+    result = subprocess.run(command, cwd=REPO, env=offline_env(tmp_path), capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in output and "GLOBAL_RANK: 1, MEMBER: 2/2" in output
@@ -145,8 +170,16 @@ def test_processes_started_by_the_cluster_find_their_ranks(tmp_path, image_folde
 
 
 def test_ddp_settings_that_cannot_work_stop_with_one_line(tmp_path, image_folder):
-    result = run_cli(tmp_path, "model=mobilenet_v2", "model.weights=null", f"data.root={image_folder}", *TINY,
-                     "trainer=ddp_cpu", "trainer.sync_batchnorm=true", check=False)
+    result = run_cli(
+        tmp_path,
+        "model=mobilenet_v2",
+        "model.weights=null",
+        f"data.root={image_folder}",
+        *TINY,
+        "trainer=ddp_cpu",
+        "trainer.sync_batchnorm=true",
+        check=False,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output
@@ -156,8 +189,13 @@ def test_ddp_settings_that_cannot_work_stop_with_one_line(tmp_path, image_folder
 
 def test_every_process_needs_an_image_of_each_evaluation_split():
     # Evaluation shards are not padded, so a process without a validation image would have nothing to evaluate.
-    trainer = SimpleNamespace(world_size=4, num_devices=4, strategy=SimpleNamespace(
-        root_device=torch.device("cpu"), cluster_environment=SimpleNamespace(creates_processes_externally=True)))
+    trainer = SimpleNamespace(
+        world_size=4,
+        num_devices=4,
+        strategy=SimpleNamespace(
+            root_device=torch.device("cpu"), cluster_environment=SimpleNamespace(creates_processes_externally=True)
+        ),
+    )
     splits = {"train": list(range(30)), "val": list(range(3)), "test": []}
     with pytest.raises(UsageError, match="the val split has 3 image.*fewer than the 4 processes"):
         check_distributed(trainer, splits, sync_batchnorm=False)
@@ -189,6 +227,7 @@ def test_ddp_processes_of_a_sweep_job_keep_the_config_flags():
 
 # --- cluster sweeps -----------------------------------------------------------------------------------------------
 
+
 def compose_launcher(*overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
@@ -199,8 +238,14 @@ def test_slurm_launcher_asks_for_one_task_per_gpu(tmp_path, monkeypatch):
     import submitit
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
-    params = compose_launcher("hydra/launcher=slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2",
-                              "hydra.launcher.partition=gpu", f"hydra.sweep.dir={tmp_path}")
+    params = compose_launcher(
+        "hydra/launcher=slurm",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        "hydra.launcher.partition=gpu",
+        f"hydra.sweep.dir={tmp_path}",
+    )
     assert (params["gpus_per_node"], params["tasks_per_node"], params["nodes"]) == (4, 4, 2)
     assert params["partition"] == "gpu" and params["timeout_min"] == 240
     assert compose_launcher("hydra/launcher=slurm")["gpus_per_node"] == 1  # the default trainer: one GPU a job
@@ -213,21 +258,37 @@ def test_slurm_launcher_asks_for_one_task_per_gpu(tmp_path, monkeypatch):
     (bin_dir / "srun").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     folder = params.pop("submitit_folder")
-    executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
-                                     slurm_max_num_timeout=params.pop("max_num_timeout"))
+    executor = submitit.AutoExecutor(
+        folder=folder, cluster="slurm", slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
     shared = set(OmegaConf.structured(BaseQueueConf).keys())
     executor.update_parameters(**{key if key in shared else f"slurm_{key}": value for key, value in params.items()})
     script = executor._executor._make_submission_file_text("python -u -m submitit.core._submit x", "uid")
-    for line in ("--partition=gpu", "--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8",
-                 "--time=240"):
+    for line in (
+        "--partition=gpu",
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--cpus-per-task=8",
+        "--time=240",
+    ):
         assert f"#SBATCH {line}\n" in script, line
 
 
 @pytest.mark.slow
 def test_sweep_through_submitits_local_launcher_and_its_report(tmp_path, image_folder):
     sweep = tmp_path / "sweep"
-    run_multirun(tmp_path, sweep, "hydra/launcher=local", "strategy=transfer,finetune", "model=mobilenet_v2",
-                 "model.weights=null", f"data.root={image_folder}", *TINY, "trainer.max_epochs=1")
+    run_multirun(
+        tmp_path,
+        sweep,
+        "hydra/launcher=local",
+        "strategy=transfer,finetune",
+        "model=mobilenet_v2",
+        "model.weights=null",
+        f"data.root={image_folder}",
+        *TINY,
+        "trainer.max_epochs=1",
+    )
     for job in ("0", "1"):
         assert json.loads((sweep / job / "metrics.json").read_text())["params/trainable"] > 0
     assert (sweep / ".submitit").is_dir()  # submitit's own records, beside the runs
@@ -240,8 +301,14 @@ def test_sweep_through_submitits_local_launcher_and_its_report(tmp_path, image_f
 @pytest.mark.slow
 def test_optuna_search_continues_its_study_from_the_sweep_folder(tmp_path, image_folder):
     sweep = tmp_path / "study"
-    search = ("hparams_search=optuna", "model=mobilenet_v2", "model.weights=null", f"data.root={image_folder}",
-              *TINY, "trainer.max_epochs=1")
+    search = (
+        "hparams_search=optuna",
+        "model=mobilenet_v2",
+        "model.weights=null",
+        f"data.root={image_folder}",
+        *TINY,
+        "trainer.max_epochs=1",
+    )
     run_multirun(tmp_path, sweep, *search, "hydra.sweeper.n_trials=2")
     assert trials(sweep / "optuna.db") == 2
     run_multirun(tmp_path, sweep, *search, "hydra.sweeper.n_trials=1")  # the same folder: the same study
@@ -272,5 +339,11 @@ def stored_values(database: Path) -> list[float]:
 
 
 def run_report(tmp_path: Path, sweep: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "finetune.report", f"sweep_dir={sweep}", "plots=false"], cwd=REPO,
-                          env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "finetune.report", f"sweep_dir={sweep}", "plots=false"],
+        cwd=REPO,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

@@ -52,15 +52,25 @@ class Interrupt(L.Callback):
             trainer.should_stop = True
 
 
-def fit(image_folder, module: ImageClassifier, epochs: int, tmp_path=None, ckpt_path=None,
-        stop_after: int | None = None) -> Recorder:
+def fit(
+    image_folder, module: ImageClassifier, epochs: int, tmp_path=None, ckpt_path=None, stop_after: int | None = None
+) -> Recorder:
     recorder = Recorder()
     callbacks = [recorder] + ([Interrupt(stop_after)] if stop_after else [])
     if tmp_path is not None:
         callbacks.append(ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0))
-    trainer = L.Trainer(max_epochs=epochs, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
-                        logger=False, enable_checkpointing=tmp_path is not None, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", callbacks=callbacks)
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=tmp_path is not None,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=callbacks,
+    )
     trainer.fit(module, datamodule=datamodule(image_folder, module), ckpt_path=ckpt_path)
     return recorder
 
@@ -81,8 +91,7 @@ def test_gradual_trains_the_head_first_then_more_blocks(image_folder):
     assert any(name.startswith("features.17") for name in states[2]["training_modules"])
     # The groups exist from the first step, so no scheduler ever misses one.
     assert [(name, count) for name, _, count in states[0]["groups"]] == [("head", 2), ("backbone", 21)]
-    assert all([g[:1] + g[2:] for g in state["groups"]] == [("head", 2), ("backbone", 21)]
-               for state in states.values())
+    assert all([g[:1] + g[2:] for g in state["groups"]] == [("head", 2), ("backbone", 21)] for state in states.values())
 
 
 def test_layer_decay_gives_each_block_its_learning_rate():
@@ -109,9 +118,15 @@ def test_reduce_on_plateau_runs_beside_a_gradual_schedule(image_folder):
 def test_lr_finder_works_with_a_gradual_schedule(image_folder):
     module = model(unfreeze=2, unfreeze_epoch=1, backbone_lr=1e-4)
     # 27 training images in batches of 8: 4 steps an epoch, 8 for the finder in 2 epochs.
-    trainer = L.Trainer(max_epochs=2, limit_val_batches=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        accelerator="cpu")
+    trainer = L.Trainer(
+        max_epochs=2,
+        limit_val_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     data = datamodule(image_folder, module)
     finder = Tuner(trainer).lr_find(module, datamodule=data, num_training=8, early_stop_threshold=None)
     assert len(finder.results["lr"]) == 8 and finder.suggestion(skip_begin=1, skip_end=1) is not None

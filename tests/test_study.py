@@ -54,11 +54,14 @@ def test_folds_are_balanced_seeded_and_carve_the_validation_share_from_the_rest(
     assert max(uneven) - min(uneven) <= 1
 
 
-@pytest.mark.parametrize(("folds", "fold", "message"), [
-    (1, 0, "data.folds=1 must be at least 2"),
-    (5, 5, "data.fold=5 must be one of 0..4"),
-    (8, 0, "class 'c' has 7 image(s): too few for data.folds=8"),
-])
+@pytest.mark.parametrize(
+    ("folds", "fold", "message"),
+    [
+        (1, 0, "data.folds=1 must be at least 2"),
+        (5, 5, "data.fold=5 must be one of 0..4"),
+        (8, 0, "class 'c' has 7 image(s): too few for data.folds=8"),
+    ],
+)
 def test_bad_fold_settings_name_the_fix(folds, fold, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         split_kfold(_classes(), folds, fold, 0.2, 0, NAMES)
@@ -66,18 +69,39 @@ def test_bad_fold_settings_name_the_fix(folds, fold, message):
 
 # The verdict, on sweeps written by hand: what train.py leaves in each run folder, without training.
 
-def make_fold_run(sweep: Path, unfreeze, fold: int | None, acc: float, seconds: float, *, seed: int = 0,
-                  predictions: list[tuple[str, str, str]] | None = None, sizes=(250, 70, 80)) -> Path:
+
+def make_fold_run(
+    sweep: Path,
+    unfreeze,
+    fold: int | None,
+    acc: float,
+    seconds: float,
+    *,
+    seed: int = 0,
+    predictions: list[tuple[str, str, str]] | None = None,
+    sizes=(250, 70, 80),
+) -> Path:
     job = sweep / (f"unfreeze-{unfreeze}_fold-{fold}" if fold is not None else f"unfreeze-{unfreeze}_seed-{seed}")
     (job / ".hydra").mkdir(parents=True)
     data = {"root": "/data", "split_seed": "${seed}", "folds": 5 if fold is not None else None, "fold": fold or 0}
-    config = {"seed": seed, "unfreeze": unfreeze, "model": {"name": "tf_efficientnet_lite0"},
-              "strategy": {"name": "finetune", "unfreeze": 2}, "data": data}
+    config = {
+        "seed": seed,
+        "unfreeze": unfreeze,
+        "model": {"name": "tf_efficientnet_lite0"},
+        "strategy": {"name": "finetune", "unfreeze": 2},
+        "data": data,
+    }
     OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
     overrides = [f"unfreeze={unfreeze}", *([f"data.fold={fold}"] if fold is not None else [f"seed={seed}"])]
     OmegaConf.save(OmegaConf.create(["data.root=/data", *overrides]), job / ".hydra" / "overrides.yaml")
-    metrics = {"test/acc": acc, "test/f1": acc - 0.05, "val/acc": acc, "time/fit_seconds": seconds,
-               "params/trainable": 2562 if unfreeze == 0 else 900_000, "epochs": 12}
+    metrics = {
+        "test/acc": acc,
+        "test/f1": acc - 0.05,
+        "val/acc": acc,
+        "time/fit_seconds": seconds,
+        "params/trainable": 2562 if unfreeze == 0 else 900_000,
+        "epochs": 12,
+    }
     (job / "metrics.json").write_text(json.dumps(metrics))
     (job / "convergence.json").write_text(json.dumps({"epochs/used": 12, "epochs/converged": 1.0}))
     rows = [f"{split},a,x{i}.png" for split, n in zip(("train", "val", "test"), sizes, strict=True) for i in range(n)]
@@ -105,8 +129,9 @@ def test_a_clear_study_recommends_the_cheapest_depth_not_worse_than_the_best(tmp
     verdict = report.study.verdict
     assert verdict.startswith("Fine-tuning with unfreeze=2 beats transfer learning by +12.2 points (95% CI")
     assert "Costlier points are not significantly better (the best of them, unfreeze=all:" in verdict
-    assert "costs 3.2x the training time" in verdict and verdict.endswith("Recommended: unfreeze=2 "
-                                                                          "(84.2% accuracy, 95% CI 81.0 to 87.4).")
+    assert "costs 3.2x the training time" in verdict and verdict.endswith(
+        "Recommended: unfreeze=2 (84.2% accuracy, 95% CI 81.0 to 87.4)."
+    )
     transfer = group.transfer
     scores = [0.72 + noise for noise in FOLD_NOISE]
     assert transfer.acc == corrected_t(scores, 250, 80)  # the interval is the corrected t on the fold scores
@@ -138,8 +163,10 @@ def test_one_split_uses_per_image_predictions_bootstrap_and_mcnemar(tmp_path):
     right_by_head = set(range(56))  # 70%
     right_by_depth = set(range(4, 76))  # 90%: 20 images only it gets right, 4 only the head does
     for unfreeze, right, seconds in ((0, right_by_head, 10), (2, right_by_depth, 30)):
-        predictions = [(path, label, label if i in right else ("b" if label == "a" else "a"))
-                       for i, (path, label) in enumerate(zip(images, labels, strict=True))]
+        predictions = [
+            (path, label, label if i in right else ("b" if label == "a" else "a"))
+            for i, (path, label) in enumerate(zip(images, labels, strict=True))
+        ]
         make_fold_run(sweep, unfreeze, None, len(right) / 80, seconds, predictions=predictions)
 
     study = build_report(sweep).study
@@ -153,10 +180,17 @@ def test_one_split_uses_per_image_predictions_bootstrap_and_mcnemar(tmp_path):
 
 def test_a_partial_study_reports_over_what_finished_and_lists_what_is_missing(tmp_path):
     sweep = tmp_path / "study"
-    OmegaConf.save(OmegaConf.create({"hydra": {"sweeper": {"params": {"data.fold": "range(0,5)",
-                                                                      "unfreeze": "0,2,all"}},
-                                               "overrides": {"task": ["data.root=/data"]}}}),
-                   sweep.mkdir(parents=True) or sweep / "multirun.yaml")
+    OmegaConf.save(
+        OmegaConf.create(
+            {
+                "hydra": {
+                    "sweeper": {"params": {"data.fold": "range(0,5)", "unfreeze": "0,2,all"}},
+                    "overrides": {"task": ["data.root=/data"]},
+                }
+            }
+        ),
+        sweep.mkdir(parents=True) or sweep / "multirun.yaml",
+    )
     for fold, noise in enumerate(FOLD_NOISE[:3]):
         make_fold_run(sweep, 0, fold, 0.72 + noise, seconds=20)
         make_fold_run(sweep, 2, fold, 0.84 + noise, seconds=40)
@@ -169,8 +203,10 @@ def test_a_partial_study_reports_over_what_finished_and_lists_what_is_missing(tm
     assert report.study.groups[0].recommended.point.unfreeze == 2  # over the three folds that finished
     assert report.study.verdict.endswith("Not compared yet, too few finished folds: unfreeze=4 (1 fold).")
     problems = "\n".join(report.problems())
-    assert "job unfreeze-all_fold-0 (tf_efficientnet_lite0/finetune/unfreeze=all/seed=0/fold=0) failed: out of CPU " \
-           "memory" in problems
+    assert (
+        "job unfreeze-all_fold-0 (tf_efficientnet_lite0/finetune/unfreeze=all/seed=0/fold=0) failed: out of CPU "
+        "memory" in problems
+    )
     assert "- data.fold=1 unfreeze=all: not started" in problems
     assert "- data.fold=2 unfreeze=all: not started" in problems
     assert "- data.fold=3 unfreeze=0,2,all: not started" in problems  # one line for what differs only in depth
@@ -181,10 +217,23 @@ def test_a_partial_study_reports_over_what_finished_and_lists_what_is_missing(tm
 @pytest.mark.slow
 def test_a_small_depth_study_through_the_command_line(tmp_path, image_folder):
     sweep = tmp_path / "study"
-    run_multirun(tmp_path, sweep, "experiment=depth_study", "unfreeze=0,all", "data.folds=2", "data.fold=0,1",
-                 "model=mobilenet_v2", "model.weights=null", f"data.root={image_folder}", "data.image_size=32",
-                 "data.num_workers=0", "data.batch_size=8", "trainer.max_epochs=2",
-                 "callbacks.test_predictions.latency_batch=2", "callbacks.test_predictions.latency_repeats=1")
+    run_multirun(
+        tmp_path,
+        sweep,
+        "experiment=depth_study",
+        "unfreeze=0,all",
+        "data.folds=2",
+        "data.fold=0,1",
+        "model=mobilenet_v2",
+        "model.weights=null",
+        f"data.root={image_folder}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "trainer.max_epochs=2",
+        "callbacks.test_predictions.latency_batch=2",
+        "callbacks.test_predictions.latency_repeats=1",
+    )
 
     # Each run named by what differs in the sweep: TensorBoard lists them so.
     runs = {path.name for path in sweep.iterdir() if (path / ".hydra").is_dir()}
@@ -202,8 +251,14 @@ def test_a_small_depth_study_through_the_command_line(tmp_path, image_folder):
             tested += [row["path"] for row in rows]
     assert len(tested) == len(set(tested)) == 36  # the two folds test every image once
 
-    result = subprocess.run([sys.executable, "-m", "finetune.report", f"sweep_dir={sweep}"], cwd=REPO,
-                            env=offline_env(tmp_path), capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "finetune.report", f"sweep_dir={sweep}"],
+        cwd=REPO,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "## Verdict" in result.stdout and "Recommended: unfreeze=" in result.stdout
     page = (sweep / "report.html").read_text()
@@ -214,7 +269,17 @@ def test_a_small_depth_study_through_the_command_line(tmp_path, image_folder):
         assert [row["unfreeze"] for row in csv.DictReader(file)] == ["0", "all"]
     if shutil.which("chromium"):  # what a user sees: the page renders, verdict and plots included
         screenshot = tmp_path / "report.png"
-        subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={screenshot}",
-                        "--window-size=1200,2000", (sweep / "report.html").as_uri()], capture_output=True,
-                       timeout=120)
+        subprocess.run(
+            [
+                "chromium",
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                f"--screenshot={screenshot}",
+                "--window-size=1200,2000",
+                (sweep / "report.html").as_uri(),
+            ],
+            capture_output=True,
+            timeout=120,
+        )
         assert screenshot.stat().st_size > 50_000

@@ -63,8 +63,9 @@ class Classifier:
         """The `finetune.module.ImageClassifier`, in eval mode."""
         return self.loaded.model
 
-    def predict(self, images: Sequence[str | Path | Image.Image] | str | Path | Image.Image,
-                batch_size: int = 32) -> list[dict]:
+    def predict(
+        self, images: Sequence[str | Path | Image.Image] | str | Path | Image.Image, batch_size: int = 32
+    ) -> list[dict]:
         """Classifies image files or PIL images, as `python -m finetune.predict` does.
 
         Returns:
@@ -87,14 +88,19 @@ class Classifier:
             with torch.inference_mode():
                 logits = torch.cat([self.model(chunk.to(self.loaded.device)) for chunk in batch.split(batch_size)])
             probabilities, errors = logits.float().softmax(dim=1).cpu(), {}
-        return [{"error": errors[index]} if index in errors else _prediction(row, self.class_names)
-                for index, row in enumerate(probabilities)]
+        return [
+            {"error": errors[index]} if index in errors else _prediction(row, self.class_names)
+            for index, row in enumerate(probabilities)
+        ]
 
 
 def _prediction(row: torch.Tensor, class_names: list[str]) -> dict:
     best = int(row.argmax())
-    return {"class": class_names[best], "probability": float(row[best]),
-            "probabilities": dict(zip(class_names, row.tolist(), strict=True))}
+    return {
+        "class": class_names[best],
+        "probability": float(row[best]),
+        "probabilities": dict(zip(class_names, row.tolist(), strict=True)),
+    }
 
 
 def load(checkpoint: str | Path, device: str = "auto", image_size: int | None = None) -> Classifier:

@@ -55,8 +55,9 @@ log = logging.getLogger("finetune")
 _OURS = "FINETUNE_SET_HYDRA_FULL_ERROR"
 
 
-def command(config_name: str, schema: type | None = None, usage: str | None = None,
-            config_path: str | None = None) -> Callable[[Callable], Callable[..., int]]:
+def command(
+    config_name: str, schema: type | None = None, usage: str | None = None, config_path: str | None = None
+) -> Callable[[Callable], Callable[..., int]]:
     """Makes a function a Hydra app with one-line usage errors; the decorated function is its entry point.
 
     Args:
@@ -117,16 +118,23 @@ def register(name: str, schema: type, usage: str) -> None:
     """
     store = ConfigStore.instance()
     store.store(name=f"{name}_options", node=schema)
-    store.store(name=name, node={
-        "defaults": [f"{name}_options", "_self_",
-                     # Hydra's default logging would add a log file and its own console format.
-                     {"override hydra/job_logging": "none"}, {"override hydra/hydra_logging": "none"}],
-        "hydra": {
-            "run": {"dir": "."},  # the current folder: Hydra creates no run folder
-            "output_subdir": None,  # no .hydra/ with the composed config
-            "help": {"template": usage},
+    store.store(
+        name=name,
+        node={
+            "defaults": [
+                f"{name}_options",
+                "_self_",
+                # Hydra's default logging would add a log file and its own console format.
+                {"override hydra/job_logging": "none"},
+                {"override hydra/hydra_logging": "none"},
+            ],
+            "hydra": {
+                "run": {"dir": "."},  # the current folder: Hydra creates no run folder
+                "output_subdir": None,  # no .hydra/ with the composed config
+                "help": {"template": usage},
+            },
         },
-    })
+    )
 
 
 def options(cfg: DictConfig, schema: type) -> Any:
@@ -211,7 +219,7 @@ def error_message(error: BaseException, keys_of: type | None = None) -> str | No
 
 
 def _choice_error(error: BaseException, schema: type) -> str | None:
-    """"unknown format 'tflite': choose format=onnx or format=torchscript" for a value an Enum field lacks."""
+    """ "unknown format 'tflite': choose format=onnx or format=torchscript" for a value an Enum field lacks."""
     cause = error.__cause__ if isinstance(error, CompactHydraException) else error
     if not isinstance(cause, OmegaConfBaseException) or not cause.full_key:
         return None
@@ -225,13 +233,17 @@ def _choice_error(error: BaseException, schema: type) -> str | None:
 def _config_error(error: BaseException, keys_of: type | None) -> str | None:
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition("/")
-        return (f"unknown {group}={name}{close_matches(name, list(error.options))}: choose one of "
-                f"{', '.join(error.options)}")
+        return (
+            f"unknown {group}={name}{close_matches(name, list(error.options))}: choose one of "
+            f"{', '.join(error.options)}"
+        )
     if isinstance(error, OverrideParseException):
         if "=" not in error.override:
             return f"{error.override!r} is not key=value"
-        return (f"cannot read the override {error.override!r} ({first_line(error.message)}); write key=value, "
-                "e.g. unfreeze=2 or data.split=[0.7,0.2,0.1]")
+        return (
+            f"cannot read the override {error.override!r} ({first_line(error.message)}); write key=value, "
+            "e.g. unfreeze=2 or data.split=[0.7,0.2,0.1]"
+        )
     cause = error.__cause__ if isinstance(error, CompactHydraException) else error
     if isinstance(cause, OmegaConfBaseException) and cause.full_key:
         if type(cause).__name__ in ("ConfigKeyError", "ConfigAttributeError"):  # a key the config does not have
@@ -272,7 +284,7 @@ def _enum_choices(schema: type, key: str) -> list[str] | None:
 
 
 def valid_keys(schema: type) -> str:
-    """"a, b (required); c, d": every key of a dataclass (nested ones as `data.root`), the required ones first."""
+    """ "a, b (required); c, d": every key of a dataclass (nested ones as `data.root`), the required ones first."""
     fields = _field_types(schema)
     defaults = OmegaConf.structured(schema)
     required = [key for key in fields if OmegaConf.is_missing(defaults, key)]

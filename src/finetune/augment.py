@@ -57,8 +57,9 @@ class RandomSteps:
             box = self.crop.make_params([image])
             angle = self.rotation.make_params([image])["angle"] if self.rotation else 0.0
             flip = bool(torch.rand(1) < self.flip.p) if self.flip else False  # as RandomHorizontalFlip decides
-        return torch.tensor([box["top"], box["left"], box["height"], box["width"], round(angle * ANGLE_SCALE),
-                             int(flip)])
+        return torch.tensor(
+            [box["top"], box["left"], box["height"], box["width"], round(angle * ANGLE_SCALE), int(flip)]
+        )
 
 
 class CanvasDataset(Dataset):
@@ -92,7 +93,7 @@ def on_canvas(image: torch.Tensor, canvas: tuple[int, int]) -> torch.Tensor:
     out = image.new_empty(image.shape[0], *canvas)
     out[:, :height, :width] = image
     out[:, :height, width:] = image[:, :, -1:]
-    out[:, height:, :] = out[:, height - 1:height, :]
+    out[:, height:, :] = out[:, height - 1 : height, :]
     return out
 
 
@@ -108,8 +109,14 @@ class DeviceAugmentation:
             torchvision's RandomRotation leaves them).
     """
 
-    def __init__(self, crop_size: int, mean: Sequence[float], std: Sequence[float], interpolation: str = "bilinear",
-                 rotates: bool = True) -> None:
+    def __init__(
+        self,
+        crop_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str = "bilinear",
+        rotates: bool = True,
+    ) -> None:
         self.crop_size = crop_size
         self.mean, self.std = list(mean), list(std)
         self.mode = interpolation if interpolation in ("bilinear", "bicubic") else "bilinear"
@@ -150,8 +157,9 @@ class DeviceAugmentation:
             # Where the unrotated point falls outside the crop, torchvision's rotation fills black. Its mask fades
             # over half a pixel either side of the crop's edge, and it applies to a sample that already faded into
             # its zero padding: the edge fades by the mask squared, here too.
-            inside = nnF.affine_grid(torch.cat([rotation, torch.zeros_like(offset)], 2).float(), size,
-                                     align_corners=False)
+            inside = nnF.affine_grid(
+                torch.cat([rotation, torch.zeros_like(offset)], 2).float(), size, align_corners=False
+            )
             fade = ((1 - inside.abs()) * (self.crop_size / 2) + 0.5).clamp_(0, 1)
             images = images * (fade[..., 0] * fade[..., 1]).square().unsqueeze(1)
         return F.normalize(images.div_(255), self.mean, self.std)

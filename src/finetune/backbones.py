@@ -71,8 +71,14 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, values: dict) -> Preprocessing:
-        return cls(values["crop_size"], values["resize_size"], values["interpolation"],
-                   tuple(values["mean"]), tuple(values["std"]), values.get("crop_mode", "center"))
+        return cls(
+            values["crop_size"],
+            values["resize_size"],
+            values["interpolation"],
+            tuple(values["mean"]),
+            tuple(values["std"]),
+            values.get("crop_mode", "center"),
+        )
 
 
 @dataclass
@@ -139,8 +145,10 @@ def create_backbone(
         for module_name in [n for n, m in network.named_modules(remove_duplicate=False) if m is old_head]:
             replace_module(network, module_name, new_head)
     elif source == "torchvision" and type(network).__name__ != "SqueezeNet":
-        raise UsageError(f"model {name!r}: its classifier {head_name!r} is a {type(old_head).__name__}, "
-                         "not a Linear layer, so it cannot get a new head; pick another architecture")
+        raise UsageError(
+            f"model {name!r}: its classifier {head_name!r} is a {type(old_head).__name__}, "
+            "not a Linear layer, so it cannot get a new head; pick another architecture"
+        )
     if head_dropout is not None and head_hidden_dim is None:
         set_dropout_before_head(network, head_name, head_dropout)
 
@@ -151,7 +159,7 @@ def create_backbone(
 
 
 def source_of(name: str) -> str:
-    """"torchvision" if torchvision has a model `name`, else "timm" (for `python -m finetune.blocks <name>`)."""
+    """ "torchvision" if torchvision has a model `name`, else "timm" (for `python -m finetune.blocks <name>`)."""
     from torchvision import models
 
     return "torchvision" if name in models.list_models() else "timm"
@@ -164,14 +172,21 @@ def _create_torchvision(name: str, weights: str | None) -> tuple[nn.Module, Prep
     if name in available and name not in models.list_models(module=models):
         # Detection, segmentation, video, optical-flow and quantized (int8, inference-only) models.
         kind = models.get_model_builder(name).__module__.split(".")[2]
-        why = ("it runs int8 inference only and cannot be trained" if kind == "quantization"
-               else "it is not an image classifier")
-        raise UsageError(f"torchvision model {name!r} is from torchvision.models.{kind}: {why}; choose an image "
-                         "classifier, one of torchvision.models.list_models(module=torchvision.models)")
+        why = (
+            "it runs int8 inference only and cannot be trained"
+            if kind == "quantization"
+            else "it is not an image classifier"
+        )
+        raise UsageError(
+            f"torchvision model {name!r} is from torchvision.models.{kind}: {why}; choose an image "
+            "classifier, one of torchvision.models.list_models(module=torchvision.models)"
+        )
     if name not in available:
         close = close_matches(name, available)
-        raise UsageError(f"unknown torchvision model {name!r}{close}; `torchvision.models.list_models()` "
-                         "lists them all, and model=timm model.name=<name> takes any timm model")
+        raise UsageError(
+            f"unknown torchvision model {name!r}{close}; `torchvision.models.list_models()` "
+            "lists them all, and model=timm model.name=<name> takes any timm model"
+        )
     weights_enum = models.get_model_weights(name)
     # Preprocessing always comes from the weights' metadata (no download needed to read it), so a model
     # trained from scratch or from a local file still sees images the way the architecture was tuned for.
@@ -180,8 +195,10 @@ def _create_torchvision(name: str, weights: str | None) -> tuple[nn.Module, Prep
     elif weights in weights_enum.__members__:
         reference = weights_enum[weights]
     else:
-        raise UsageError(f"unknown weights {weights!r} for {name}: choose DEFAULT, "
-                         f"{', '.join(weights_enum.__members__)}, a file path, or null for random init")
+        raise UsageError(
+            f"unknown weights {weights!r} for {name}: choose DEFAULT, "
+            f"{', '.join(weights_enum.__members__)}, a file path, or null for random init"
+        )
     preprocessing = _torchvision_preprocessing(reference)
 
     if weights is None:
@@ -230,8 +247,10 @@ def _create_timm(name: str, weights: str | None) -> tuple[nn.Module, Preprocessi
         full_name = name if weights == "DEFAULT" else f"{base_name}.{weights}"
         tags = timm.list_pretrained(f"{base_name}.*") or timm.list_pretrained(base_name)
         if weights != "DEFAULT" and full_name not in tags:
-            raise UsageError(f"timm has no pretrained weights {full_name!r}: choose DEFAULT, "
-                             f"{', '.join(t.partition('.')[2] for t in tags) or 'none'}, a file, or null")
+            raise UsageError(
+                f"timm has no pretrained weights {full_name!r}: choose DEFAULT, "
+                f"{', '.join(t.partition('.')[2] for t in tags) or 'none'}, a file, or null"
+            )
         try:
             network = timm.create_model(full_name, pretrained=True)
         except OSError as error:  # huggingface_hub's offline and not-found errors are OSErrors
@@ -302,6 +321,8 @@ def _is_file_path(weights: str) -> bool:
 def _existing_file(path_text: str) -> Path:
     path = Path(path_text).expanduser()
     if not path.is_file():
-        raise UsageError(f"weights file {path} does not exist; pass model.weights=<existing file>, "
-                         "DEFAULT, a weights tag, or null for random init")
+        raise UsageError(
+            f"weights file {path} does not exist; pass model.weights=<existing file>, "
+            "DEFAULT, a weights tag, or null for random init"
+        )
     return path

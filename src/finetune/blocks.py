@@ -27,8 +27,10 @@ _TORCHVISION_FAMILY_MATCHERS: dict[str, dict] = {
     # timm's densenet), and the final norm joins the last block.
     "DenseNet": {
         "stem": r"^features\.(?:conv0|norm0)\.",
-        "blocks": [(r"^features\.denseblock(\d+)\.denselayer(\d+)\.", None),
-                   (r"^features\.transition(\d+)\.", _JOIN_PREVIOUS)],
+        "blocks": [
+            (r"^features\.denseblock(\d+)\.denselayer(\d+)\.", None),
+            (r"^features\.transition(\d+)\.", _JOIN_PREVIOUS),
+        ],
     },
     # RegNet: the stem, then each residual block of trunk_output.block1..block4 (as ResNet's layerN.M).
     "RegNet": {"stem": r"^stem\.", "blocks": r"^trunk_output\.block(\d+)\.block\d+-(\d+)\."},
@@ -53,10 +55,13 @@ _TORCHVISION_NAMED_STAGES: dict[str, tuple[str, str]] = {
 # Any other torchvision network, by structure: the modules it has.
 _TORCHVISION_MATCHERS: tuple[tuple[str, dict], ...] = (
     # ViT: the patch embedding with class token and position embedding, then each encoder layer.
-    ("encoder.layers", {
-        "stem": r"^(?:class_token|conv_proj\.|encoder\.pos_embedding)",
-        "blocks": [(r"^encoder\.layers\.encoder_layer_(\d+)\.", None), (r"^encoder\.ln\.", _JOIN_PREVIOUS)],
-    }),
+    (
+        "encoder.layers",
+        {
+            "stem": r"^(?:class_token|conv_proj\.|encoder\.pos_embedding)",
+            "blocks": [(r"^encoder\.layers\.encoder_layer_(\d+)\.", None), (r"^encoder\.ln\.", _JOIN_PREVIOUS)],
+        },
+    ),
     # ResNet, ResNeXt, Wide ResNet: the stem convolution, then each residual block of layer1..layer4.
     ("layer4", {"stem": r"^(?:conv1|bn1)\.", "blocks": r"^layer(\d+)\.(\d+)\."}),
     # AlexNet, VGG, SqueezeNet, MobileNet, EfficientNet, ConvNeXt, Swin: each child of `features`.
@@ -91,8 +96,11 @@ def torchvision_block_matcher(network: nn.Module) -> dict | None:
         return _TORCHVISION_FAMILY_MATCHERS[family]
     if family in _TORCHVISION_NAMED_STAGES:
         stem, stage = _TORCHVISION_NAMED_STAGES[family]
-        stages = [name for name, child in network.named_children()
-                  if re.match(stage, name) and any(True for _ in child.parameters())]
+        stages = [
+            name
+            for name, child in network.named_children()
+            if re.match(stage, name) and any(True for _ in child.parameters())
+        ]
         return {"stem": stem, "blocks": [(rf"^{re.escape(name)}\.", (index,)) for index, name in enumerate(stages)]}
     for module_name, matcher in _TORCHVISION_MATCHERS:
         try:
@@ -117,8 +125,10 @@ def timm_block_matcher(network: nn.Module):
     names = [name for name, _ in network.named_parameters()]
     first = next((i for i, name in enumerate(names) if name.startswith(stages[0] + ".")), 0)
     stem = "|".join(re.escape(name) for name in names[:first])
-    return {"stem": rf"^(?:{stem})$" if stem else r"^$",
-            "blocks": [(rf"^{re.escape(stage)}\.", (index,)) for index, stage in enumerate(stages)]}
+    return {
+        "stem": rf"^(?:{stem})$" if stem else r"^$",
+        "blocks": [(rf"^{re.escape(stage)}\.", (index,)) for index, stage in enumerate(stages)],
+    }
 
 
 def split_into_blocks(network: nn.Module, matcher: dict, head_name: str) -> list[Block]:
@@ -145,8 +155,11 @@ def split_into_blocks(network: nn.Module, matcher: dict, head_name: str) -> list
     owners = _parameter_owners(network)
     blocks = []
     kept = [names for _, names in sorted(groups.items())]
-    kept = [parameters for parameters in ([name for name in names if not name.startswith(head_prefix)]
-                                          for names in kept) if parameters]
+    kept = [
+        parameters
+        for parameters in ([name for name in names if not name.startswith(head_prefix)] for names in kept)
+        if parameters
+    ]
     for index, names in enumerate(kept):
         parameters = tuple(names)
         blocks.append(Block(index, _covering_names(parameters, owners), parameters))
@@ -170,7 +183,7 @@ def trainable_parameter_names(blocks: list[Block], unfreeze: int | str) -> set[s
     """Names of the block parameters that `unfreeze` trains (the head's come on top)."""
     if unfreeze == "all":
         return {name for block in blocks for name in block.parameters}
-    chosen = blocks[len(blocks) - unfreeze:] if unfreeze else []
+    chosen = blocks[len(blocks) - unfreeze :] if unfreeze else []
     return {name for block in chosen for name in block.parameters}
 
 
@@ -209,20 +222,23 @@ def describe_blocks(names: list[str], num_classes: int = 2) -> str:
     """
     from finetune.backbones import create_backbone, source_of
 
-    rows = ["| model | blocks | unfreeze=1 trains | unfreeze=2 adds | trainable at 0 / 1 / 2 / all |",
-            "|---|---|---|---|---|"]
+    rows = [
+        "| model | blocks | unfreeze=1 trains | unfreeze=2 adds | trainable at 0 / 1 / 2 / all |",
+        "|---|---|---|---|---|",
+    ]
     for entry in names:
         source, _, name = entry.rpartition(":")
         backbone = create_backbone(name, num_classes, source=source or source_of(name), weights=None)
         sizes = dict((n, p.numel()) for n, p in backbone.network.named_parameters())
         head = sum(size for n, size in sizes.items() if n.startswith(backbone.head_name + "."))
         depths = [depth for depth in (0, 1, 2) if depth < len(backbone.blocks)] + ["all"]
-        counts = [head + sum(sizes[n] for n in trainable_parameter_names(backbone.blocks, depth))
-                  for depth in depths]
+        counts = [head + sum(sizes[n] for n in trainable_parameter_names(backbone.blocks, depth)) for depth in depths]
         blocks = backbone.blocks
         second = f"`{blocks[-2].label}`" if len(blocks) > 1 else "-"
-        rows.append(f"| {entry} | {len(blocks)} | `{blocks[-1].label}` | {second} | "
-                    f"{' / '.join(f'{count:,}' for count in counts)} |")
+        rows.append(
+            f"| {entry} | {len(blocks)} | `{blocks[-1].label}` | {second} | "
+            f"{' / '.join(f'{count:,}' for count in counts)} |"
+        )
     return "\n".join(rows)
 
 

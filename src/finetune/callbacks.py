@@ -21,8 +21,9 @@ COMPILE_BACKEND = "inductor"  # torch.compile's own default; the tests swap in a
 def check_compile_setting(setting) -> None:
     """Raises UsageError unless `setting` is False, True or a torch.compile mode."""
     if setting not in (True, False, *COMPILE_MODES):
-        raise UsageError(f"model.compile={setting!r}: use false, true or a torch.compile mode "
-                         f"({', '.join(COMPILE_MODES)})")
+        raise UsageError(
+            f"model.compile={setting!r}: use false, true or a torch.compile mode ({', '.join(COMPILE_MODES)})"
+        )
 
 
 def prefers_channels_last(network: nn.Module, device: torch.device, compiled: bool = False) -> bool:
@@ -42,8 +43,9 @@ def use_memory_format(model, device: torch.device) -> None:
     the frozen part."""
     setting = model.hparams.channels_last
     compiles = bool(model.hparams.get("compile")) and not model.trains_on_features
-    model.uses_channels_last = prefers_channels_last(model.network, device, compiles) if setting == "auto" \
-        else bool(setting)
+    model.uses_channels_last = (
+        prefers_channels_last(model.network, device, compiles) if setting == "auto" else bool(setting)
+    )
     if model.uses_channels_last:
         model.network.to(memory_format=torch.channels_last)
 
@@ -60,12 +62,18 @@ class MemoryFormatAndCompile(L.Callback):
         if pl_module.trains_on_features:
             # Training from the cut swaps the skipped modules' forward for the duration of each step, which a
             # compiled graph would not see; and the frozen part, most of the work, no longer runs at all.
-            log.info("model.compile: not compiling, the network trains on cached features "
-                     "(strategy.cache_features=false compiles it)")
+            log.info(
+                "model.compile: not compiling, the network trains on cached features "
+                "(strategy.cache_features=false compiles it)"
+            )
             return
         options = {} if setting is True else {"mode": setting}
-        log.info("compiling the network with torch.compile (%s, mode %s): the first training and evaluation "
-                 "steps wait for it", COMPILE_BACKEND, options.get("mode", "default"))
+        log.info(
+            "compiling the network with torch.compile (%s, mode %s): the first training and evaluation "
+            "steps wait for it",
+            COMPILE_BACKEND,
+            options.get("mode", "default"),
+        )
         pl_module.network.compile(backend=COMPILE_BACKEND, **options)
         pl_module.compiled = True
 

@@ -42,8 +42,9 @@ def check_arguments(cfg: DictConfig, key: str) -> None:
             # A value taken from elsewhere (model.lr: ${strategy.lr}) is named where the user sets it.
             source = re.fullmatch(r"\$\{([\w.]+)\}", str(written[name]))
             shown_key = source.group(1) if source else f"{key}.{name}"
-            raise UsageError(f"{shown_key}={_shown(value)} is not {describe(hints[name])}; "
-                             f"e.g. {shown_key}={_example(hints[name])}")
+            raise UsageError(
+                f"{shown_key}={_shown(value)} is not {describe(hints[name])}; e.g. {shown_key}={_example(hints[name])}"
+            )
 
 
 def _parameter_types(target) -> dict[str, Any]:
@@ -93,8 +94,9 @@ def describe(hint) -> str:
         return "one of " + ", ".join(str(arg) for arg in args)
     if origin in (list, tuple, collections.abc.Sequence):
         return f"a list of {_plural(describe(args[0]))}" if args else "a list"
-    return {bool: "true or false", int: "a whole number", float: "a number", str: "text",
-            type(None): "null"}.get(hint, "")
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "text", type(None): "null"}.get(
+        hint, ""
+    )
 
 
 def _plural(words: str) -> str:
@@ -116,8 +118,9 @@ def _shown(value) -> str:
     return "(empty)" if value == "" else repr(value) if isinstance(value, str) else str(value)
 
 
-def check_data_settings(*, root, demo, split, balance, batch_size, cache_images, augment_on, augment, random_erasing,
-                        mixup, cutmix) -> str:
+def check_data_settings(
+    *, root, demo, split, balance, batch_size, cache_images, augment_on, augment, random_erasing, mixup, cutmix
+) -> str:
     """Checks the DataModule's settings together, before any work (`ImageFolderDataModule` documents each).
 
     Returns:
@@ -127,11 +130,14 @@ def check_data_settings(*, root, demo, split, balance, batch_size, cache_images,
         UsageError: one line naming the setting and what to do.
     """
     if len(split) != 3 or any(f < 0 for f in split) or not 0.999 < sum(split) < 1.001 or split[0] <= 0:
-        raise UsageError(f"data.split={list(split)} must be three fractions (train, val, test) summing to 1, "
-                         "with train and val above 0, e.g. [0.7,0.2,0.1]")
+        raise UsageError(
+            f"data.split={list(split)} must be three fractions (train, val, test) summing to 1, "
+            "with train and val above 0, e.g. [0.7,0.2,0.1]"
+        )
     if root is None and demo not in DEMO_NAMES:
-        raise UsageError(f"unknown data.demo {demo!r}: choose one of {', '.join(DEMO_NAMES)}, "
-                         "or pass data.root=<your image folder>")
+        raise UsageError(
+            f"unknown data.demo {demo!r}: choose one of {', '.join(DEMO_NAMES)}, or pass data.root=<your image folder>"
+        )
     if split[1] <= 0:
         raise UsageError("data.split needs a validation fraction above 0: the best checkpoint is chosen on it")
     if balance not in BALANCES:
@@ -146,14 +152,20 @@ def check_data_settings(*, root, demo, split, balance, batch_size, cache_images,
     if not 0 <= random_erasing <= 1:
         raise UsageError(f"data.random_erasing={random_erasing} must be a probability, 0 (off) to 1")
     if random_erasing and preset == "none":
-        raise UsageError("data.random_erasing erases part of augmented training images: set data.augment to "
-                         "basic, randaugment or trivialaugment, or data.random_erasing=0")
+        raise UsageError(
+            "data.random_erasing erases part of augmented training images: set data.augment to "
+            "basic, randaugment or trivialaugment, or data.random_erasing=0"
+        )
     batch_mixing(2, mixup, cutmix)  # checks the alphas now, before any work
     if augment_on == "device" and (preset in ("randaugment", "trivialaugment") or random_erasing):
         what = f"data.augment={preset}" if preset != "basic" else "data.random_erasing"
-        raise UsageError(f"{what} runs image by image in the loader, not on whole batches: use "
-                         "data.augment_on=loader (data.mixup and data.cutmix work in both places)")
+        raise UsageError(
+            f"{what} runs image by image in the loader, not on whole batches: use "
+            "data.augment_on=loader (data.mixup and data.cutmix work in both places)"
+        )
     if augment_on == "device" and cache_images is False:
-        raise UsageError("data.augment_on=device augments decoded images held in memory: set "
-                         "data.cache_images=auto or true, or data.augment_on=loader")
+        raise UsageError(
+            "data.augment_on=device augments decoded images held in memory: set "
+            "data.cache_images=auto or true, or data.augment_on=loader"
+        )
     return preset

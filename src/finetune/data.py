@@ -107,9 +107,19 @@ class ImageFolderDataModule(L.LightningDataModule):
         cutmix: float = 0.0,
     ) -> None:
         super().__init__()
-        preset = check_data_settings(root=root, demo=demo, split=split, balance=balance, batch_size=batch_size,
-                                     cache_images=cache_images, augment_on=augment_on, augment=augment,
-                                     random_erasing=random_erasing, mixup=mixup, cutmix=cutmix)
+        preset = check_data_settings(
+            root=root,
+            demo=demo,
+            split=split,
+            balance=balance,
+            batch_size=batch_size,
+            cache_images=cache_images,
+            augment_on=augment_on,
+            augment=augment,
+            random_erasing=random_erasing,
+            mixup=mixup,
+            cutmix=cutmix,
+        )
         self.root = Path(root).expanduser() if root is not None else None
         self.demo = demo
         self.split = tuple(split)
@@ -150,13 +160,17 @@ class ImageFolderDataModule(L.LightningDataModule):
             return
         if self.root is None:
             self.root = demo_root(self.demo)
-            log.info("data.root not set: using the %s demo data set at %s (licence CC BY-NC-SA 4.0)",
-                     self.demo, self.root)
+            log.info(
+                "data.root not set: using the %s demo data set at %s (licence CC BY-NC-SA 4.0)", self.demo, self.root
+            )
         if not self.root.is_dir():
-            raise UsageError(f"data.root {self.root} is not a folder; pass data.root=<folder with one "
-                             "sub-folder of images per class>")
+            raise UsageError(
+                f"data.root {self.root} is not a folder; pass data.root=<folder with one "
+                "sub-folder of images per class>"
+            )
         self.class_names, self.splits, self.skipped, source = list_and_split(
-            self.root, self.split, self.split_seed, self.folds, self.fold, self._scan)
+            self.root, self.split, self.split_seed, self.folds, self.fold, self._scan
+        )
         counts = ", ".join(f"{name} {len(self.splits[name])}" for name in SPLITS)
         log.info("data: %s, %d classes, %s; %s", self.root, len(self.class_names), counts, source)
         self._report_classes()
@@ -166,8 +180,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         bad = unreadable_images(images, scan_cache_file(default_cache_dir(), self.root))
         if bad and self.strict:
             path, reason = next(iter(bad.items()))
-            raise UsageError(f"{len(bad)} unreadable image(s) under {self.root}, e.g. {path}: {reason}; fix or "
-                             "remove them, or leave out data.strict=true to skip them")
+            raise UsageError(
+                f"{len(bad)} unreadable image(s) under {self.root}, e.g. {path}: {reason}; fix or "
+                "remove them, or leave out data.strict=true to skip them"
+            )
         for path, reason in bad.items():
             log.warning("skipping %s: %s", path, reason)
         return bad
@@ -201,12 +217,16 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _report_classes(self) -> None:
         totals = [sum(c) for c in zip(*(self.class_counts(split) for split in SPLITS), strict=True)]
-        log.info("classes: %s", ", ".join(f"{name} {count}" for name, count in zip(self.class_names, totals,
-                                                                                      strict=True)))
+        log.info(
+            "classes: %s", ", ".join(f"{name} {count}" for name, count in zip(self.class_names, totals, strict=True))
+        )
         if self.imbalance >= STRONG_IMBALANCE and self.balance is None:
-            log.warning("strong class imbalance: the largest training class has %.1fx the images of the smallest; "
-                        "accuracy will favour it. Consider data.balance=sampler or data.balance=loss_weights, and "
-                        "read the per-class accuracy and F1", self.imbalance)
+            log.warning(
+                "strong class imbalance: the largest training class has %.1fx the images of the smallest; "
+                "accuracy will favour it. Consider data.balance=sampler or data.balance=loss_weights, and "
+                "read the per-class accuracy and F1",
+                self.imbalance,
+            )
 
     @property
     def has_test(self) -> bool:
@@ -221,9 +241,13 @@ class ImageFolderDataModule(L.LightningDataModule):
         for split in STAGE_SPLITS.get(stage, SPLITS):
             self._cache(split, preprocessing)
         if self.augment_on == "device":
-            self.device_augmentation = DeviceAugmentation(preprocessing.crop_size, preprocessing.mean,
-                                                          preprocessing.std, preprocessing.interpolation,
-                                                          rotates=bool(self.rotation_degrees))
+            self.device_augmentation = DeviceAugmentation(
+                preprocessing.crop_size,
+                preprocessing.mean,
+                preprocessing.std,
+                preprocessing.interpolation,
+                rotates=bool(self.rotation_degrees),
+            )
         self.datasets = {split: self._dataset(split, preprocessing, self.augment_on) for split in SPLITS}
 
     def _model_preprocessing(self) -> Preprocessing:
@@ -233,11 +257,15 @@ class ImageFolderDataModule(L.LightningDataModule):
         if model is not None and getattr(model, "preprocessing", None) is not None:
             self.preprocessing = model.preprocessing
         if self.preprocessing is None:
-            raise RuntimeError("no preprocessing: run this DataModule with a model (trainer.fit(model, datamodule)) "
-                               "or pass preprocessing=")
+            raise RuntimeError(
+                "no preprocessing: run this DataModule with a model (trainer.fit(model, datamodule)) "
+                "or pass preprocessing="
+            )
         if self.image_size is not None and self.preprocessing.crop_size != self.image_size:
-            raise UsageError(f"data.image_size={self.image_size}, but the model is fed {self.preprocessing.crop_size} "
-                             "px: set data.image_size alone (the model's image_size follows it)")
+            raise UsageError(
+                f"data.image_size={self.image_size}, but the model is fed {self.preprocessing.crop_size} "
+                "px: set data.image_size alone (the model's image_size follows it)"
+            )
         return self.preprocessing
 
     def _dataset(self, split: str, preprocessing: Preprocessing, augment_on: str) -> Dataset:
@@ -246,8 +274,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         images, samples = self.decoded.get(split), self.splits[split]
         seed = self.split_seed if split == "train" else 0
         if split == "train" and self.augment != "none":
-            training = train_transform(preprocessing, self.crop_scale, self.rotation_degrees, self.horizontal_flip,
-                                       self.augment, self.random_erasing)
+            training = train_transform(
+                preprocessing,
+                self.crop_scale,
+                self.rotation_degrees,
+                self.horizontal_flip,
+                self.augment,
+                self.random_erasing,
+            )
             # Without decoded images (a stage that does not train, such as test, set up before fit) the loader
             # prepares them: its float batches pass through on_after_batch_transfer.
             if augment_on == "device" and images is not None:
@@ -270,20 +304,31 @@ class ImageFolderDataModule(L.LightningDataModule):
         if reason is None:
             if self._cache_limit is None:
                 self._cache_limit = image_cache.memory_limit(self.cache_images_max_gb)
-            room = None if self._cache_limit is None else \
-                self._cache_limit - sum(images.nbytes for images in self.decoded.values())
-            images, note = image_cache.cache_split(split, [path for path, _ in self.splits[split]], resize,
-                                                   preprocessing.resize_size, room)
+            room = (
+                None
+                if self._cache_limit is None
+                else self._cache_limit - sum(images.nbytes for images in self.decoded.values())
+            )
+            images, note = image_cache.cache_split(
+                split, [path for path, _ in self.splits[split]], resize, preprocessing.resize_size, room
+            )
             if images is not None:
                 self.decoded[split] = images
                 log.info("image cache: %s", note)
                 return
-            needed = "data.augment_on=device" if split == "train" and self.augment_on == "device" else \
-                "data.cache_images=true" if self.cache_images is True else None
+            needed = (
+                "data.augment_on=device"
+                if split == "train" and self.augment_on == "device"
+                else "data.cache_images=true"
+                if self.cache_images is True
+                else None
+            )
             if needed:
-                raise UsageError(f"{needed} needs the decoded images in memory, but {note}: raise "
-                                 "data.cache_images_max_gb, or use data.image_size=<smaller> or "
-                                 "data.augment_on=loader data.cache_images=auto")
+                raise UsageError(
+                    f"{needed} needs the decoded images in memory, but {note}: raise "
+                    "data.cache_images_max_gb, or use data.image_size=<smaller> or "
+                    "data.augment_on=loader data.cache_images=auto"
+                )
             reason = note
         self.not_cached[split] = reason
         log.info("image cache off for %s", reason if reason.startswith(f"{split}:") else f"{split}: {reason}")
@@ -293,8 +338,10 @@ class ImageFolderDataModule(L.LightningDataModule):
             return "data.cache_images=false"
         if split != "train" or self.cache_images is True or self.augment == "none" or self.augment_on == "device":
             return None
-        return ("training-time augmentation runs on the original files; data.cache_images=true runs it on "
-                "decoded copies in memory instead (faster; random crops then come from the stored copy)")
+        return (
+            "training-time augmentation runs on the original files; data.cache_images=true runs it on "
+            "decoded copies in memory instead (faster; random crops then come from the stored copy)"
+        )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """With augment_on="device": augments (training) or only normalises (evaluation) the uint8 batch where it
@@ -321,19 +368,23 @@ class ImageFolderDataModule(L.LightningDataModule):
     def save_skipped(self, path: str | os.PathLike) -> None:
         """Writes the skipped (unreadable) images, one `path<TAB>reason` line each, if there were any."""
         if self.skipped:
-            Path(path).write_text("".join(f"{image}\t{reason}\n" for image, reason in self.skipped.items()),
-                                  encoding="utf-8")
+            Path(path).write_text(
+                "".join(f"{image}\t{reason}\n" for image, reason in self.skipped.items()), encoding="utf-8"
+            )
             log.warning("skipped %d unreadable image(s); the list is in %s", len(self.skipped), path)
 
     def use_features(self, cache: dict[str, tuple[torch.Tensor, ...]]) -> None:
         """Serves cached backbone features (see `finetune.features`) instead of images from now on."""
         if self.mixup or self.cutmix:
-            raise UsageError("data.mixup and data.cutmix mix images, not cached features: set "
-                             "strategy.cache_features=auto or false")
+            raise UsageError(
+                "data.mixup and data.cutmix mix images, not cached features: set strategy.cache_features=auto or false"
+            )
         self.decoded.clear()  # the images are not needed any more
         train = ViewDataset(*cache["train"])
-        self.datasets = {"train": train, **{split: FeatureDataset(*cache[split]) for split in ("val", "test")
-                                            if split in cache}}
+        self.datasets = {
+            "train": train,
+            **{split: FeatureDataset(*cache[split]) for split in ("val", "test") if split in cache},
+        }
         self.serves_features = True
 
     def ordered_dataloader(self, split: str, view: int = 0) -> DataLoader:
@@ -345,8 +396,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         keys = [(index, view) for index in range(len(dataset))] if split == "train" else None
         # Its own generator: otherwise each pass draws its workers' base seed from the global one, and a run that
         # builds a feature cache would draw different dropout masks from one that does not.
-        return DataLoader(dataset, batch_size=self.batch_size, sampler=keys, generator=torch.Generator(),
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=keys,
+            generator=torch.Generator(),
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
@@ -358,10 +415,17 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return split_loader(self.datasets[split], shuffle=shuffle, batch_size=self.batch_size, seed=self.split_seed,
-                            num_workers=self.num_workers, in_memory=self.serves_features, trainer=self.trainer,
-                            weights=self._sample_weights() if shuffle else None,
-                            trained_batches=self._trained_batches)
+        return split_loader(
+            self.datasets[split],
+            shuffle=shuffle,
+            batch_size=self.batch_size,
+            seed=self.split_seed,
+            num_workers=self.num_workers,
+            in_memory=self.serves_features,
+            trainer=self.trainer,
+            weights=self._sample_weights() if shuffle else None,
+            trained_batches=self._trained_batches,
+        )
 
     def _trained_batches(self) -> int:
         # Batches of the current epoch whose optimizer step has run (`processed` counts up after the step).

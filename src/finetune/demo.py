@@ -184,9 +184,11 @@ def _elpv_data_dir() -> Path:
         from finetune.errors import UsageError
 
         # A dependency of finetune, so missing means a broken install: one line saying how to mend it.
-        raise UsageError(f"the ELPV demo data set needs the elpv-dataset package, which is not installed "
-                         f"({exc}): {_INSTALL_HINT}, or train on your own images with data=folder "
-                         "data.root=<folder>") from exc
+        raise UsageError(
+            f"the ELPV demo data set needs the elpv-dataset package, which is not installed "
+            f"({exc}): {_INSTALL_HINT}, or train on your own images with data=folder "
+            "data.root=<folder>"
+        ) from exc
     return Path(package.__file__).resolve().parent / "data"
 
 

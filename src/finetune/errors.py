@@ -17,7 +17,7 @@ def find_usage_error(error: BaseException) -> UsageError | None:
 
 
 def close_matches(name: str, choices: list[str], n: int = 5, prefix: str = "") -> str:
-    """" (did you mean a, b?)" for the (at most `n`) choices that look like `name`, each shown after `prefix`,
+    """ " (did you mean a, b?)" for the (at most `n`) choices that look like `name`, each shown after `prefix`,
     or ""."""
     import difflib
 

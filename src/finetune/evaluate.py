@@ -96,10 +96,16 @@ def main(options: EvaluateOptions) -> None:
     else:
         samples = split_images(root, split, checkpoint, class_names)
     loaded = load_model(options)
-    print(f"{len(samples)} image(s) of {root}{f' ({split} split)' if split else ''}; {loaded.describe()}",
-          file=sys.stderr)
-    results = {"checkpoint": str(checkpoint.resolve()), "data_root": str(root.resolve()), "split": split,
-               "image_size": loaded.preprocessing.crop_size, **score(loaded, samples, options)}
+    print(
+        f"{len(samples)} image(s) of {root}{f' ({split} split)' if split else ''}; {loaded.describe()}", file=sys.stderr
+    )
+    results = {
+        "checkpoint": str(checkpoint.resolve()),
+        "data_root": str(root.resolve()),
+        "split": split,
+        "image_size": loaded.preprocessing.crop_size,
+        **score(loaded, samples, options),
+    }
     write_results(output, results, title=f"{root.name}{f' ({split})' if split else ''}")
     print(format_table(results))
     print(f"written to {output}: {', '.join(FILES)}")
@@ -128,14 +134,24 @@ def score(loaded: LoadedModel, samples: Sequence[tuple[str, int]], options: Infe
         raise UsageError(f"none of the {len(samples)} image(s) could be read; the first: {path}: {reason}")
     kept = [(path, label) for path, label in samples if path not in unreadable]
     class_names = loaded.class_names
-    data = LabelledImages(kept, loaded.preprocessing, options.batch_size,
-                          default_num_workers() if options.num_workers is None else options.num_workers)
+    data = LabelledImages(
+        kept,
+        loaded.preprocessing,
+        options.batch_size,
+        default_num_workers() if options.num_workers is None else options.num_workers,
+    )
     confusion = TestConfusion(len(class_names))
     with quiet_lightning():
         (results,) = trainer(loaded.device, callbacks=[confusion]).test(loaded.model, datamodule=data, verbose=False)
     matrix = confusion.matrix.compute()
-    return {"unreadable": unreadable, **results, "images": len(kept), "classes": list(class_names),
-            "per_class": per_class(matrix, class_names), "confusion_matrix": matrix.tolist()}
+    return {
+        "unreadable": unreadable,
+        **results,
+        "images": len(kept),
+        "classes": list(class_names),
+        "per_class": per_class(matrix, class_names),
+        "confusion_matrix": matrix.tolist(),
+    }
 
 
 class LabelledImages(L.LightningDataModule):
@@ -159,8 +175,12 @@ class LabelledImages(L.LightningDataModule):
         from finetune.loaders import ImageDataset
         from finetune.transforms import eval_transform
 
-        return DataLoader(ImageDataset(self.samples, eval_transform(self.preprocessing)), batch_size=self.batch_size,
-                          num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+        return DataLoader(
+            ImageDataset(self.samples, eval_transform(self.preprocessing)),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+        )
 
 
 class TestConfusion(L.Callback):
@@ -189,12 +209,16 @@ def data_root(root: str | None, split: str | None, checkpoint: Path) -> Path:
     """
     if root is None:
         if split is None:
-            raise UsageError("missing data.root=<folder with one sub-folder of images per class> "
-                             "(or split=test to score the run's own test images)")
+            raise UsageError(
+                "missing data.root=<folder with one sub-folder of images per class> "
+                "(or split=test to score the run's own test images)"
+            )
         config = run_config(checkpoint)
         if config is None:
-            raise UsageError(f"split={split}: no training configuration at {run_dir(checkpoint) / '.hydra'} to "
-                             "find the run's data folder in; pass data.root=<the folder the run trained on>")
+            raise UsageError(
+                f"split={split}: no training configuration at {run_dir(checkpoint) / '.hydra'} to "
+                "find the run's data folder in; pass data.root=<the folder the run trained on>"
+            )
         if config.data.get("root") is None:
             from finetune.demo import demo_root
 
@@ -202,8 +226,9 @@ def data_root(root: str | None, split: str | None, checkpoint: Path) -> Path:
         root = str(config.data.root)
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise UsageError(f"data.root {path} is not a folder; pass data.root=<folder with one sub-folder of images "
-                         "per class>")
+        raise UsageError(
+            f"data.root {path} is not a folder; pass data.root=<folder with one sub-folder of images per class>"
+        )
     return path
 
 
@@ -218,8 +243,10 @@ def output_folder(output: str | None, checkpoint: Path, root: Path, split: str |
     else:
         folder = run_dir(checkpoint) / "evaluation" / (root.resolve().name + (f"-{split}" if split else ""))
     if folder.resolve().is_relative_to(root.resolve()):
-        raise UsageError(f"the results would go to {folder}, inside data.root {root}, which is only ever read; "
-                         "pass output=<a folder elsewhere>")
+        raise UsageError(
+            f"the results would go to {folder}, inside data.root {root}, which is only ever read; "
+            "pass output=<a folder elsewhere>"
+        )
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"output={folder} is a file: pass a folder")
     return folder
@@ -249,8 +276,10 @@ def split_images(root: Path, split: str, checkpoint: Path, class_names: Sequence
     """
     path = run_dir(checkpoint) / "split.csv"
     if not path.is_file():
-        raise UsageError(f"split={split} reads the run's split.csv, and {path} does not exist; "
-                         "pass data.root=<labelled folder> without split=")
+        raise UsageError(
+            f"split={split} reads the run's split.csv, and {path} does not exist; "
+            "pass data.root=<labelled folder> without split="
+        )
     with open(path, newline="") as file:
         rows = list(csv.DictReader(file))
     chosen = [row for row in rows if row["split"] == split]
@@ -268,8 +297,10 @@ def _check_known(found: Sequence[str], class_names: Sequence[str], where: str) -
     hint = ""
     if set(found) & SPLIT_FOLDERS:
         hint = "; a folder of train/val/test sub-folders: pass data.root=<it>/test, or split=test"
-    raise UsageError(f"{where} has classes the checkpoint does not know: {', '.join(unknown)}; it knows "
-                     f"{', '.join(class_names)} (a subset of them is fine){hint}")
+    raise UsageError(
+        f"{where} has classes the checkpoint does not know: {', '.join(unknown)}; it knows "
+        f"{', '.join(class_names)} (a subset of them is fine){hint}"
+    )
 
 
 def write_results(output: Path, metrics: dict, title: str) -> None:
@@ -281,13 +312,17 @@ def write_results(output: Path, metrics: dict, title: str) -> None:
         writer.writerow(["class", "precision", "recall", "f1", "support"])
         for name, row in metrics["per_class"].items():
             writer.writerow([name, *(f"{row[key]:.6f}" for key in ("precision", "recall", "f1")), row["support"]])
-    plot_confusion_matrix(metrics["confusion_matrix"], metrics["classes"],
-                          f"{title}: test/acc {metrics['test/acc']:.3f}, {metrics['images']} images",
-                          output / "confusion_matrix.png")
+    plot_confusion_matrix(
+        metrics["confusion_matrix"],
+        metrics["classes"],
+        f"{title}: test/acc {metrics['test/acc']:.3f}, {metrics['images']} images",
+        output / "confusion_matrix.png",
+    )
 
 
-def plot_confusion_matrix(confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str,
-                          path: Path) -> None:
+def plot_confusion_matrix(
+    confusion: Sequence[Sequence[int]], class_names: Sequence[str], title: str, path: Path
+) -> None:
     """Writes the confusion matrix (rows: true class, columns: predicted) as a PNG."""
     confusion_matrix_figure(confusion, class_names, title).savefig(path, dpi=120)
 
@@ -297,8 +332,9 @@ def format_table(metrics: dict) -> str:
     width = max(len("class"), *(len(name) for name in metrics["classes"]))
     lines = [f"{'class':<{width}}  {'precision':>9}  {'recall':>9}  {'f1':>9}  {'support':>8}"]
     for name, row in metrics["per_class"].items():
-        lines.append(f"{name:<{width}}  {row['precision']:>9.4f}  {row['recall']:>9.4f}  {row['f1']:>9.4f}  "
-                     f"{row['support']:>8,}")
+        lines.append(
+            f"{name:<{width}}  {row['precision']:>9.4f}  {row['recall']:>9.4f}  {row['f1']:>9.4f}  {row['support']:>8,}"
+        )
     unreadable = len(metrics["unreadable"])
     skipped = f"; {unreadable} unreadable image(s) skipped (listed in metrics.json)" if unreadable else ""
     scores = ", ".join(f"{key} {metrics[key]:.4f}" for key in SUMMARY if key in metrics)

@@ -102,9 +102,11 @@ class ExportResult:
 
     def parity_line(self) -> str:
         runtime = "ONNX Runtime" if self.format == "onnx" else "TorchScript"
-        return (f"max abs difference {self.max_abs_difference:.1e} <= {_tolerance(self.atol)}: OK "
-                f"({runtime} vs PyTorch on {CHECK_BATCH} random images in [0, 1]; "
-                f"logits up to {self.max_abs_logit:.1e})")
+        return (
+            f"max abs difference {self.max_abs_difference:.1e} <= {_tolerance(self.atol)}: OK "
+            f"({runtime} vs PyTorch on {CHECK_BATCH} random images in [0, 1]; "
+            f"logits up to {self.max_abs_logit:.1e})"
+        )
 
 
 def classes_file_for(output: str | Path) -> Path:
@@ -114,8 +116,16 @@ def classes_file_for(output: str | Path) -> Path:
     return output.with_name(output.name + ".classes.json")
 
 
-def export_model(model, format: str, output: str | Path, image_size: int | None = None, opset: int | None = None,
-                 atol: float = 1e-4, overwrite: bool = False, source: str | None = None) -> ExportResult:
+def export_model(
+    model,
+    format: str,
+    output: str | Path,
+    image_size: int | None = None,
+    opset: int | None = None,
+    atol: float = 1e-4,
+    overwrite: bool = False,
+    source: str | None = None,
+) -> ExportResult:
     """Exports an `ImageClassifier` with its normalisation, writes the classes file, and checks parity.
 
     Args:
@@ -160,9 +170,11 @@ def export_model(model, format: str, output: str | Path, image_size: int | None 
         try:
             expected = network((check_images - mean) / std)
         except Exception as error:
-            raise UsageError(f"{model.hparams.name} does not run on {size}x{size} images ({first_line(error)}); "
-                             "choose another image_size (e.g. the weights' own, "
-                             f"{model.preprocessing.crop_size})") from error
+            raise UsageError(
+                f"{model.hparams.name} does not run on {size}x{size} images ({first_line(error)}); "
+                "choose another image_size (e.g. the weights' own, "
+                f"{model.preprocessing.crop_size})"
+            ) from error
 
     output.parent.mkdir(parents=True, exist_ok=True)
     # Written into a scratch folder beside the output and moved into place only once the check passes: a failed
@@ -178,20 +190,24 @@ def export_model(model, format: str, output: str | Path, image_size: int | None 
         difference = _max_abs_difference(expected, actual)
         largest = expected.abs().max().item()
         if not difference <= atol:  # also catches NaN
-            raise ExportError(f"the exported {format} model does not match PyTorch: max abs difference "
-                              f"{difference:.1e} > atol {_tolerance(atol)} (logits of {CHECK_BATCH} random images "
-                              f"in [0, 1], largest PyTorch logit {largest:.1e}); nothing written; "
-                              "a larger atol=... accepts it")
+            raise ExportError(
+                f"the exported {format} model does not match PyTorch: max abs difference "
+                f"{difference:.1e} > atol {_tolerance(atol)} (logits of {CHECK_BATCH} random images "
+                f"in [0, 1], largest PyTorch logit {largest:.1e}); nothing written; "
+                "a larger atol=... accepts it"
+            )
         classes_file_for(staged).write_text(json.dumps(description, indent=2) + "\n")
         # Everything the exporter wrote (an ONNX model over 2 GiB comes with its external data file).
         for path in Path(scratch).iterdir():
             os.replace(path, output.parent / path.name)
-    return ExportResult(format, output, classes_file_for(output), size, difference, largest, atol,
-                        time.perf_counter() - started)
+    return ExportResult(
+        format, output, classes_file_for(output), size, difference, largest, atol, time.perf_counter() - started
+    )
 
 
-def _check_arguments(format: str, output: str | Path, opset: int | None, atol: float,
-                     overwrite: bool) -> tuple[str, Path]:
+def _check_arguments(
+    format: str, output: str | Path, opset: int | None, atol: float, overwrite: bool
+) -> tuple[str, Path]:
     if format.lower() not in FORMATS:
         raise UsageError(f"unknown format {format!r}: choose format=onnx or format=torchscript")
     format = format.lower()
@@ -201,14 +217,17 @@ def _check_arguments(format: str, output: str | Path, opset: int | None, atol: f
         raise UsageError(f"atol={atol} must be a non-negative number, e.g. atol=1e-4")
     output = Path(output).expanduser()
     if output.is_dir():
-        raise UsageError(f"output={output} is a folder; pass the file to write, e.g. output={output / 'model'}"
-                         f"{'.onnx' if format == 'onnx' else '.pt'}")
+        raise UsageError(
+            f"output={output} is a folder; pass the file to write, e.g. output={output / 'model'}"
+            f"{'.onnx' if format == 'onnx' else '.pt'}"
+        )
     if not overwrite:
         existing = [str(path) for path in (output, classes_file_for(output)) if path.exists()]
         if existing:
             verb = "exists" if len(existing) == 1 else "exist"
-            raise UsageError(f"{' and '.join(existing)} already {verb}; pass overwrite=true to replace, "
-                             "or choose another output=...")
+            raise UsageError(
+                f"{' and '.join(existing)} already {verb}; pass overwrite=true to replace, or choose another output=..."
+            )
     return format, output
 
 
@@ -222,19 +241,27 @@ def _description(model, preprocessing: Preprocessing, format: str, output: Path,
         "checkpoint": source,
         "class_names": class_names,
         "input": {
-            "name": exporters.INPUT_NAME, "shape": ["batch", 3, size, size], "dtype": "float32", "layout": "NCHW",
-            "channels": "RGB", "range": [0.0, 1.0],
+            "name": exporters.INPUT_NAME,
+            "shape": ["batch", 3, size, size],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "channels": "RGB",
+            "range": [0.0, 1.0],
             "note": "normalisation (mean, std) is inside the model: feed pixel values / 255",
         },
         "output": {
-            "name": exporters.OUTPUT_NAME, "shape": ["batch", len(class_names)], "dtype": "float32",
+            "name": exporters.OUTPUT_NAME,
+            "shape": ["batch", len(class_names)],
+            "dtype": "float32",
             "note": "logits in class_names order: softmax over the last axis gives probabilities",
         },
         "preprocessing": {
             **preprocessing.as_dict(),
             "normalization_included": True,
-            "caller_does": (f"resize the shorter side to {preprocessing.resize_size} ({preprocessing.interpolation}, "
-                            f"antialiased), centre-crop {size}x{size}, convert RGB to float32 in [0, 1], NCHW"),
+            "caller_does": (
+                f"resize the shorter side to {preprocessing.resize_size} ({preprocessing.interpolation}, "
+                f"antialiased), centre-crop {size}x{size}, convert RGB to float32 in [0, 1], NCHW"
+            ),
         },
     }
 
@@ -272,12 +299,21 @@ def _export(options: ExportOptions) -> None:
     _check_arguments(format, options.output, options.opset, options.atol, options.overwrite)
     loaded = _load(options.checkpoint, options.image_size)
     print(loaded.describe(), flush=True)
-    result = export_model(loaded.model, format, options.output, image_size=loaded.preprocessing.crop_size,
-                          opset=options.opset, atol=options.atol, overwrite=options.overwrite,
-                          source=str(loaded.checkpoint))
+    result = export_model(
+        loaded.model,
+        format,
+        options.output,
+        image_size=loaded.preprocessing.crop_size,
+        opset=options.opset,
+        atol=options.atol,
+        overwrite=options.overwrite,
+        source=str(loaded.checkpoint),
+    )
     size = result.image_size
-    print(f"wrote {result.output}: input {exporters.INPUT_NAME} float32 [batch, 3, {size}, {size}] in [0, 1] "
-          f"(normalisation included), output {exporters.OUTPUT_NAME} [batch, {len(loaded.class_names)}]")
+    print(
+        f"wrote {result.output}: input {exporters.INPUT_NAME} float32 [batch, 3, {size}, {size}] in [0, 1] "
+        f"(normalisation included), output {exporters.OUTPUT_NAME} [batch, {len(loaded.class_names)}]"
+    )
     print(f"wrote {result.classes_file}: class names, input and output, the resize and crop to do before")
     print(f"parity: {result.parity_line()}; {result.seconds:.1f} s")
 

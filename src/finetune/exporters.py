@@ -52,27 +52,36 @@ def require_onnx_packages() -> None:
         except ImportError:
             missing.append(package)
     if missing:
-        raise UsageError(f"format=onnx needs {', '.join(missing)}: pip install 'finetune[export]' "
-                         "(or pip install onnx onnxscript onnxruntime)")
+        raise UsageError(
+            f"format=onnx needs {', '.join(missing)}: pip install 'finetune[export]' "
+            "(or pip install onnx onnxscript onnxruntime)"
+        )
 
 
-def export_onnx(wrapper: nn.Module, example: torch.Tensor, output: Path, opset: int | None,
-                 description: dict) -> None:
+def export_onnx(wrapper: nn.Module, example: torch.Tensor, output: Path, opset: int | None, description: dict) -> None:
     parameter_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
     external = parameter_bytes > ONNX_SINGLE_FILE_LIMIT
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's own deprecation and tracing chatter, not the user's concern
         program = torch.onnx.export(
-            wrapper, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset,
-            dynamo=True, dynamic_shapes={"images": {0: torch.export.Dim("batch")}}, external_data=external,
+            wrapper,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            opset_version=opset,
+            dynamo=True,
+            dynamic_shapes={"images": {0: torch.export.Dim("batch")}},
+            external_data=external,
             verbose=False,
         )
     # The exporter converts to a requested opset on a best-effort basis and keeps its own when that fails (below
     # 18, typically), with only a log line to say so: a model at another opset than asked for is an error here.
     written_opset = program.model.opset_imports.get("")
     if opset is not None and written_opset != opset:
-        raise UsageError(f"opset={opset}: torch {torch.__version__} could not convert this model to opset {opset} "
-                         f"(it exported opset {written_opset}); choose opset={written_opset} or leave opset out")
+        raise UsageError(
+            f"opset={opset}: torch {torch.__version__} could not convert this model to opset {opset} "
+            f"(it exported opset {written_opset}); choose opset={written_opset} or leave opset out"
+        )
     # The description travels inside the model too, so a copied .onnx file still names its classes.
     program.model.metadata_props[METADATA_KEY] = json.dumps(description)
     program.save(output, external_data=external)

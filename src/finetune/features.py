@@ -79,14 +79,18 @@ def should_cache(mode: str | bool, model, datamodule, views: int = 1) -> tuple[C
     depth = model.schedule.max_depth
     blockers = []
     if depth == len(model.blocks):
-        blockers.append("every block trains (unfreeze=all, or a gradual schedule that reaches all), so no frozen "
-                        "part stays the same")
+        blockers.append(
+            "every block trains (unfreeze=all, or a gradual schedule that reaches all), so no frozen "
+            "part stays the same"
+        )
     if model.hparams.train_bn:
         blockers.append("train_bn=true changes the backbone's BatchNorm layers while training")
     if not blockers and datamodule.augments and mode == "auto":
-        return None, ("feature cache off: training-time augmentation (data.crop_scale, data.rotation_degrees, "
-                      "data.horizontal_flip) gives new images every epoch; strategy.cache_features=true caches "
-                      "strategy.cache_views augmented views per image instead")
+        return None, (
+            "feature cache off: training-time augmentation (data.crop_scale, data.rotation_degrees, "
+            "data.horizontal_flip) gives new images every epoch; strategy.cache_features=true caches "
+            "strategy.cache_views augmented views per image instead"
+        )
     cut = None
     if not blockers:
         cut, why_not = find_cut(model.network, model.blocks, model.head_name, depth, model.preprocessing.crop_size)
@@ -95,21 +99,26 @@ def should_cache(mode: str | bool, model, datamodule, views: int = 1) -> tuple[C
     if cut is not None:
         needed, limit = _cache_bytes(cut, datamodule, views), memory_limit(None)
         if limit is not None and needed > limit:
-            blockers.append(f"the cached features would take {needed / 1e9:.1f} GB, over half the memory "
-                            f"available ({2 * limit / 1e9:.1f} GB)")
+            blockers.append(
+                f"the cached features would take {needed / 1e9:.1f} GB, over half the memory "
+                f"available ({2 * limit / 1e9:.1f} GB)"
+            )
     if blockers:
         if mode is True:
             raise UsageError(f"strategy.cache_features=true cannot apply: {'; '.join(blockers)}")
         return None, f"feature cache off: {'; '.join(blockers)}; training runs uncached"
     if not depth:
         return cut, "feature cache on: the frozen backbone runs once over the data, then the head trains alone"
-    trained = " + ".join(block.label for block in model.blocks[len(model.blocks) - depth:])
-    return cut, (f"feature cache on: the frozen blocks before {cut.module} run once over the data, then each step "
-                 f"runs {trained} + head")
+    trained = " + ".join(block.label for block in model.blocks[len(model.blocks) - depth :])
+    return cut, (
+        f"feature cache on: the frozen blocks before {cut.module} run once over the data, then each step "
+        f"runs {trained} + head"
+    )
 
 
-def find_cut(network: nn.Module, blocks: list[Block], head_name: str, depth: int,
-             crop_size: int) -> tuple[Cut | None, str | None]:
+def find_cut(
+    network: nn.Module, blocks: list[Block], head_name: str, depth: int, crop_size: int
+) -> tuple[Cut | None, str | None]:
     """Where to cut `network` when its last `depth` blocks (0: none) and its head train, checked on a random batch.
 
     The cut module is the first one of the first trained block that the forward pass calls (or the head). The
@@ -150,9 +159,14 @@ def find_cut(network: nn.Module, blocks: list[Block], head_name: str, depth: int
         skipped = tuple(name for name in finished if name.rpartition(".")[0] not in finished) if first else ()
         cut = Cut(module, skipped, tuple(activation.shape[1:]))
         if first:
-            why_not = _why_not_runnable_from(network, cut, activation, output,
-                                             trainable_parameter_names(blocks, depth) | _parameter_names(
-                                                 network, head_name), blocks[:len(blocks) - depth])
+            why_not = _why_not_runnable_from(
+                network,
+                cut,
+                activation,
+                output,
+                trainable_parameter_names(blocks, depth) | _parameter_names(network, head_name),
+                blocks[: len(blocks) - depth],
+            )
             if why_not:
                 return None, why_not
         return cut, None
@@ -162,8 +176,9 @@ def find_cut(network: nn.Module, blocks: list[Block], head_name: str, depth: int
         _restore(modes)
 
 
-def _why_not_runnable_from(network: nn.Module, cut: Cut, activation: torch.Tensor, output: torch.Tensor,
-                           trained: set[str], frozen: list[Block]) -> str | None:
+def _why_not_runnable_from(
+    network: nn.Module, cut: Cut, activation: torch.Tensor, output: torch.Tensor, trained: set[str], frozen: list[Block]
+) -> str | None:
     cannot = f"the network cannot run from a cached input of {cut.module}"
     try:
         with torch.no_grad(), skipping(network, cut.skipped):
@@ -214,8 +229,11 @@ def _parameter_names(network: nn.Module, module_name: str) -> set[str]:
 
 def _cache_bytes(cut: Cut, datamodule, views: int) -> int:
     training_views = views if datamodule.augments else 1
-    images = training_views * len(datamodule.splits["train"]) + len(datamodule.splits["val"]) + \
-        len(datamodule.splits["test"])
+    images = (
+        training_views * len(datamodule.splits["train"])
+        + len(datamodule.splits["val"])
+        + len(datamodule.splits["test"])
+    )
     return cut.bytes_per_image * images
 
 
@@ -249,8 +267,13 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
-def module_inputs(network: nn.Module, module_name: str, loader: DataLoader, device: torch.device,
-                  layout: torch.memory_format = torch.contiguous_format) -> tuple[torch.Tensor, torch.Tensor]:
+def module_inputs(
+    network: nn.Module,
+    module_name: str,
+    loader: DataLoader,
+    device: torch.device,
+    layout: torch.memory_format = torch.contiguous_format,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs the network over `loader` in eval mode, up to `module_name`; returns that module's inputs (contiguous)
     and the labels. `layout`: the images' memory format, the network's."""
     captured: list[torch.Tensor] = []
@@ -283,15 +306,22 @@ def build_cache(model, datamodule, cut: Cut, views: int, device: torch.device) -
     use_memory_format(model, device)  # the frozen part runs as fast as it would have in training
     layout = torch.channels_last if model.uses_channels_last else torch.contiguous_format
     passes = views if datamodule.augments else 1
-    train_views = [module_inputs(network, cut.module, datamodule.ordered_dataloader("train", view), device, layout)
-                   for view in range(passes)]
+    train_views = [
+        module_inputs(network, cut.module, datamodule.ordered_dataloader("train", view), device, layout)
+        for view in range(passes)
+    ]
     cache = {"train": (torch.stack([v[0] for v in train_views]), train_views[0][1])}
     for split in ("val", "test"):
         if datamodule.datasets[split]:
             cache[split] = module_inputs(network, cut.module, datamodule.ordered_dataloader(split), device, layout)
     size = sum(t.numel() * t.element_size() for tensors in cache.values() for t in tensors)
-    log.info("feature cache: %d training view(s), %s features per image (the input of %s), %.1f MB in memory",
-             passes, tuple(cache["train"][0].shape[2:]), cut.module, size / 1e6)
+    log.info(
+        "feature cache: %d training view(s), %s features per image (the input of %s), %.1f MB in memory",
+        passes,
+        tuple(cache["train"][0].shape[2:]),
+        cut.module,
+        size / 1e6,
+    )
     return cache
 
 
@@ -332,6 +362,9 @@ class FeatureCache(Callback):
         log.info(reason)
         if cut:
             if trainer.world_size > 1:
-                log.info("feature cache under DDP: each of the %d processes runs the frozen part over all the "
-                         "images once, then trains on its share of them", trainer.world_size)
+                log.info(
+                    "feature cache under DDP: each of the %d processes runs the frozen part over all the "
+                    "images once, then trains on its share of them",
+                    trainer.world_size,
+                )
             train_on_cache(pl_module, datamodule, cut, self.views, trainer.strategy.root_device)

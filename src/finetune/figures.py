@@ -54,8 +54,9 @@ class Figures(L.Callback):
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
         self.misclassified = []
 
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_index: int,
-                          dataloader_index: int = 0) -> None:
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module, outputs, batch, batch_index: int, dataloader_index: int = 0
+    ) -> None:
         room = pl_module.hparams.get("log_misclassified", 16) - len(self.misclassified)
         if room <= 0 or pl_module.trains_on_features or not isinstance(outputs, dict):
             return

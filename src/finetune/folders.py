@@ -18,8 +18,9 @@ SPLITS = ("train", "val", "test")
 Sample = tuple[str, int]  # (path, label)
 
 
-def split_stratified(by_class: dict[int, list[str]], fractions: Sequence[float], seed: int,
-                     class_names: list[str]) -> dict[str, list[Sample]]:
+def split_stratified(
+    by_class: dict[int, list[str]], fractions: Sequence[float], seed: int, class_names: list[str]
+) -> dict[str, list[Sample]]:
     """Splits every class on its own by `fractions` (train, val, test), shuffled by `seed`.
 
     Each non-zero fraction gets at least one image of every class, so every class is seen in every split.
@@ -33,27 +34,35 @@ def split_stratified(by_class: dict[int, list[str]], fractions: Sequence[float],
     for label in sorted(by_class):
         paths = sorted(by_class[label])
         if len(paths) < needed:
-            raise UsageError(f"class {class_names[label]!r} has {len(paths)} image(s): too few to split "
-                             f"{'/'.join(f'{f:g}' for f in fractions)} with one in each split; add images "
-                             "or change data.split")
+            raise UsageError(
+                f"class {class_names[label]!r} has {len(paths)} image(s): too few to split "
+                f"{'/'.join(f'{f:g}' for f in fractions)} with one in each split; add images "
+                "or change data.split"
+            )
         order = generator.permutation(len(paths))
         shuffled = [paths[i] for i in order]
         sizes = [max(1, round(len(paths) * f)) if f > 0 else 0 for f in fractions[1:]]
         n_val, n_test = sizes
         n_train = len(paths) - n_val - n_test
         if n_train < 1:  # rounding up val and test took every image: the class would never be trained on
-            raise UsageError(f"class {class_names[label]!r} has {len(paths)} image(s): data.split="
-                             f"[{','.join(f'{f:g}' for f in fractions)}] gives {n_val} to val and {n_test} to "
-                             "test and none to train; add images or give train a larger share")
-        pieces = {"train": shuffled[:n_train], "val": shuffled[n_train:n_train + n_val],
-                  "test": shuffled[n_train + n_val:]}
+            raise UsageError(
+                f"class {class_names[label]!r} has {len(paths)} image(s): data.split="
+                f"[{','.join(f'{f:g}' for f in fractions)}] gives {n_val} to val and {n_test} to "
+                "test and none to train; add images or give train a larger share"
+            )
+        pieces = {
+            "train": shuffled[:n_train],
+            "val": shuffled[n_train : n_train + n_val],
+            "test": shuffled[n_train + n_val :],
+        }
         for name, chosen in pieces.items():
             splits[name].extend((path, label) for path in chosen)
     return splits
 
 
-def split_kfold(by_class: dict[int, list[str]], folds: int, fold: int, val_share: float, seed: int,
-                class_names: list[str]) -> dict[str, list[Sample]]:
+def split_kfold(
+    by_class: dict[int, list[str]], folds: int, fold: int, val_share: float, seed: int, class_names: list[str]
+) -> dict[str, list[Sample]]:
     """Stratified k-fold: fold `fold` of `folds` is the test set; a validation share is carved from the rest.
 
     Every class is shuffled by `seed` and dealt round the folds, continuing where the previous class stopped, so
@@ -83,9 +92,11 @@ def split_kfold(by_class: dict[int, list[str]], folds: int, fold: int, val_share
         paths = sorted(by_class[label])
         # The fewest images left for training and validation in any fold: n - ceil(n / folds).
         if len(paths) < folds or len(paths) - -(-len(paths) // folds) < 2:
-            raise UsageError(f"class {class_names[label]!r} has {len(paths)} image(s): too few for data.folds="
-                             f"{folds} (every fold needs one test, one validation and one training image of every "
-                             "class); add images or lower data.folds")
+            raise UsageError(
+                f"class {class_names[label]!r} has {len(paths)} image(s): too few for data.folds="
+                f"{folds} (every fold needs one test, one validation and one training image of every "
+                "class); add images or lower data.folds"
+            )
         shuffled = [paths[i] for i in generator.permutation(len(paths))]
         test = [path for index, path in enumerate(shuffled) if (dealt + index) % folds == fold]
         rest = [path for index, path in enumerate(shuffled) if (dealt + index) % folds != fold]
@@ -105,8 +116,10 @@ def read_class_folders(root: Path) -> tuple[list[str], dict[int, list[str]]]:
     """
     class_names = class_folders(root)
     if len(class_names) < 2:
-        raise UsageError(f"{root} holds {len(class_names)} class folder(s): a classifier needs at least two "
-                         "sub-folders of images, one per class")
+        raise UsageError(
+            f"{root} holds {len(class_names)} class folder(s): a classifier needs at least two "
+            "sub-folders of images, one per class"
+        )
     return class_names, {label: list_images(root / name) for label, name in enumerate(class_names)}
 
 
@@ -122,13 +135,16 @@ def read_split_folders(root: Path) -> tuple[list[str], dict[str, dict[int, list[
         if names != class_names:
             missing = sorted(set(class_names) - set(names))
             extra = sorted(set(names) - set(class_names))
-            raise UsageError(f"{root / split} has other classes than {root / 'train'} (missing: {missing}, "
-                             f"extra: {extra}); every split folder needs the same class sub-folders")
+            raise UsageError(
+                f"{root / split} has other classes than {root / 'train'} (missing: {missing}, "
+                f"extra: {extra}); every split folder needs the same class sub-folders"
+            )
     return class_names, {split: by_class for split, (_, by_class) in found.items()}
 
 
-def usable_images(folder: Path, class_names: list[str], by_class: dict[int, list[str]],
-                   skipped: dict[str, str]) -> dict[int, list[str]]:
+def usable_images(
+    folder: Path, class_names: list[str], by_class: dict[int, list[str]], skipped: dict[str, str]
+) -> dict[int, list[str]]:
     """Each class's images less the unreadable ones.
 
     Raises:
@@ -138,10 +154,14 @@ def usable_images(folder: Path, class_names: list[str], by_class: dict[int, list
     for label, paths in by_class.items():
         usable[label] = [path for path in paths if path not in skipped]
         if not usable[label]:
-            what = f"no usable images ({len(paths)} unreadable)" if paths else \
-                f"no images (accepted: {', '.join(IMAGE_EXTENSIONS)})"
-            raise UsageError(f"class folder {folder / class_names[label]} holds {what}; add images or remove "
-                             "the folder")
+            what = (
+                f"no usable images ({len(paths)} unreadable)"
+                if paths
+                else f"no images (accepted: {', '.join(IMAGE_EXTENSIONS)})"
+            )
+            raise UsageError(
+                f"class folder {folder / class_names[label]} holds {what}; add images or remove the folder"
+            )
     return usable
 
 
@@ -165,14 +185,20 @@ def list_images(folder: str | os.PathLike) -> list[str]:
                 others.append(name)
     # Hidden files (.DS_Store, AppleDouble ._* companions) and others (Thumbs.db, notes) are not images.
     if others:
-        log.info("%s: ignored %d file(s) that are not images by name, e.g. %s", folder, len(others),
-                 ", ".join(others[:3]))
+        log.info(
+            "%s: ignored %d file(s) that are not images by name, e.g. %s", folder, len(others), ", ".join(others[:3])
+        )
     return sorted(images)
 
 
-def list_and_split(root: Path, fractions: Sequence[float], seed: int, folds: int | None, fold: int,
-                   unreadable: Callable[[list[str]], dict[str, str]]
-                   ) -> tuple[list[str], dict[str, list[Sample]], dict[str, str], str]:
+def list_and_split(
+    root: Path,
+    fractions: Sequence[float],
+    seed: int,
+    folds: int | None,
+    fold: int,
+    unreadable: Callable[[list[str]], dict[str, str]],
+) -> tuple[list[str], dict[str, list[Sample]], dict[str, str], str]:
     """Lists an image folder and splits it: its own train/val(/test) folders, k folds, or a stratified split.
 
     Args:
@@ -202,9 +228,13 @@ def list_and_split(root: Path, fractions: Sequence[float], seed: int, folds: int
         splits = split_stratified(usable[""], fractions, seed, class_names)
         return class_names, splits, skipped, f"a stratified {'/'.join(f'{f:g}' for f in fractions)} split (seed {seed})"
     if folds is not None:
-        raise UsageError(f"data.folds={folds} splits one folder of class sub-folders, but {root} holds train/ and "
-                         "val/ folders (a fixed split): leave out data.folds, or point data.root at a folder of class "
-                         "sub-folders")
-    splits = {split: [(path, label) for label in sorted(usable.get(split, {})) for path in sorted(usable[split][label])]
-              for split in SPLITS}
+        raise UsageError(
+            f"data.folds={folds} splits one folder of class sub-folders, but {root} holds train/ and "
+            "val/ folders (a fixed split): leave out data.folds, or point data.root at a folder of class "
+            "sub-folders"
+        )
+    splits = {
+        split: [(path, label) for label in sorted(usable.get(split, {})) for path in sorted(usable[split][label])]
+        for split in SPLITS
+    }
     return class_names, splits, skipped, "its train/val" + ("/test" if splits["test"] else "") + " folders"

@@ -32,11 +32,14 @@ def parse_unfreeze(value: int | str, num_blocks: int, model_name: str) -> int | 
         if isinstance(value, float | bool) or str(value).strip() != str(depth):
             raise ValueError
     except (TypeError, ValueError):
-        raise UsageError(f"unfreeze={value!r} is not accepted: use 0 (head only), a number of blocks "
-                         f"from 1 to {num_blocks} ({model_name} has {num_blocks} blocks), or all") from None
+        raise UsageError(
+            f"unfreeze={value!r} is not accepted: use 0 (head only), a number of blocks "
+            f"from 1 to {num_blocks} ({model_name} has {num_blocks} blocks), or all"
+        ) from None
     if not 0 <= depth <= num_blocks:
-        raise UsageError(f"unfreeze={depth} is out of range: {model_name} has {num_blocks} blocks, so use "
-                         f"0..{num_blocks} or all")
+        raise UsageError(
+            f"unfreeze={depth} is out of range: {model_name} has {num_blocks} blocks, so use 0..{num_blocks} or all"
+        )
     return "all" if depth == num_blocks else depth
 
 
@@ -75,8 +78,9 @@ class UnfreezeSchedule:
         return self.depth
 
 
-def apply_unfreeze(network: nn.Module, blocks: list[Block], head_name: str, unfreeze: int | str,
-                   train_bn: bool = False) -> list[Block]:
+def apply_unfreeze(
+    network: nn.Module, blocks: list[Block], head_name: str, unfreeze: int | str, train_bn: bool = False
+) -> list[Block]:
     """Sets `requires_grad`: the head and the last `unfreeze` blocks train, the rest is frozen.
 
     Args:
@@ -120,8 +124,14 @@ def _modules_of(network: nn.Module, blocks: list[Block]):
                 continue  # a bare parameter such as ViT's class_token: nothing with a mode
 
 
-def unfreeze_schedule(blocks: list[Block], model_name: str, unfreeze: int | str, start_epoch: int = 0,
-                      every: int | None = None, limit: int | str | None = None) -> UnfreezeSchedule:
+def unfreeze_schedule(
+    blocks: list[Block],
+    model_name: str,
+    unfreeze: int | str,
+    start_epoch: int = 0,
+    every: int | None = None,
+    limit: int | str | None = None,
+) -> UnfreezeSchedule:
     """The schedule of a model's `unfreeze*` settings, checked against its blocks.
 
     Raises:
@@ -156,7 +166,7 @@ def what_trains(model, depth: int) -> str:
         return "unfreeze=0: head only"
     if depth == len(blocks):
         return "unfreeze=all: everything"
-    chosen = blocks[len(blocks) - depth:]
+    chosen = blocks[len(blocks) - depth :]
     return f"unfreeze={depth}: last {depth} of {len(blocks)} blocks ({', '.join(b.label for b in chosen)}) + head"
 
 
@@ -169,8 +179,10 @@ def describe(model) -> str:
         what = f"head only for {schedule.start_epoch} epoch(s), then {what}"
         if schedule.every:
             what += f", one more block every {schedule.every} epoch(s) up to {schedule.max_depth}"
-    return (f"{model.hparams.name}, {model.weights_description}; {what}; "
-            f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)")
+    return (
+        f"{model.hparams.name}, {model.weights_description}; {what}; "
+        f"trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)"
+    )
 
 
 class Unfreezing(Callback):
@@ -195,8 +207,13 @@ class Unfreezing(Callback):
         depth = pl_module.schedule.depth_at(trainer.current_epoch)
         if set_depth(pl_module, depth):
             trainable, total = pl_module.parameter_counts()
-            log.info("epoch %d: %s; trainable parameters %s of %s", trainer.current_epoch,
-                     what_trains(pl_module, depth), f"{trainable:,}", f"{total:,}")
+            log.info(
+                "epoch %d: %s; trainable parameters %s of %s",
+                trainer.current_epoch,
+                what_trains(pl_module, depth),
+                f"{trainable:,}",
+                f"{total:,}",
+            )
             rewrap_for_ddp(trainer, pl_module)
 
 
@@ -212,8 +229,11 @@ def rewrap_for_ddp(trainer: L.Trainer, pl_module) -> None:
     if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, DistributedDataParallel):
         strategy.model = pl_module
         strategy.configure_ddp()
-        log.info("DDP: wrapped the model again, so the gradients of the newly unfrozen block(s) are averaged "
-                 "across the %d processes", trainer.world_size)
+        log.info(
+            "DDP: wrapped the model again, so the gradients of the newly unfrozen block(s) are averaged "
+            "across the %d processes",
+            trainer.world_size,
+        )
 
 
 def parameter_groups(model) -> list[dict]:
@@ -222,12 +242,11 @@ def parameter_groups(model) -> list[dict]:
     the optimizer skips them), so schedulers see every group from the start and a resumed run the same ones."""
     hp = model.hparams
     backbone_lr = hp.backbone_lr or hp.lr
-    ever_trained = model.blocks[len(model.blocks) - model.schedule.max_depth:] if model.schedule.max_depth else []
+    ever_trained = model.blocks[len(model.blocks) - model.schedule.max_depth :] if model.schedule.max_depth else []
     lr_of = {}
     for distance, block in enumerate(reversed(ever_trained)):
-        rate = backbone_lr * (hp.layer_decay ** distance if hp.layer_decay else 1.0)
-        lr_of.update(dict.fromkeys(block.parameters, (rate, f"block {block.index}" if hp.layer_decay
-                                                       else "backbone")))
+        rate = backbone_lr * (hp.layer_decay**distance if hp.layer_decay else 1.0)
+        lr_of.update(dict.fromkeys(block.parameters, (rate, f"block {block.index}" if hp.layer_decay else "backbone")))
     head_prefix = model.head_name + "."
     groups: dict[tuple[float, str], list] = {}
     for name, parameter in model.network.named_parameters():

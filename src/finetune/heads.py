@@ -20,14 +20,15 @@ def switch_off_auxiliary_classifiers(network: nn.Module) -> None:
                 setattr(network, name, None)
 
 
-def replace_squeezenet_head(network: nn.Module, num_classes: int, hidden_dim: int | None,
-                             dropout: float | None) -> str:
+def replace_squeezenet_head(network: nn.Module, num_classes: int, hidden_dim: int | None, dropout: float | None) -> str:
     """SqueezeNet classifies with a 1x1 convolution, a ReLU and global pooling (`classifier`): the new head is
     dropout, a 1x1 convolution to `num_classes` and the pooling, without the ReLU, which would keep every logit
     at or above zero (a class the head starts below zero on could never recover)."""
     if hidden_dim is not None:
-        raise UsageError("SqueezeNet classifies with a convolution, not a Linear layer: model.head_hidden_dim "
-                         "does not apply to it; leave it null")
+        raise UsageError(
+            "SqueezeNet classifies with a convolution, not a Linear layer: model.head_hidden_dim "
+            "does not apply to it; leave it null"
+        )
     old = network.classifier
     conv = next(module for module in old if isinstance(module, nn.Conv2d))
     own_dropout = next(module.p for module in old if isinstance(module, nn.Dropout))
@@ -52,23 +53,30 @@ def reset_timm_classifier(network: nn.Module, name: str, num_classes: int, hidde
         network.reset_classifier(num_classes)
         classifier = network.get_classifier()
     except (NotImplementedError, AttributeError, TypeError) as error:
-        raise UsageError(f"timm model {name!r} cannot get a new classifier ({first_line(error)}); pick another "
-                         "architecture") from error
+        raise UsageError(
+            f"timm model {name!r} cannot get a new classifier ({first_line(error)}); pick another architecture"
+        ) from error
     heads = classifier if isinstance(classifier, tuple) else (classifier,)
     names_of = {id(module): module_name for module_name, module in network.named_modules()}
     if not all(id(head) in names_of for head in heads):
-        raise UsageError(f"timm model {name!r}: its classifier is not one of its modules, so it cannot be "
-                         "replaced; pick another architecture")
+        raise UsageError(
+            f"timm model {name!r}: its classifier is not one of its modules, so it cannot be "
+            "replaced; pick another architecture"
+        )
     names = [names_of[id(head)] for head in heads]
     for other_name, other in zip(names[1:], heads[1:], strict=True):
         shapes = [[tuple(p.shape) for p in module.parameters()] for module in (heads[0], other)]
         if type(other) is not type(heads[0]) or shapes[0] != shapes[1]:
-            raise UsageError(f"timm model {name!r} has classifiers of different shapes ({', '.join(names)}); "
-                             "pick another architecture")
+            raise UsageError(
+                f"timm model {name!r} has classifiers of different shapes ({', '.join(names)}); "
+                "pick another architecture"
+            )
         replace_module(network, other_name, heads[0])
     if hidden_dim is not None and not isinstance(heads[0], nn.Linear):
-        raise UsageError(f"timm model {name!r} classifies with a {type(heads[0]).__name__} ({names[0]}), not a "
-                         "Linear layer: model.head_hidden_dim does not apply to it; leave it null")
+        raise UsageError(
+            f"timm model {name!r} classifies with a {type(heads[0]).__name__} ({names[0]}), not a "
+            "Linear layer: model.head_hidden_dim does not apply to it; leave it null"
+        )
     return names[0]
 
 
@@ -121,5 +129,7 @@ def set_dropout_before_head(network: nn.Module, head_name: str, p: float) -> Non
     elif hasattr(network, "drop_rate"):
         network.drop_rate = p
     else:
-        raise UsageError(f"{type(network).__name__} has no dropout before its classifier to set; "
-                         "use model.head_hidden_dim=<units> for a head with its own dropout")
+        raise UsageError(
+            f"{type(network).__name__} has no dropout before its classifier to set; "
+            "use model.head_hidden_dim=<units> for a head with its own dropout"
+        )

@@ -42,6 +42,7 @@ def estimated_bytes(paths: Sequence[str], shorter: int, threads: int | None = No
 
     An EXIF rotation swaps height and width but not the product, so the headers are enough.
     """
+
     def size_of(path: str) -> int:
         with Image.open(path) as image:
             width, height = image.size
@@ -91,8 +92,9 @@ class DecodedImages(Sequence):
         return self.tensors[index]
 
 
-def decode_images(paths: Sequence[str], resize: Callable[[Image.Image], Image.Image],
-                  threads: int | None = None) -> DecodedImages:
+def decode_images(
+    paths: Sequence[str], resize: Callable[[Image.Image], Image.Image], threads: int | None = None
+) -> DecodedImages:
     """Decodes every image to RGB (`finetune.images.load_rgb`), applies `resize`, and keeps it as a uint8 tensor.
 
     Args:
@@ -100,6 +102,7 @@ def decode_images(paths: Sequence[str], resize: Callable[[Image.Image], Image.Im
         resize: the evaluation transform's resize step (a `torchvision.transforms.v2.Resize`).
         threads: decoding threads; None: one per CPU core.
     """
+
     def decode(path: str) -> torch.Tensor:
         return F.pil_to_tensor(resize(load_rgb(path))).contiguous()
 
@@ -107,8 +110,9 @@ def decode_images(paths: Sequence[str], resize: Callable[[Image.Image], Image.Im
         return DecodedImages(list(pool.map(decode, paths)))
 
 
-def cache_split(name: str, paths: Sequence[str], resize, resize_size: int, room: int | None,
-                threads: int | None = None) -> tuple[DecodedImages | None, str]:
+def cache_split(
+    name: str, paths: Sequence[str], resize, resize_size: int, room: int | None, threads: int | None = None
+) -> tuple[DecodedImages | None, str]:
     """Decodes one split into memory if its estimated size fits in `room` bytes.
 
     Returns:
@@ -116,9 +120,13 @@ def cache_split(name: str, paths: Sequence[str], resize, resize_size: int, room:
     """
     needed = estimated_bytes(paths, resize_size, threads)
     if room is not None and needed > room:
-        return None, (f"{name}: {len(paths):,} images would take {needed / 1e6:,.0f} MB decoded, more than the "
-                      f"{room / 1e6:,.0f} MB left under the limit (data.cache_images_max_gb)")
+        return None, (
+            f"{name}: {len(paths):,} images would take {needed / 1e6:,.0f} MB decoded, more than the "
+            f"{room / 1e6:,.0f} MB left under the limit (data.cache_images_max_gb)"
+        )
     started = time.perf_counter()
     images = decode_images(paths, resize, threads)
-    return images, (f"{name}: {len(images):,} images decoded in {time.perf_counter() - started:.1f} s, "
-                    f"{images.nbytes / 1e6:,.0f} MB (shorter side {resize_size} px)")
+    return images, (
+        f"{name}: {len(images):,} images decoded in {time.perf_counter() - started:.1f} s, "
+        f"{images.nbytes / 1e6:,.0f} MB (shorter side {resize_size} px)"
+    )

@@ -67,8 +67,10 @@ class LoadedModel:
 
     def describe(self) -> str:
         """One line: what runs where, at which size."""
-        return (f"{self.checkpoint}: {self.model.hparams.name}, {len(self.class_names)} classes; image size "
-                f"{self.preprocessing.crop_size} ({self.size_source}); device {self.device}")
+        return (
+            f"{self.checkpoint}: {self.model.hparams.name}, {len(self.class_names)} classes; image size "
+            f"{self.preprocessing.crop_size} ({self.size_source}); device {self.device}"
+        )
 
 
 def load_model(options: InferenceOptions) -> LoadedModel:
@@ -91,15 +93,16 @@ def load_model(options: InferenceOptions) -> LoadedModel:
         model = ImageClassifier.from_checkpoint(str(path), map_location=device)
     except (RuntimeError, KeyError, TypeError, ValueError) as error:
         # A checkpoint of another version of the model (other arguments, other weight names): one line.
-        raise UsageError(f"cannot load checkpoint {path} ({first_line(error)}); pass a .ckpt file written by "
-                         "train.py") from error
+        raise UsageError(
+            f"cannot load checkpoint {path} ({first_line(error)}); pass a .ckpt file written by train.py"
+        ) from error
     model.eval()
     size, source = image_size(options.image_size, path, model.preprocessing)
     return LoadedModel(model, device, model.preprocessing.at_size(size), source, path)
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" is a CUDA GPU when there is one, else the CPU.
+    """ "auto" is a CUDA GPU when there is one, else the CPU.
 
     Raises:
         UsageError: an unknown device, or CUDA asked for where there is none.
@@ -147,10 +150,14 @@ def read_checkpoint(path: Path) -> dict:
     try:
         contents = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # pickle, zip and torch errors alike: the file is not what it should be
-        raise UsageError(f"{path} is not a checkpoint torch can read ({type(error).__name__}); "
-                         "pass a .ckpt file written by train.py") from error
-    if not isinstance(contents, dict) or "state_dict" not in contents \
-            or "class_names" not in contents.get("hyper_parameters", {}):
+        raise UsageError(
+            f"{path} is not a checkpoint torch can read ({type(error).__name__}); pass a .ckpt file written by train.py"
+        ) from error
+    if (
+        not isinstance(contents, dict)
+        or "state_dict" not in contents
+        or "class_names" not in contents.get("hyper_parameters", {})
+    ):
         raise UsageError(f"{path} is not a checkpoint written by train.py (no state_dict or class names in it)")
     return contents
 
@@ -192,8 +199,11 @@ def image_size(requested: int | None, checkpoint: Path, preprocessing: Preproces
             raise UsageError(f"image_size={requested} must be a positive number of pixels")
         return requested, "image_size="
     config = run_config(checkpoint)
-    trained = OmegaConf.select(config, "data.image_size", default=None, throw_on_resolution_failure=False) \
-        if config is not None else None
+    trained = (
+        OmegaConf.select(config, "data.image_size", default=None, throw_on_resolution_failure=False)
+        if config is not None
+        else None
+    )
     if isinstance(trained, int) and trained > 0:
         return trained, f"data.image_size of the run, {run_dir(checkpoint) / '.hydra' / 'config.yaml'}"
     return preprocessing.crop_size, "the checkpoint's preprocessing"
@@ -222,7 +232,13 @@ def trainer(device: torch.device, callbacks: Sequence = ()):
     import lightning as L
 
     accelerator = "gpu" if device.type == "cuda" else "cpu"
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if accelerator == "gpu" \
-        else 1
-    return L.Trainer(accelerator=accelerator, devices=devices, logger=False, enable_checkpointing=False,
-                     enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks))
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if accelerator == "gpu" else 1
+    return L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+    )

@@ -23,8 +23,9 @@ class ImageDataset(Dataset):
     seeded by (seed, epoch, index): the same augmentation whichever worker draws it, and after a resume.
     """
 
-    def __init__(self, samples: Sequence[Sample], transform, seed: int = 0,
-                 images: Sequence[torch.Tensor] | None = None) -> None:
+    def __init__(
+        self, samples: Sequence[Sample], transform, seed: int = 0, images: Sequence[torch.Tensor] | None = None
+    ) -> None:
         self.samples = list(samples)
         self.transform = transform
         self.seed = seed
@@ -76,9 +77,18 @@ def default_num_workers() -> int:
     return max(0, min(cores - 1, 8))
 
 
-def split_loader(dataset: Dataset, *, shuffle: bool, batch_size: int, seed: int, num_workers: int, in_memory: bool,
-                 trainer=None, weights: Sequence[float] | None = None,
-                 trained_batches: Callable[[], int] | None = None) -> DataLoader:
+def split_loader(
+    dataset: Dataset,
+    *,
+    shuffle: bool,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    in_memory: bool,
+    trainer=None,
+    weights: Sequence[float] | None = None,
+    trained_batches: Callable[[], int] | None = None,
+) -> DataLoader:
     """The loader of one split: shuffled by epoch and resumable for training, in order for evaluation.
 
     Args:
@@ -93,12 +103,16 @@ def split_loader(dataset: Dataset, *, shuffle: bool, batch_size: int, seed: int,
         trained_batches: how many batches of the current epoch have trained (the resume position).
     """
     # Under DDP every process loads its own share; the samplers are DistributedSamplers, so Lightning keeps them.
-    shards = {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer \
-        else {"num_replicas": 1, "rank": 0}
+    shards = (
+        {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {"num_replicas": 1, "rank": 0}
+    )
     sampler = None
     if shuffle:
-        sampler = (ViewSampler(dataset, seed, weights, **shards) if in_memory else
-                   EpochShuffler(len(dataset), seed, keyed=True, weights=weights, **shards))
+        sampler = (
+            ViewSampler(dataset, seed, weights, **shards)
+            if in_memory
+            else EpochShuffler(len(dataset), seed, keyed=True, weights=weights, **shards)
+        )
         # A resumed run's loader starts prefetching before Lightning calls set_epoch: start it at the epoch
         # Lightning will train next (its own count for set_epoch), or that epoch would replay an earlier order.
         sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer else 0)
@@ -118,5 +132,10 @@ def split_loader(dataset: Dataset, *, shuffle: bool, batch_size: int, seed: int,
     }
     if in_memory:  # in-memory tensors: worker processes would only add start-up and copying
         return loader(dataset, collate_fn=as_batch, **common)
-    return loader(dataset, num_workers=num_workers, persistent_workers=num_workers > 0,
-                  pin_memory=torch.cuda.is_available(), **common)
+    return loader(
+        dataset,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        **common,
+    )

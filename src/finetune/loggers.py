@@ -31,8 +31,13 @@ def hyperparameters(cfg: DictConfig, model) -> dict:
     """What tells runs apart: strategy, depth, seed, model, trainable parameters, and every key set on the command
     line (in a sweep: what it varies). Few, so that TensorBoard's HPARAMS tab, which ticks only the first five
     (alphabetically), shows the ones that matter; the whole configuration is in the run's .hydra/config.yaml."""
-    params = {"model": cfg.model.name, "strategy": cfg.strategy.name, "unfreeze": str(cfg.unfreeze),
-              "seed": cfg.seed, "trainable_params": model.parameter_counts()[0]}
+    params = {
+        "model": cfg.model.name,
+        "strategy": cfg.strategy.name,
+        "unfreeze": str(cfg.unfreeze),
+        "seed": cfg.seed,
+        "trainable_params": model.parameter_counts()[0],
+    }
     if cfg.tune.lr_find:  # the rate the finder chose, which trained (not the one it replaced)
         params["lr"] = model.hparams.lr
     for override in _command_line_overrides():

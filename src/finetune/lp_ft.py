@@ -47,18 +47,25 @@ class LinearProbeFirst(L.Callback):
         accuracy = self.fit_head(head, pl_module.training_loss_fn, *train)
         with torch.no_grad():
             val_accuracy = float((head(val[0]).argmax(1) == val[1]).float().mean())
-        log.info("linear probe (LP-FT): the head trained alone for %d full-batch steps on %d images' frozen "
-                 "features: train acc %.4f, val acc %.4f; fine-tuning starts from it", self.steps, len(train[1]),
-                 accuracy, val_accuracy)
+        log.info(
+            "linear probe (LP-FT): the head trained alone for %d full-batch steps on %d images' frozen "
+            "features: train acc %.4f, val acc %.4f; fine-tuning starts from it",
+            self.steps,
+            len(train[1]),
+            accuracy,
+            val_accuracy,
+        )
 
-    def fit_head(self, head: torch.nn.Module, loss_fn: torch.nn.Module, inputs: torch.Tensor,
-                 labels: torch.Tensor) -> float:
+    def fit_head(
+        self, head: torch.nn.Module, loss_fn: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor
+    ) -> float:
         """Trains `head` on (inputs, labels) full-batch; returns its training accuracy."""
         modes = [module.training for module in head.modules()]
         head.train()
         loss_fn = loss_fn.to(inputs.device)
-        optimizer = torch.optim.AdamW([p for p in head.parameters() if p.requires_grad], lr=self.lr,
-                                      weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(
+            [p for p in head.parameters() if p.requires_grad], lr=self.lr, weight_decay=self.weight_decay
+        )
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, self.steps)
         with torch.enable_grad():
             for _ in range(self.steps):

@@ -110,5 +110,8 @@ def per_class(confusion: torch.Tensor, class_names: Sequence[str]) -> dict[str, 
     confusion = torch.as_tensor(confusion)
     tp = confusion.diag()
     columns = scores(tp, confusion.sum(dim=0) - tp, confusion.sum(dim=1) - tp)
-    return {name: {score: float(values[label]) for score, values in columns.items()}
-            | {"support": int(confusion[label].sum())} for label, name in enumerate(class_names)}
+    return {
+        name: {score: float(values[label]) for score, values in columns.items()}
+        | {"support": int(confusion[label].sum())}
+        for label, name in enumerate(class_names)
+    }

@@ -94,18 +94,25 @@ class ImageClassifier(L.LightningModule):
             raise UsageError(f"the data has {len(class_names)} class(es); a classifier needs at least two")
         check_compile_setting(compile)
         if layer_decay is not None and not 0 < layer_decay <= 1:
-            raise UsageError(f"layer_decay={layer_decay} must be in (0, 1]: each block trains at that factor "
-                             "times the learning rate of the block above it")
+            raise UsageError(
+                f"layer_decay={layer_decay} must be in (0, 1]: each block trains at that factor "
+                "times the learning rate of the block above it"
+            )
         # Logged by training.py, at the end; the image size travels as the preprocessing (on_save_checkpoint).
         self.save_hyperparameters(ignore=["image_size"], logger=False)
 
-        backbone = create_backbone(name, len(class_names), source=source, weights=weights,
-                                   head_hidden_dim=head_hidden_dim, head_dropout=head_dropout)
+        backbone = create_backbone(
+            name,
+            len(class_names),
+            source=source,
+            weights=weights,
+            head_hidden_dim=head_hidden_dim,
+            head_dropout=head_dropout,
+        )
         self.network, self.head_name, self.blocks = backbone.network, backbone.head_name, backbone.blocks
         self.preprocessing = backbone.preprocessing.at_size(image_size)
         self.weights_description = backbone.weights_description
-        self.schedule = unfreeze_schedule(self.blocks, name, unfreeze, unfreeze_epoch, unfreeze_every,
-                                          unfreeze_limit)
+        self.schedule = unfreeze_schedule(self.blocks, name, unfreeze, unfreeze_epoch, unfreeze_every, unfreeze_limit)
         self.depth, self.frozen_blocks = -1, []
         set_depth(self, self.schedule.depth_at(0))  # the first epoch's, until a fit's Unfreezing takes over
         self.features_cut: Cut | None = None  # set by features.FeatureCache
@@ -114,15 +121,18 @@ class ImageClassifier(L.LightningModule):
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         self.training_loss_fn = nn.CrossEntropyLoss(
             weight=torch.tensor(class_weights, dtype=torch.float32) if class_weights else None,
-            label_smoothing=label_smoothing)
+            label_smoothing=label_smoothing,
+        )
         metrics = MetricCollection(classification_metrics(len(class_names), class_names))
-        self.train_metrics, self.val_metrics, self.test_metrics = (metrics.clone(prefix=f"{stage}/")
-                                                                   for stage in ("train", "val", "test"))
+        self.train_metrics, self.val_metrics, self.test_metrics = (
+            metrics.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")
+        )
         # The mean loss per image as a metric: under DDP it sums every process's losses and image counts exactly
         # (self.log(sync_dist=True) would average the count as an integer). nan_strategy=nan: a NaN loss shows.
         self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy=math.nan) for _ in range(3))
-        self.confusion = nn.ModuleDict({stage: MulticlassConfusionMatrix(len(class_names))
-                                        for stage in ("val", "test")})
+        self.confusion = nn.ModuleDict(
+            {stage: MulticlassConfusionMatrix(len(class_names)) for stage in ("val", "test")}
+        )
         self.confusion_matrices: dict[str, torch.Tensor] = {}  # the last epoch's, per stage
 
     @classmethod
@@ -194,8 +204,9 @@ class ImageClassifier(L.LightningModule):
             self.log(f"{stage}/loss", mean_loss, prog_bar=stage != "test")
             metrics = getattr(self, f"{stage}_metrics")
             # The progress bar shows the headline scores; the per-class ones go to the loggers only.
-            self.log_dict({key: metric for key, metric in metrics.items() if "_class/" not in key},
-                          prog_bar=stage == "val")
+            self.log_dict(
+                {key: metric for key, metric in metrics.items() if "_class/" not in key}, prog_bar=stage == "val"
+            )
             self.log_dict({key: metric for key, metric in metrics.items() if "_class/" in key})
         if stage not in self.confusion:
             return
@@ -223,15 +234,22 @@ class ImageClassifier(L.LightningModule):
         hp = self.hparams
         options = {"momentum": 0.9} if hp.optimizer == "sgd" else {}
         optimizer = OPTIMIZERS[hp.optimizer](self.parameter_groups(), weight_decay=hp.weight_decay, **options)
-        log.info("optimizer %s: %s", hp.optimizer, "; ".join(
-            f"{g['name']} lr {g['lr']:.3g} ({sum(p.numel() for p in g['params']):,} parameters)"
-            for g in optimizer.param_groups))
+        log.info(
+            "optimizer %s: %s",
+            hp.optimizer,
+            "; ".join(
+                f"{g['name']} lr {g['lr']:.3g} ({sum(p.numel() for p in g['params']):,} parameters)"
+                for g in optimizer.param_groups
+            ),
+        )
         if hp.scheduler == "constant":
             return optimizer
         if hp.scheduler == "plateau":
             plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=2)
-            return {"optimizer": optimizer,
-                    "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss", "interval": "epoch"}}
+            return {
+                "optimizer": optimizer,
+                "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss", "interval": "epoch"},
+            }
 
         # The length is set when training starts (schedules.FixScheduleLength), not here: a resumed run's loop
         # state is not restored yet, and `estimated_stepping_batches` would build its loader at epoch 0.
@@ -241,4 +259,3 @@ class ImageClassifier(L.LightningModule):
     def parameter_groups(self) -> list[dict]:
         """Every parameter that ever trains in this run, from the first step, at its learning rate (`freezing`)."""
         return parameter_groups(self)
-

@@ -93,9 +93,7 @@ def map_by_position(
         mapped[target_key] = source[source_key]
 
     # Rebuild in the target's order, so the result reads like the model's own state dict.
-    return {
-        key: torch.zeros((), dtype=torch.long) if _is_counter(key) else mapped[key] for key in target_shapes
-    }
+    return {key: torch.zeros((), dtype=torch.long) if _is_counter(key) else mapped[key] for key in target_shapes}
 
 
 @functools.cache

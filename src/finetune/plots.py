@@ -14,8 +14,9 @@ from matplotlib.figure import Figure
 MAX_ANNOTATED_CLASSES = 30
 
 
-def confusion_matrix_figure(confusion: Sequence[Sequence[int]] | torch.Tensor, class_names: Sequence[str],
-                            title: str) -> Figure:
+def confusion_matrix_figure(
+    confusion: Sequence[Sequence[int]] | torch.Tensor, class_names: Sequence[str], title: str
+) -> Figure:
     """The confusion matrix (rows: true class, columns: predicted) with the count in every cell."""
     # A Figure without pyplot: no global backend is switched, and savefig renders with Agg.
     n = len(class_names)
@@ -35,8 +36,9 @@ def confusion_matrix_figure(confusion: Sequence[Sequence[int]] | torch.Tensor, c
         for row in range(n):
             for column in range(n):
                 value = counts[row, column].item()
-                axes.text(column, row, str(value), ha="center", va="center",
-                          color="white" if value > threshold else "black")
+                axes.text(
+                    column, row, str(value), ha="center", va="center", color="white" if value > threshold else "black"
+                )
     return figure
 
 
@@ -79,7 +81,8 @@ class BackgroundFigures:
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="finetune-figures")
         self._pending = self._thread.submit(
-            lambda: writer.add_image(tag, render(make_figure()), step, dataformats="HWC"))
+            lambda: writer.add_image(tag, render(make_figure()), step, dataformats="HWC")
+        )
 
     def wait(self) -> None:
         """Returns once the last figure is written; raises what drawing or writing it raised."""

@@ -63,8 +63,9 @@ def main(options: PredictOptions) -> None:
     probabilities, errors = classify(loaded, paths, options.batch_size, options.num_workers)
     top_k = min(options.top_k, len(loaded.class_names))
     write_predictions(output, paths, probabilities, errors, loaded.class_names, top_k)
-    print(f"predicted {len(paths) - len(errors)} of {len(paths)} image(s), {len(errors)} unreadable; "
-          f"written to {output}")
+    print(
+        f"predicted {len(paths) - len(errors)} of {len(paths)} image(s), {len(errors)} unreadable; written to {output}"
+    )
 
 
 def check_output_file(output: Path, overwrite: bool) -> None:
@@ -118,8 +119,7 @@ class _ImageFiles(Dataset):
             return index, self.transform(load_rgb(self.paths[index])), None
         except Exception as error:  # whatever a damaged file makes Pillow raise, it is that file's problem
             reason = str(error).strip()
-            return index, None, f"{type(error).__name__}: {first_line(error)}" if reason else \
-                type(error).__name__
+            return index, None, f"{type(error).__name__}: {first_line(error)}" if reason else type(error).__name__
 
 
 def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
@@ -130,8 +130,9 @@ def _collate(items: list[tuple[int, torch.Tensor | None, str | None]]):
     return [index for index, _ in readable], images, errors
 
 
-def classify(loaded: LoadedModel, paths: Sequence[str], batch_size: int,
-             num_workers: int | None) -> tuple[torch.Tensor, dict[int, str]]:
+def classify(
+    loaded: LoadedModel, paths: Sequence[str], batch_size: int, num_workers: int | None
+) -> tuple[torch.Tensor, dict[int, str]]:
     """Class probabilities of every image, batched, through Lightning's `Trainer.predict` (eval mode, no autograd).
 
     Args:
@@ -163,8 +164,14 @@ def classify(loaded: LoadedModel, paths: Sequence[str], batch_size: int,
 
     num_workers = default_num_workers() if num_workers is None else num_workers
     dataset = _ImageFiles(paths, eval_transform(loaded.preprocessing))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=_collate, pin_memory=loaded.device.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=_collate,
+        pin_memory=loaded.device.type == "cuda",
+    )
     probabilities = torch.full((len(paths), len(loaded.class_names)), float("nan"))
     errors: dict[int, str] = {}
     with quiet_lightning():
@@ -176,8 +183,14 @@ def classify(loaded: LoadedModel, paths: Sequence[str], batch_size: int,
     return probabilities, errors
 
 
-def write_predictions(output: Path, paths: Sequence[str], probabilities: torch.Tensor, errors: dict[int, str],
-                      class_names: Sequence[str], top_k: int) -> None:
+def write_predictions(
+    output: Path,
+    paths: Sequence[str],
+    probabilities: torch.Tensor,
+    errors: dict[int, str],
+    class_names: Sequence[str],
+    top_k: int,
+) -> None:
     """Writes the CSV: path, class, probability, top2_class, top2_probability, ..., error; one row per image.
 
     It is written to a temporary file and renamed into place, so an interrupted run leaves no half CSV behind.

@@ -41,8 +41,9 @@ class TestPredictions(L.Callback):
         self._labels, self._probabilities = [], []
 
     @torch.no_grad()
-    def on_test_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int,
-                          dataloader_idx: int = 0) -> None:
+    def on_test_batch_end(
+        self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         inputs, labels = batch[0], batch[1]
         # The test step's own forward pass (images, or cached features for a point trained on them), once more:
         # the step returns only the loss.
@@ -58,8 +59,9 @@ class TestPredictions(L.Callback):
         samples = datamodule.splits["test"]
         probabilities = torch.cat(self._probabilities) if self._probabilities else torch.empty(0)
         if len(probabilities) != len(samples):  # a limited test (limit_test_batches): not the whole split
-            log.info("test_predictions.csv not written: %d predictions for %d test images", len(probabilities),
-                     len(samples))
+            log.info(
+                "test_predictions.csv not written: %d predictions for %d test images", len(probabilities), len(samples)
+            )
             return
         names = datamodule.class_names
         path = self.dirpath / "test_predictions.csv"
@@ -68,8 +70,14 @@ class TestPredictions(L.Callback):
             writer.writerow(["path", "label", "predicted", *(f"p_{name}" for name in names)])
             for (image, label), row in zip(samples, probabilities.tolist(), strict=True):
                 predicted = max(range(len(row)), key=row.__getitem__)
-                writer.writerow([os.path.relpath(image, datamodule.root), names[label], names[predicted],
-                                 *(f"{p:.5f}" for p in row)])
+                writer.writerow(
+                    [
+                        os.path.relpath(image, datamodule.root),
+                        names[label],
+                        names[predicted],
+                        *(f"{p:.5f}" for p in row),
+                    ]
+                )
         if self.latency_batch:
             latency = inference_latency(pl_module, self.latency_batch, self.latency_repeats)
             (self.dirpath / "test_latency.json").write_text(json.dumps(latency, indent=2) + "\n")
@@ -96,5 +104,9 @@ def inference_latency(pl_module, batch_size: int, repeats: int) -> dict[str, flo
         seconds = time.perf_counter() - started
     finally:
         network.train(was_training)
-    return {"time/inference_ms_per_image": 1000 * seconds / (repeats * batch_size), "batch_size": batch_size,
-            "threads": torch.get_num_threads(), "device": str(images.device)}
+    return {
+        "time/inference_ms_per_image": 1000 * seconds / (repeats * batch_size),
+        "batch_size": batch_size,
+        "threads": torch.get_num_threads(),
+        "device": str(images.device),
+    }

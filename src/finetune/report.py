@@ -37,13 +37,35 @@ from finetune.report_runs import (
 )
 from finetune.scan import STRONG_IMBALANCE
 
-__all__ = ["DONE", "FAILED", "INCOMPLETE", "PLOTS", "PointRow", "Report", "RunRow", "build_report", "find_runs",
-           "main", "newest_sweep", "read_curve", "read_run", "write_report"]
+__all__ = [
+    "DONE",
+    "FAILED",
+    "INCOMPLETE",
+    "PLOTS",
+    "PointRow",
+    "Report",
+    "RunRow",
+    "build_report",
+    "find_runs",
+    "main",
+    "newest_sweep",
+    "read_curve",
+    "read_run",
+    "write_report",
+]
 
 
 # Overrides already shown in their own column; any other override that differs between jobs is shown as `other`.
-_COLUMN_KEYS = {"model", "model.name", "strategy", "strategy.name", "strategy.unfreeze", "unfreeze", "seed",
-                "data.fold"}
+_COLUMN_KEYS = {
+    "model",
+    "model.name",
+    "strategy",
+    "strategy.name",
+    "strategy.unfreeze",
+    "unfreeze",
+    "seed",
+    "data.fold",
+}
 
 
 @dataclass
@@ -140,18 +162,25 @@ class Report:
     def data_notes(self) -> list[str]:
         """Warnings about the data: strong class imbalance, unreadable images left out."""
         notes = []
-        imbalanced = [row for row in self.rows if (row.get("data/imbalance") or 0) >= STRONG_IMBALANCE
-                      and not row.get("data/balanced")]
+        imbalanced = [
+            row
+            for row in self.rows
+            if (row.get("data/imbalance") or 0) >= STRONG_IMBALANCE and not row.get("data/balanced")
+        ]
         if imbalanced:
             worst = max(row.get("data/imbalance") for row in imbalanced)
-            notes.append(f"Strong class imbalance in {len(imbalanced)} run(s): the largest training class has up to "
-                         f"{worst:.1f}x the images of the smallest, so accuracy favours it. Compare F1 and the "
-                         "per-class accuracy (TensorBoard), and consider data.balance=sampler or "
-                         "data.balance=loss_weights.")
+            notes.append(
+                f"Strong class imbalance in {len(imbalanced)} run(s): the largest training class has up to "
+                f"{worst:.1f}x the images of the smallest, so accuracy favours it. Compare F1 and the "
+                "per-class accuracy (TensorBoard), and consider data.balance=sampler or "
+                "data.balance=loss_weights."
+            )
         skipped = [row for row in self.rows if row.get("data/skipped_files")]
         if skipped:
-            notes.append(f"{int(max(row.get('data/skipped_files') for row in skipped))} unreadable image(s) were left "
-                         f"out of {len(skipped)} run(s): see skipped_files.txt in the run folders.")
+            notes.append(
+                f"{int(max(row.get('data/skipped_files') for row in skipped))} unreadable image(s) were left "
+                f"out of {len(skipped)} run(s): see skipped_files.txt in the run folders."
+            )
         return notes
 
 
@@ -208,8 +237,9 @@ def write_report(report: Report, sweep_dir: Path, plots: bool = True) -> list[Pa
 
 def _set_other(rows: list[RunRow]) -> None:
     """Sets each row's `other`: its overrides that not every job shares, besides model, strategy, unfreeze, seed."""
-    overrides = {row.job: [item for item in _overrides(row.path) if _override_key(item) not in _COLUMN_KEYS]
-                 for row in rows}
+    overrides = {
+        row.job: [item for item in _overrides(row.path) if _override_key(item) not in _COLUMN_KEYS] for row in rows
+    }
     # Jobs without an overrides.yaml (a broken folder) say nothing about what the others share.
     known = [set(items) for items in overrides.values() if items]
     shared = set.intersection(*known) if known else set()
@@ -223,15 +253,27 @@ def _override_key(override: str) -> str:
 
 def _row_order(row: RunRow) -> tuple:
     # Shallow to deep within a model: transfer, then fine-tuning, then everything, reads as the question does.
-    return (row.model is None, row.model or "", unfreeze_order(row.unfreeze), row.strategy is None,
-            row.strategy or "", row.other, row.seed is None, row.seed or 0, row.fold or 0, natural_order(row.job))
+    return (
+        row.model is None,
+        row.model or "",
+        unfreeze_order(row.unfreeze),
+        row.strategy is None,
+        row.strategy or "",
+        row.other,
+        row.seed is None,
+        row.seed or 0,
+        row.fold or 0,
+        natural_order(row.job),
+    )
 
 
 def _problem_line(row: RunRow) -> str:
     if row.status == FAILED:
         return f"- job {row.job} ({row.label}) failed: {row.error}"
-    return (f"- job {row.job} ({row.label}) is incomplete: no metrics.json and no error in train.log "
-            "(still running, killed, or stopped without logging why)")
+    return (
+        f"- job {row.job} ({row.label}) is incomplete: no metrics.json and no error in train.log "
+        "(still running, killed, or stopped without logging why)"
+    )
 
 
 USAGE = """python -m finetune.report [sweep_dir=<folder>] [plots=false]

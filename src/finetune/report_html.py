@@ -39,8 +39,7 @@ def html_table(columns, items: list, highlight=None) -> str:
     rows = []
     for item in items:
         marked = ' class="recommended"' if highlight is not None and highlight(item) else ""
-        cells = "".join(f'<td{" class=num" if c.numeric else ""}>{html.escape(_cell(c, item))}</td>'
-                        for c in columns)
+        cells = "".join(f"<td{' class=num' if c.numeric else ''}>{html.escape(_cell(c, item))}</td>" for c in columns)
         rows.append(f"<tr{marked}>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
@@ -57,17 +56,22 @@ def _study_section(study) -> list[str]:
     parts.append(f'<h2>Verdict</h2><div class="verdict{" undecided" if undecided else ""}">{paragraphs}</div>')
     for group in study.groups:
         title = f" ({html.escape(group.title)})" if len(study.groups) > 1 else ""
-        parts.append(f"<h2>Points{title}</h2><div class=runs>"
-                     + html_table(STUDY_COLUMNS, group.points, lambda s, g=group: s is g.recommended) + "</div>")
+        parts.append(
+            f"<h2>Points{title}</h2><div class=runs>"
+            + html_table(STUDY_COLUMNS, group.points, lambda s, g=group: s is g.recommended)
+            + "</div>"
+        )
         comparisons = group.comparisons
         if comparisons:
             parts.append(f"<h2>Paired comparisons{title}</h2>" + html_table(COMPARISON_COLUMNS, comparisons))
     unit = "folds" if study.design == "folds" else "test images"
-    parts.append(f'<p class="note">Statistics: {html.escape(study.method)}. Accuracy and macro-F1 are in percent, '
-                 f"means over {unit}, with 95% intervals; n is the number of {unit}. Train s: mean fit time per "
-                 "run; inference ms/img: the whole network in eval mode (the same network at every depth). "
-                 "Converged: runs that stopped because the validation loss stopped improving, not at the epoch "
-                 "cap.</p>")
+    parts.append(
+        f'<p class="note">Statistics: {html.escape(study.method)}. Accuracy and macro-F1 are in percent, '
+        f"means over {unit}, with 95% intervals; n is the number of {unit}. Train s: mean fit time per "
+        "run; inference ms/img: the whole network in eval mode (the same network at every depth). "
+        "Converged: runs that stopped because the validation loss stopped improving, not at the epoch "
+        "cap.</p>"
+    )
     return parts
 
 
@@ -77,24 +81,32 @@ def write_html(report, path: Path, figures: list[Path]) -> Path:
     if report.study is not None:
         parts += _study_section(report.study)
     else:
-        parts.append('<p class="note">No verdict: no finished run with a test split (and, for one fixed split, '
-                     "test_predictions.csv) yet.</p>")
+        parts.append(
+            '<p class="note">No verdict: no finished run with a test split (and, for one fixed split, '
+            "test_predictions.csv) yet.</p>"
+        )
     problems = report.problems()
     if problems:
         items = "".join(f"<li>{html.escape(line.removeprefix('- '))}</li>" for line in problems)
-        parts.append(f'<h2>Missing from the results</h2><ul class="missing">{items}</ul>'
-                     '<p class="note">The verdict above is over the runs that finished.</p>')
+        parts.append(
+            f'<h2>Missing from the results</h2><ul class="missing">{items}</ul>'
+            '<p class="note">The verdict above is over the runs that finished.</p>'
+        )
     notes = report.data_notes()
     if notes:
         parts.append("<h2>Data</h2>" + "".join(f"<p>{html.escape(note)}</p>" for note in notes))
     if figures:
         parts.append("<h2>Plots</h2>" + "".join(_image(figure) for figure in figures))
     if any(len(point.runs) > 1 for point in report.points):
-        parts.append("<h2>Every point: mean ± standard deviation over its runs</h2><div class=runs>"
-                     + html_table(_POINT_COLUMNS, report.points) + "</div>")
+        parts.append(
+            "<h2>Every point: mean ± standard deviation over its runs</h2><div class=runs>"
+            + html_table(_POINT_COLUMNS, report.points)
+            + "</div>"
+        )
     parts.append("<h2>Every run</h2><div class=runs>" + html_table(_RUN_COLUMNS, report.rows) + "</div>")
-    page = ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Study report</title>"
-            f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n")
+    page = (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>Study report</title>"
+        f"<style>{_STYLE}</style></head><body>{''.join(parts)}</body></html>\n"
+    )
     path.write_text(page, encoding="utf-8")
     return path
-

@@ -15,9 +15,15 @@ from matplotlib.ticker import MaxNLocator
 
 from finetune.report_tables import trainable_params
 
-PLOTS = ("pareto_accuracy_vs_training_time.png", "acc_vs_unfreeze.png", "confusion_pooled.png",
-         "val_acc_per_epoch.png", "acc_vs_trainable_params.png")
+PLOTS = (
+    "pareto_accuracy_vs_training_time.png",
+    "acc_vs_unfreeze.png",
+    "confusion_pooled.png",
+    "val_acc_per_epoch.png",
+    "acc_vs_trainable_params.png",
+)
 DONE = "done"
+
 
 def write_plots(report, sweep_dir: Path) -> list[Path]:
     """Draws every plot of PLOTS into sweep_dir; returns their paths."""
@@ -42,13 +48,22 @@ def _accuracy_name(key: str) -> str:
 def _plot_curves(report, figure: Figure) -> None:
     """Validation accuracy per epoch, one line per run; the seeds of one point share a colour, not a line style."""
     axes = figure.subplots()
-    styles = {run.job: (f"C{index % 10}", ("-", "--", ":", "-.")[number % 4])
-              for index, point in enumerate(report.points) for number, run in enumerate(point.runs)}
+    styles = {
+        run.job: (f"C{index % 10}", ("-", "--", ":", "-.")[number % 4])
+        for index, point in enumerate(report.points)
+        for number, run in enumerate(point.runs)
+    }
     runs = [row for row in report.rows if row.val_acc_curve]
     for row in runs:
         colour, linestyle = styles[row.job]
-        axes.plot(range(len(row.val_acc_curve)), row.val_acc_curve, marker="o", color=colour, linestyle=linestyle,
-                  label=f"{row.label} ({row.status})" if row.status != DONE else row.label)
+        axes.plot(
+            range(len(row.val_acc_curve)),
+            row.val_acc_curve,
+            marker="o",
+            color=colour,
+            linestyle=linestyle,
+            label=f"{row.label} ({row.status})" if row.status != DONE else row.label,
+        )
     if not runs:
         _no_data(axes, "validation curves")
     else:
@@ -64,8 +79,11 @@ def _plot_acc_vs_unfreeze(report, figure: Figure) -> None:
     axes = figure.subplots()
     key = report.accuracy_key
     intervals = _intervals(report)
-    points = [point for point in report.points if point.mean(key) is not None
-              and (isinstance(point.unfreeze, int) or point.unfreeze == "all")]
+    points = [
+        point
+        for point in report.points
+        if point.mean(key) is not None and (isinstance(point.unfreeze, int) or point.unfreeze == "all")
+    ]
     depths = sorted({point.unfreeze for point in points if isinstance(point.unfreeze, int)})
     all_at = depths[-1] + 1 if depths else 0
 
@@ -89,8 +107,9 @@ def _plot_acc_vs_unfreeze(report, figure: Figure) -> None:
         ticks = depths + (["all"] if any(point.unfreeze == "all" for point in points) else [])
         axes.set_xticks([x_of(tick) for tick in ticks], [str(tick) for tick in ticks])
         axes.legend(fontsize="small")
-    axes.set(title=f"{_accuracy_name(key).capitalize()} vs unfreeze depth", xlabel="unfreeze (blocks trained)",
-             ylabel=key)
+    axes.set(
+        title=f"{_accuracy_name(key).capitalize()} vs unfreeze depth", xlabel="unfreeze (blocks trained)", ylabel=key
+    )
     axes.grid(alpha=0.3)
 
 
@@ -109,16 +128,21 @@ def _plot_acc_vs_params(report, figure: Figure) -> None:
         errors = _error_bars(members, ys, intervals, key)
         axes.errorbar(xs, ys, yerr=errors, marker="o", linestyle="none", capsize=4, label=str(model))
         for x, y, point in zip(xs, ys, members, strict=True):
-            axes.annotate(f"{point.strategy} ({point.unfreeze})", (x, y), textcoords="offset points",
-                          xytext=(5, 5), fontsize=8)
+            axes.annotate(
+                f"{point.strategy} ({point.unfreeze})", (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8
+            )
     if not points:
         _no_data(axes, "finished runs")
     else:
         axes.set_xscale("log")
         axes.legend(fontsize="small")
-    axes.set(title=f"{_accuracy_name(key).capitalize()} vs trainable parameters",
-             xlabel="trainable parameters (log scale)", ylabel=key)
+    axes.set(
+        title=f"{_accuracy_name(key).capitalize()} vs trainable parameters",
+        xlabel="trainable parameters (log scale)",
+        ylabel=key,
+    )
     axes.grid(alpha=0.3, which="both")
+
 
 def _intervals(report) -> dict[int, object]:
     """id(PointRow) -> its study statistics (accuracy with interval), where the report has a study."""
@@ -157,23 +181,36 @@ def _plot_pareto(report, figure: Figure) -> None:
         low = [100 * (s.acc.mean - s.acc.low) if np.isfinite(s.acc.low) else 0 for s in points]
         high = [100 * (s.acc.high - s.acc.mean) if np.isfinite(s.acc.high) else 0 for s in points]
         colour = f"C{index % 10}"
-        axes.errorbar(xs, ys, yerr=[low, high], marker="o", linestyle="none", capsize=4, color=colour,
-                      label=group.title)
-        front = sorted((x, y) for x, y in zip(xs, ys, strict=True)
-                       if not any(x2 <= x and y2 > y or x2 < x and y2 >= y for x2, y2 in zip(xs, ys, strict=True)))
+        axes.errorbar(
+            xs, ys, yerr=[low, high], marker="o", linestyle="none", capsize=4, color=colour, label=group.title
+        )
+        front = sorted(
+            (x, y)
+            for x, y in zip(xs, ys, strict=True)
+            if not any(x2 <= x and y2 > y or x2 < x and y2 >= y for x2, y2 in zip(xs, ys, strict=True))
+        )
         if len(front) > 1:
             axes.plot(*zip(*front, strict=True), color=colour, alpha=0.4, linestyle="--")
         for x, y, s in zip(xs, ys, points, strict=True):
-            axes.annotate(f"unfreeze={s.point.unfreeze}", (x, y), textcoords="offset points", xytext=(6, 4),
-                          fontsize=8)
+            axes.annotate(f"unfreeze={s.point.unfreeze}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
             if s is group.recommended:
-                axes.scatter([x], [y], s=250, facecolors="none", edgecolors="black", zorder=3,
-                             label="recommended" if index == 0 else None)
+                axes.scatter(
+                    [x],
+                    [y],
+                    s=250,
+                    facecolors="none",
+                    edgecolors="black",
+                    zorder=3,
+                    label="recommended" if index == 0 else None,
+                )
     if any(s.point.mean("time/fit_seconds") for g in study.groups for s in g.points):
         axes.set_xscale("log")
     axes.legend(fontsize="small")
-    axes.set(title="Accuracy (95% CI) against training cost", xlabel="training seconds per run (log scale)",
-             ylabel="test accuracy %")
+    axes.set(
+        title="Accuracy (95% CI) against training cost",
+        xlabel="training seconds per run (log scale)",
+        ylabel="test accuracy %",
+    )
     axes.grid(alpha=0.3, which="both")
 
 
@@ -197,13 +234,23 @@ def _plot_confusion(report, figure: Figure) -> None:
                 matrix[index[label], index[predicted]] += 1
         axes.imshow(matrix, cmap="Blues")
         for (i, j), count in np.ndenumerate(matrix):
-            axes.text(j, i, str(count), ha="center", va="center", fontsize=8,
-                      color="white" if count > matrix.max() / 2 else "black")
+            axes.text(
+                j,
+                i,
+                str(count),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if count > matrix.max() / 2 else "black",
+            )
         axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
         axes.set_yticks(range(len(classes)), classes, fontsize=7)
-        axes.set_title(f"unfreeze={stats.point.unfreeze}" + (" (recommended)" if any(
-            stats is g.recommended for g in study.groups) else ""), fontsize=9)
+        axes.set_title(
+            f"unfreeze={stats.point.unfreeze}"
+            + (" (recommended)" if any(stats is g.recommended for g in study.groups) else ""),
+            fontsize=9,
+        )
         axes.set(xlabel="predicted", ylabel="true")
-    for axes in all_axes[len(points):]:
+    for axes in all_axes[len(points) :]:
         axes.axis("off")
     figure.suptitle("Confusion matrices, every test prediction pooled (out-of-fold for k-fold)", fontsize=10)

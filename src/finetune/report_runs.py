@@ -86,8 +86,10 @@ def find_runs(path: Path) -> list[Path]:
         return [path]
     runs = [child for child in path.iterdir() if (child / ".hydra").is_dir()]
     if not runs:
-        raise UsageError(f"{path} holds no runs (no sub-folder with .hydra/): pass the folder of a sweep, "
-                         "multirun/<date>/<time>, written by `python train.py -m ...`")
+        raise UsageError(
+            f"{path} holds no runs (no sub-folder with .hydra/): pass the folder of a sweep, "
+            "multirun/<date>/<time>, written by `python train.py -m ...`"
+        )
     return sorted(runs, key=lambda run: natural_order(run.name))
 
 
@@ -99,8 +101,10 @@ def newest_sweep(root: Path = Path("multirun")) -> Path:
     """
     sweeps = [path.parent for path in root.rglob("multirun.yaml")] if root.is_dir() else []
     if not sweeps:
-        raise UsageError(f"no sweep under {root}/: pass SWEEP_DIR, or run one first, e.g. "
-                         "`python train.py -m strategy=transfer,finetune`")
+        raise UsageError(
+            f"no sweep under {root}/: pass SWEEP_DIR, or run one first, e.g. "
+            "`python train.py -m strategy=transfer,finetune`"
+        )
     return max(sweeps, key=lambda sweep: ((sweep / "multirun.yaml").stat().st_mtime, str(sweep)))
 
 
@@ -114,7 +118,8 @@ def not_started(sweep_dir: Path, runs: list[Path]) -> list[str]:
     config = _load_yaml(sweep_dir / "multirun.yaml")
     # Only Hydra's basic sweeper runs a planned grid; others (Optuna) choose their trials as they go.
     if not isinstance(config, DictConfig) or "BasicSweeper" not in str(
-            OmegaConf.select(config, "hydra.sweeper._target_", default="BasicSweeper")):
+        OmegaConf.select(config, "hydra.sweeper._target_", default="BasicSweeper")
+    ):
         return []
     params = dict(OmegaConf.select(config, "hydra.sweeper.params", default=None) or {})
     for item in OmegaConf.select(config, "hydra.overrides.task", default=None) or []:
@@ -129,8 +134,11 @@ def not_started(sweep_dir: Path, runs: list[Path]) -> list[str]:
         return []
     started = {frozenset(_overrides(run)) for run in runs}
     planned = [[f"{key}={value}" for value in values] for key, values in swept]
-    return [" ".join(combination) for combination in product(*planned)
-            if not any(set(combination) <= done for done in started)]
+    return [
+        " ".join(combination)
+        for combination in product(*planned)
+        if not any(set(combination) <= done for done in started)
+    ]
 
 
 def read_run(path: Path) -> RunRow:

@@ -37,8 +37,9 @@ def _one_decimal(value: object) -> str:
     return f"{value:.1f}"
 
 
-def _metric(header: str, csv_name: str, key: str, shown: Callable[[object], str] = _accuracy,
-            in_text: bool = True) -> _Column:
+def _metric(
+    header: str, csv_name: str, key: str, shown: Callable[[object], str] = _accuracy, in_text: bool = True
+) -> _Column:
     return _Column(header, csv_name, lambda row: row.get(key), shown, numeric=True, in_text=in_text)
 
 
@@ -90,6 +91,7 @@ def _mean_std(key: str, shown: Callable[[object], str]) -> Callable[[object], st
         if mean is None:
             return None
         return shown(mean) if std is None else f"{shown(mean)} ± {shown(std)}"
+
     return value
 
 
@@ -111,9 +113,14 @@ _POINT_CSV_COLUMNS = (
     _Column("runs", "runs", lambda point: len(point.runs)),
     _Column("seeds", "seeds", lambda point: " ".join(str(seed) for seed in point.seeds)),
     _Column("trainable params", "trainable_params", trainable_params),
-    *(column for _, csv_name, key, _ in _AGGREGATED for column in (
-        _Column(csv_name, f"{csv_name}_mean", lambda point, key=key: point.mean(key)),
-        _Column(csv_name, f"{csv_name}_std", lambda point, key=key: point.std(key)))),
+    *(
+        column
+        for _, csv_name, key, _ in _AGGREGATED
+        for column in (
+            _Column(csv_name, f"{csv_name}_mean", lambda point, key=key: point.mean(key)),
+            _Column(csv_name, f"{csv_name}_std", lambda point, key=key: point.std(key)),
+        )
+    ),
 )
 
 
@@ -124,18 +131,29 @@ def _cell(column: _Column, item: object) -> str:
 
 def markdown_table(columns: Iterable[_Column], items: list) -> str:
     """A Markdown table padded to line up in a terminal too; numbers right-aligned."""
-    columns = [column for column in columns if column.in_text
-               and not (column.optional and all(column.value(item) in (None, "") for item in items))]
+    columns = [
+        column
+        for column in columns
+        if column.in_text and not (column.optional and all(column.value(item) in (None, "") for item in items))
+    ]
     cells = [[_cell(column, item) for column in columns] for item in items]
     widths = [max([len(column.header), 3, *(len(row[i]) for row in cells)]) for i, column in enumerate(columns)]
 
     def line(values: list[str]) -> str:
-        padded = [value.rjust(width) if column.numeric else value.ljust(width)
-                  for value, width, column in zip(values, widths, columns, strict=True)]
+        padded = [
+            value.rjust(width) if column.numeric else value.ljust(width)
+            for value, width, column in zip(values, widths, columns, strict=True)
+        ]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(("-" * (width + 1) + ":") if column.numeric else "-" * (width + 2)
-                          for width, column in zip(widths, columns, strict=True)) + "|"
+    rule = (
+        "|"
+        + "|".join(
+            ("-" * (width + 1) + ":") if column.numeric else "-" * (width + 2)
+            for width, column in zip(widths, columns, strict=True)
+        )
+        + "|"
+    )
     return "\n".join([line([column.header for column in columns]), rule, *(line(row) for row in cells)])
 
 
@@ -147,7 +165,9 @@ def _write_csv(path: Path, columns: Iterable[_Column], items: list) -> None:
         for item in items:
             writer.writerow(["" if (value := column.value(item)) is None else value for column in columns])
 
+
 # The study's tables: one row per point with its interval and cost, one per paired comparison.
+
 
 def _percent(estimate: Estimate | None) -> str:
     if estimate is None:
@@ -197,8 +217,10 @@ def study_markdown(study) -> str:
         comparisons = group.comparisons
         if comparisons:
             parts.append(f"## Paired comparisons{title}\n\n" + markdown_table(COMPARISON_COLUMNS, comparisons))
-    parts.append(f"Statistics: {study.method}. Accuracy and F1 are means over "
-                 f"{'folds' if study.design == 'folds' else 'test images'}; train s is the mean fit time per run.")
+    parts.append(
+        f"Statistics: {study.method}. Accuracy and F1 are means over "
+        f"{'folds' if study.design == 'folds' else 'test images'}; train s is the mean fit time per run."
+    )
     return "\n\n".join(parts)
 
 
@@ -211,8 +233,10 @@ def report_markdown(report) -> str:
         parts.append("Missing from the results:\n\n" + "\n".join(problems))
     parts.extend(report.data_notes())
     if any(len(point.runs) > 1 for point in report.points):
-        parts.append("Mean ± standard deviation over seeds and folds, n finished runs per point:\n\n"
-                     + markdown_table(_POINT_COLUMNS, report.points))
+        parts.append(
+            "Mean ± standard deviation over seeds and folds, n finished runs per point:\n\n"
+            + markdown_table(_POINT_COLUMNS, report.points)
+        )
     return "\n\n".join(parts)
 
 
@@ -226,12 +250,41 @@ def write_tables(report, sweep_dir: Path) -> list[Path]:
         rows = [(group, stats) for group in report.study.groups for stats in group.points]
         with open(path, "w", newline="") as file:
             writer = csv.writer(file)
-            writer.writerow(["group", "point", "unfreeze", "n", "acc", "acc_low", "acc_high", "f1", "f1_low",
-                             "f1_high", "fit_seconds", "trainable_params", "recommended"])
+            writer.writerow(
+                [
+                    "group",
+                    "point",
+                    "unfreeze",
+                    "n",
+                    "acc",
+                    "acc_low",
+                    "acc_high",
+                    "f1",
+                    "f1_low",
+                    "f1_high",
+                    "fit_seconds",
+                    "trainable_params",
+                    "recommended",
+                ]
+            )
             for group, s in rows:
                 f1 = s.f1 or Estimate(float("nan"), float("nan"), float("nan"))
-                writer.writerow([group.title, s.name, s.point.unfreeze, s.acc.n, s.acc.mean, s.acc.low, s.acc.high,
-                                 f1.mean, f1.low, f1.high, s.point.mean("time/fit_seconds"), trainable_params(s.point),
-                                 s is group.recommended])
+                writer.writerow(
+                    [
+                        group.title,
+                        s.name,
+                        s.point.unfreeze,
+                        s.acc.n,
+                        s.acc.mean,
+                        s.acc.low,
+                        s.acc.high,
+                        f1.mean,
+                        f1.low,
+                        f1.high,
+                        s.point.mean("time/fit_seconds"),
+                        trainable_params(s.point),
+                        s is group.recommended,
+                    ]
+                )
         written.append(path)
     return written

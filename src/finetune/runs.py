@@ -42,8 +42,10 @@ class RefuseToOverwrite(HydraCallback):
         run_dir = Path(config.hydra.run.dir)
         found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
         if found:
-            _stop(f"hydra.run.dir={run_dir} already holds a run ({', '.join(found)}); pass another hydra.run.dir, "
-                  "or add ckpt_path=last to resume that run")
+            _stop(
+                f"hydra.run.dir={run_dir} already holds a run ({', '.join(found)}); pass another hydra.run.dir, "
+                "or add ckpt_path=last to resume that run"
+            )
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -51,8 +53,10 @@ class RefuseToOverwrite(HydraCallback):
         if "${now:" in str(OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"]):
             return
         if sweep_dir.is_dir() and any((entry / ".hydra").is_dir() for entry in sweep_dir.iterdir()):
-            _stop(f"hydra.sweep.dir={sweep_dir} already holds a sweep's runs; pass another hydra.sweep.dir (the "
-                  "default, multirun/<date>/<time>, is new for every sweep)")
+            _stop(
+                f"hydra.sweep.dir={sweep_dir} already holds a sweep's runs; pass another hydra.sweep.dir (the "
+                "default, multirun/<date>/<time>, is new for every sweep)"
+            )
 
 
 def _stop(message: str) -> None:
@@ -98,8 +102,11 @@ def resume_from(ckpt_path: str | None, output_dir: Path) -> str | None:
         return None
     path = output_dir / "checkpoints" / "last.ckpt" if ckpt_path == "last" else Path(ckpt_path).expanduser()
     if not path.is_file():
-        hint = ("pass hydra.run.dir=<the run to resume> with ckpt_path=last" if ckpt_path == "last"
-                else "pass ckpt_path=<an existing .ckpt file> or ckpt_path=last")
+        hint = (
+            "pass hydra.run.dir=<the run to resume> with ckpt_path=last"
+            if ckpt_path == "last"
+            else "pass ckpt_path=<an existing .ckpt file> or ckpt_path=last"
+        )
         raise UsageError(f"no checkpoint to resume at {path}: {hint}")
     check_loadable(path)
     log.info("resuming from %s", path)
@@ -122,11 +129,17 @@ def check_loadable(path: Path) -> None:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         reason = lines[0] if lines else type(error).__name__
         if isinstance(error, pickle.UnpicklingError):
-            reason = ("it holds more than tensors and plain values (a pickle that may run code), which "
-                      f"weights_only loading refuses: {reason}")
-        raise UsageError(f"cannot resume from {path}: {reason}; pass ckpt_path=<a checkpoint this project "
-                         "saved> (checkpoints/last.ckpt of the run) or ckpt_path=last") from error
+            reason = (
+                "it holds more than tensors and plain values (a pickle that may run code), which "
+                f"weights_only loading refuses: {reason}"
+            )
+        raise UsageError(
+            f"cannot resume from {path}: {reason}; pass ckpt_path=<a checkpoint this project "
+            "saved> (checkpoints/last.ckpt of the run) or ckpt_path=last"
+        ) from error
     if not isinstance(checkpoint, dict) or not {"state_dict", "loops", "optimizer_states"} <= checkpoint.keys():
-        raise UsageError(f"cannot resume from {path}: it is not a training checkpoint (no training state in it); "
-                         "pass ckpt_path=<a checkpoint this project saved> (checkpoints/last.ckpt of the run) or "
-                         "ckpt_path=last")
+        raise UsageError(
+            f"cannot resume from {path}: it is not a training checkpoint (no training state in it); "
+            "pass ckpt_path=<a checkpoint this project saved> (checkpoints/last.ckpt of the run) or "
+            "ckpt_path=last"
+        )

@@ -59,8 +59,15 @@ class EpochShuffler(DistributedSampler):
     samples this process had already trained on, and still counts as a whole epoch in `len()`.
     """
 
-    def __init__(self, size: int, seed: int, keyed: bool = False, weights: Sequence[float] | None = None,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        keyed: bool = False,
+        weights: Sequence[float] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.size, self.keyed = size, keyed
         self.weights = torch.as_tensor(weights, dtype=torch.float64) if weights is not None else None
@@ -82,17 +89,23 @@ class EpochShuffler(DistributedSampler):
         else:
             order = torch.multinomial(self.weights, self.size, replacement=True, generator=generator).tolist()
         if self.total_size > self.size:
-            order += (order * math.ceil(self.total_size / max(1, self.size)))[:self.total_size - self.size]
-        mine = order[self.rank:self.total_size:self.num_replicas]
-        mine, self.skip = mine[self.skip:], 0
+            order += (order * math.ceil(self.total_size / max(1, self.size)))[: self.total_size - self.size]
+        mine = order[self.rank : self.total_size : self.num_replicas]
+        mine, self.skip = mine[self.skip :], 0
         return iter([(index, self.epoch) for index in mine] if self.keyed else mine)
 
 
 class ViewSampler(EpochShuffler):
     """Each epoch, every image once, in the EpochShuffler order, from view (epoch mod K)."""
 
-    def __init__(self, dataset: ViewDataset, seed: int, weights: Sequence[float] | None = None,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(
+        self,
+        dataset: ViewDataset,
+        seed: int,
+        weights: Sequence[float] | None = None,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
         super().__init__(dataset.size, seed, weights=weights, num_replicas=num_replicas, rank=rank)
         self.views = dataset.views
 

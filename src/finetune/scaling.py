@@ -42,19 +42,25 @@ def check_distributed(trainer: L.Trainer, splits: dict[str, list], sync_batchnor
     if processes == 1:
         return
     if sync_batchnorm and trainer.strategy.root_device.type == "cpu":
-        raise UsageError("trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on the CPU; "
-                         "drop it for trainer=ddp_cpu")
+        raise UsageError(
+            "trainer.sync_batchnorm=true needs GPUs: torch's SyncBatchNorm does not run on the CPU; "
+            "drop it for trainer=ddp_cpu"
+        )
     started_by_cluster = trainer.strategy.cluster_environment.creates_processes_externally
     if os.environ.get("SUBMITIT_EXECUTOR") == "local" and not started_by_cluster:
-        raise UsageError(f"trainer.devices={trainer.num_devices} under hydra/launcher=local: Lightning cannot start "
-                         "the other processes of a job from inside a submitit job; sweep DDP jobs with the default "
-                         "launcher (one job after the other) or hydra/launcher=slurm (one task per GPU)")
+        raise UsageError(
+            f"trainer.devices={trainer.num_devices} under hydra/launcher=local: Lightning cannot start "
+            "the other processes of a job from inside a submitit job; sweep DDP jobs with the default "
+            "launcher (one job after the other) or hydra/launcher=slurm (one task per GPU)"
+        )
     # Evaluation shards are not padded with repeated images, so every process needs at least one image of each.
     for split in ("val", "test"):
         count = len(splits[split])
         if 0 < count < processes:
-            raise UsageError(f"the {split} split has {count} image(s), fewer than the {processes} processes of "
-                             "this run: each evaluates its own share; add images or lower trainer.devices")
+            raise UsageError(
+                f"the {split} split has {count} image(s), fewer than the {processes} processes of "
+                "this run: each evaluates its own share; add images or lower trainer.devices"
+            )
 
 
 @contextmanager

@@ -54,8 +54,13 @@ def unreadable_images(paths: Sequence[str], cache_file: Path | None, threads: in
             found = list(pool.map(why_unreadable, to_check))
         verdicts.update(zip(to_check, found, strict=True))
         _write_cache(cache_file, cached, verdicts)
-    log.info("data scan: %d image(s), %d decoded now, %d known from an earlier scan (%s)", len(paths),
-             len(to_check), len(paths) - len(to_check), cache_file)
+    log.info(
+        "data scan: %d image(s), %d decoded now, %d known from an earlier scan (%s)",
+        len(paths),
+        len(to_check),
+        len(paths) - len(to_check),
+        cache_file,
+    )
     return {path: verdicts[path] for path in paths if verdicts[path] is not None}
 
 
@@ -66,8 +71,10 @@ def why_unreadable(path: str) -> str | None:
             return "empty file (0 bytes)"
         load_rgb(path)
     except Image.DecompressionBombError:
-        return (f"too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's "
-                "decompression-bomb limit): downscale it")
+        return (
+            f"too large to decode safely (over {2 * Image.MAX_IMAGE_PIXELS:,} pixels, Pillow's "
+            "decompression-bomb limit): downscale it"
+        )
     except UnidentifiedImageError:
         return "not an image (unknown format or damaged header)"
     except OSError as error:

@@ -78,8 +78,13 @@ def corrected_t(values: Sequence[float], n_train: float, n_test: float, confiden
     return Estimate(mean, mean - critical * scale, mean + critical * scale, p, k)
 
 
-def bootstrap(statistic: Callable[[np.ndarray], float], n: int, confidence: float = CONFIDENCE,
-              resamples: int = RESAMPLES, seed: int = 0) -> Estimate:
+def bootstrap(
+    statistic: Callable[[np.ndarray], float],
+    n: int,
+    confidence: float = CONFIDENCE,
+    resamples: int = RESAMPLES,
+    seed: int = 0,
+) -> Estimate:
     """A percentile bootstrap interval of `statistic` over n items (test images) drawn with replacement.
 
     Args:

@@ -22,9 +22,9 @@ from finetune.stats import Estimate, bootstrap, corrected_t, images_to_resolve, 
 FOLDS, SPLIT = "folds", "split"
 METHODS = {
     FOLDS: "corrected resampled t-test over folds (Nadeau & Bengio 2003; Bouckaert & Frank 2004): variance "
-           "(1/k + n_test/n_train) s^2, t with k-1 degrees of freedom; paired over the same folds",
+    "(1/k + n_test/n_train) s^2, t with k-1 degrees of freedom; paired over the same folds",
     SPLIT: "percentile bootstrap over test images (2,000 resamples); paired comparisons on the same images, "
-           "p-values from McNemar's exact test (one seed) or the paired bootstrap (several seeds)",
+    "p-values from McNemar's exact test (one seed) or the paired bootstrap (several seeds)",
 }
 
 
@@ -122,11 +122,18 @@ def _point_stats(point, design: str) -> PointStats | None:
         for run in runs:
             by_fold.setdefault(run.fold, []).append(run)
         acc = {fold: statistics.fmean(r.get("test/acc") for r in rs) for fold, rs in by_fold.items()}
-        f1 = [statistics.fmean(r.get("test/f1") for r in rs) for rs in by_fold.values()
-              if all(r.get("test/f1") is not None for r in rs)]
+        f1 = [
+            statistics.fmean(r.get("test/f1") for r in rs)
+            for rs in by_fold.values()
+            if all(r.get("test/f1") is not None for r in rs)
+        ]
         n_train, n_test = _sizes(runs)
-        stats = PointStats(point, _clipped(corrected_t(list(acc.values()), n_train, n_test)),
-                           _clipped(corrected_t(f1, n_train, n_test)) if len(f1) == len(acc) else None, acc)
+        stats = PointStats(
+            point,
+            _clipped(corrected_t(list(acc.values()), n_train, n_test)),
+            _clipped(corrected_t(f1, n_train, n_test)) if len(f1) == len(acc) else None,
+            acc,
+        )
         stats.predictions = [p for run in runs for p in _read_predictions(run.path)]
         return stats
     predictions = [_read_predictions(run.path) for run in runs]
@@ -156,8 +163,11 @@ def _bootstrap_f1(predictions: list[list[tuple[str, str, str]]], images: list[st
     index = {name: i for i, name in enumerate(classes)}
     position = {path: i for i, path in enumerate(images)}
     # One row per (image, seed): a resample draws images, each with every seed's prediction.
-    rows = [(position[path], index[label], index.get(predicted, -1)) for run in predictions
-            for path, label, predicted in run]
+    rows = [
+        (position[path], index[label], index.get(predicted, -1))
+        for run in predictions
+        for path, label, predicted in run
+    ]
     image_of, labels, predicted = (np.array(column) for column in zip(*rows, strict=True))
     by_image = [np.flatnonzero(image_of == i) for i in range(len(images))]
 
@@ -208,8 +218,18 @@ def _group(title: str, points: list[PointStats], design: str, report, titled: bo
     not_worse = [best] + [c.point for c in vs_best if not c.difference.significant]
     recommended = min(not_worse, key=_cost_order)
     undecided = len(ready) > 1 and not any(c.difference.significant for c in vs_transfer + vs_best)
-    group = Group(title, points, transfer, best, recommended, vs_transfer, vs_best, undecided, "",
-                  [p for p in points if p not in ready])
+    group = Group(
+        title,
+        points,
+        transfer,
+        best,
+        recommended,
+        vs_transfer,
+        vs_best,
+        undecided,
+        "",
+        [p for p in points if p not in ready],
+    )
     group.verdict = _verdict(group, design, report, titled)
     if group.waiting:
         names = ", ".join(f"{p.name} ({p.acc.n} fold{'s' if p.acc.n != 1 else ''})" for p in group.waiting)
@@ -242,8 +262,10 @@ def _verdict(group: Group, design: str, report, titled: bool) -> str:
     recommended, best, transfer = group.recommended, group.best, group.transfer
     if len(group.points) - len(group.waiting) == 1:
         only = best
-        return (f"{title}Only one point has enough finished runs ({only.name}): {100 * only.acc.mean:.1f}% accuracy "
-                f"({interval_text(only.acc)}); nothing to compare it with yet.")
+        return (
+            f"{title}Only one point has enough finished runs ({only.name}): {100 * only.acc.mean:.1f}% accuracy "
+            f"({interval_text(only.acc)}); nothing to compare it with yet."
+        )
     if group.undecided:
         reference = transfer or min((p for p in group.points if p not in group.waiting), key=_cost_order)
         widest = compare(best, reference, design) if best is not reference else group.vs_best[0]
@@ -253,31 +275,51 @@ def _verdict(group: Group, design: str, report, titled: bool) -> str:
         needed = images_to_resolve(n_images, d.half_width, target) if n_images else None
         if design == FOLDS and d.n < 3:
             needed = None  # the t-quantile at 1 degree of freedom, not the data, makes that interval wide
-        more = (f" With {d.n} folds compared the interval is wide by construction (t with {d.n - 1} degree of "
-                "freedom); the remaining folds will narrow it.") if design == FOLDS and d.n < 3 else ""
-        more += (f" To resolve a difference of {100 * target:.1f} points would take roughly {_rounded(needed):,} "
+        more = (
+            (
+                f" With {d.n} folds compared the interval is wide by construction (t with {d.n - 1} degree of "
+                "freedom); the remaining folds will narrow it."
+            )
+            if design == FOLDS and d.n < 3
+            else ""
+        )
+        more += (
+            (
+                f" To resolve a difference of {100 * target:.1f} points would take roughly {_rounded(needed):,} "
                 f"images instead of the {n_images:,} here (assuming the interval narrows as 1/sqrt(images); more "
-                "folds of the same images narrow it little).") if needed else ""
-        return (f"{title}The data cannot decide: no depth is significantly better or worse than another. "
-                f"The largest difference, {widest.point.name} against {widest.other.name}, is "
-                f"{points_text(d.mean)} points ({interval_text(d)}).{more} Until then the cheapest is the safe "
-                f"choice. Recommended: unfreeze={recommended.point.unfreeze}.")
+                "folds of the same images narrow it little)."
+            )
+            if needed
+            else ""
+        )
+        return (
+            f"{title}The data cannot decide: no depth is significantly better or worse than another. "
+            f"The largest difference, {widest.point.name} against {widest.other.name}, is "
+            f"{points_text(d.mean)} points ({interval_text(d)}).{more} Until then the cheapest is the safe "
+            f"choice. Recommended: unfreeze={recommended.point.unfreeze}."
+        )
     sentences = []
     if recommended is transfer:
         if best is transfer:
-            sentences.append(f"Transfer learning (the head alone) is the most accurate point: "
-                             f"{100 * best.acc.mean:.1f}% ({interval_text(best.acc)}).")
+            sentences.append(
+                f"Transfer learning (the head alone) is the most accurate point: "
+                f"{100 * best.acc.mean:.1f}% ({interval_text(best.acc)})."
+            )
         else:
             d = next(c for c in group.vs_transfer if c.point is best).difference
-            sentences.append(f"Fine-tuning is not significantly better than transfer learning: the best point, "
-                             f"{best.name}, is {points_text(d.mean)} points ({interval_text(d)})"
-                             f"{_times(best, transfer)}.")
+            sentences.append(
+                f"Fine-tuning is not significantly better than transfer learning: the best point, "
+                f"{best.name}, is {points_text(d.mean)} points ({interval_text(d)})"
+                f"{_times(best, transfer)}."
+            )
     else:
         if transfer is not None:
             d = next(c for c in group.vs_transfer if c.point is recommended).difference
             verb = "beats" if d.significant and d.mean > 0 else "is not significantly better than"
-            sentences.append(f"Fine-tuning with {recommended.name} {verb} transfer learning by {points_text(d.mean)} "
-                             f"points ({interval_text(d)}).")
+            sentences.append(
+                f"Fine-tuning with {recommended.name} {verb} transfer learning by {points_text(d.mean)} "
+                f"points ({interval_text(d)})."
+            )
         cheaper = [p for p in group.points if p is not transfer and _cost_order(p) < _cost_order(recommended)]
         if cheaper:
             top = max(cheaper, key=lambda p: p.acc.mean)
@@ -285,17 +327,23 @@ def _verdict(group: Group, design: str, report, titled: bool) -> str:
             ta, tb = top.cost("time/fit_seconds"), recommended.cost("time/fit_seconds")
             cost = f" at {ta / tb:.1f}x the training time" if ta and tb else ""
             verb = "significantly" if d.significant else "not significantly"
-            sentences.append(f"The best cheaper point, {top.name}, is {verb} worse ({points_text(d.mean)} points, "
-                             f"{interval_text(d)}){cost}.")
+            sentences.append(
+                f"The best cheaper point, {top.name}, is {verb} worse ({points_text(d.mean)} points, "
+                f"{interval_text(d)}){cost}."
+            )
         costlier = [p for p in group.points if _cost_order(p) > _cost_order(recommended)]
         if costlier:
             top = max(costlier, key=lambda p: p.acc.mean)
             d = compare(top, recommended, design).difference
             verb = "significantly" if d.significant else "not significantly"
-            sentences.append(f"Costlier points are {verb} better (the best of them, {top.name}: "
-                             f"{points_text(d.mean)} points, {interval_text(d)}){_times(top, recommended)}.")
-    sentences.append(f"Recommended: unfreeze={recommended.point.unfreeze}"
-                     f" ({100 * recommended.acc.mean:.1f}% accuracy, {interval_text(recommended.acc)}).")
+            sentences.append(
+                f"Costlier points are {verb} better (the best of them, {top.name}: "
+                f"{points_text(d.mean)} points, {interval_text(d)}){_times(top, recommended)}."
+            )
+    sentences.append(
+        f"Recommended: unfreeze={recommended.point.unfreeze}"
+        f" ({100 * recommended.acc.mean:.1f}% accuracy, {interval_text(recommended.acc)})."
+    )
     return title + " ".join(sentences)
 
 
@@ -310,4 +358,3 @@ def _images(report, design: str, group: Group) -> int:
     if design == FOLDS:
         return max((sum(run.split_sizes.values()) for run in runs if run.split_sizes), default=0)
     return max((run.split_sizes.get("test", 0) for run in runs if run.split_sizes), default=0)
-

@@ -66,8 +66,10 @@ def run(cfg: DictConfig) -> dict[str, float]:
     # Mistakes that would stop the run later stop it now, before any work.
     if OmegaConf.is_missing(cfg.model, "name"):  # model=timm and model=torchvision name no architecture
         example = "convnext_nano" if cfg.model.source == "timm" else "densenet121"
-        raise UsageError(f"model={cfg.model.source} needs the architecture: add model.name=<name>, e.g. "
-                         f"model={cfg.model.source} model.name={example} (docs/architectures.md lists them)")
+        raise UsageError(
+            f"model={cfg.model.source} needs the architecture: add model.name=<name>, e.g. "
+            f"model={cfg.model.source} model.name={example} (docs/architectures.md lists them)"
+        )
     if cfg.get("monitor", "val/acc") not in MONITORS:
         raise UsageError(f"monitor={cfg.monitor}: choose one of {', '.join(MONITORS)} (the best checkpoint's score)")
     resume = resume_from(cfg.ckpt_path, output_dir)
@@ -77,8 +79,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: ImageFolderDataModule = instantiate(cfg.data)
     datamodule.prepare_data()  # the same split in every process: a function of the files and data.split_seed
-    model: ImageClassifier = instantiate(cfg.model, class_names=datamodule.class_names,
-                                         class_weights=datamodule.loss_weights())
+    model: ImageClassifier = instantiate(
+        cfg.model, class_names=datamodule.class_names, class_weights=datamodule.loss_weights()
+    )
     log.info("model: %s", describe(model))
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     loggers = instantiate_loggers(cfg.get("logger"))
@@ -105,8 +108,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
             log.info("best checkpoint: %s", best)
         else:
             log.info("no checkpoint was saved (checkpointing is off in this run): evaluating the final weights")
-        last_epoch = {name: float(value) for name, value in trainer.callback_metrics.items()
-                      if name.startswith("train/")}
+        last_epoch = {
+            name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("train/")
+        }
         with memory_hint(cfg):
             metrics = _evaluate(cfg, trainer, model, datamodule, best or None) | last_epoch
         metrics |= run_facts(trainer, model, datamodule, fit_seconds, best)
@@ -121,13 +125,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-def run_facts(trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule, fit_seconds: float,
-              best: str) -> dict[str, float]:
+def run_facts(
+    trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule, fit_seconds: float, best: str
+) -> dict[str, float]:
     """What the metrics file records besides scores: parameters, data, epochs, time, throughput."""
     # Under DDP, the images every process trained on.
     seen = sum(callback.images for callback in trainer.callbacks if isinstance(callback, ImagesSeen))
-    images_seen = float(trainer.strategy.reduce(
-        torch.tensor(float(seen), device=trainer.strategy.root_device), reduce_op="sum"))
+    images_seen = float(
+        trainer.strategy.reduce(torch.tensor(float(seen), device=trainer.strategy.root_device), reduce_op="sum")
+    )
     trainable, total = model.parameter_counts()
     facts = {
         "params/trainable": trainable,
@@ -147,24 +153,36 @@ def run_facts(trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolde
     return facts
 
 
-def _evaluate(cfg: DictConfig, trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule,
-              checkpoint: str | None) -> dict[str, float]:
+def _evaluate(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    model: ImageClassifier,
+    datamodule: ImageFolderDataModule,
+    checkpoint: str | None,
+) -> dict[str, float]:
     # The best checkpoint's validation scores come from a trainer without a logger, so TensorBoard's val/*
     # curves keep one point per epoch; its test scores go to TensorBoard.
-    evaluator: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=[], enable_checkpointing=False,
-                                       enable_progress_bar=False, enable_model_summary=False)
-    results = evaluator.validate(model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True,
-                                 verbose=False)[0]
+    evaluator: L.Trainer = instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    results = evaluator.validate(model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True, verbose=False)[
+        0
+    ]
     if datamodule.has_test:
-        results |= trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True,
-                                verbose=False)[0]
+        results |= trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True, verbose=False)[0]
     else:
         log.info("no test split (train/ and val/ folders without test/): test metrics are not computed")
     return {name: float(value) for name, value in results.items()}
 
 
-def fit(trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule, resume: str | None,
-        output_dir: Path) -> None:
+def fit(
+    trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule, resume: str | None, output_dir: Path
+) -> None:
     """`trainer.fit`; after Ctrl-C or SIGTERM, says where training was saved and how to resume, and exits."""
     try:
         # weights_only: a checkpoint holds tensors and plain values; nothing in it may run code (torch >= 2.6).
@@ -176,8 +194,12 @@ def fit(trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataM
         if saver.saved is None:
             log.warning("%s before training started: nothing to save", saver.signal)
         else:
-            log.warning("%s: training state saved in %s; resume with: python train.py %s", saver.signal,
-                        saver.saved, resume_command(output_dir))
+            log.warning(
+                "%s: training state saved in %s; resume with: python train.py %s",
+                saver.signal,
+                saver.saved,
+                resume_command(output_dir),
+            )
         sys.exit(130 if saver.signal == "Ctrl-C" else 143)  # the shell's codes for SIGINT and SIGTERM
 
 
@@ -186,8 +208,9 @@ def resume_command(output_dir: Path) -> str:
     from hydra.core.hydra_config import HydraConfig
 
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
-    return " ".join([*(shlex.quote(o) for o in overrides), shlex.quote(f"hydra.run.dir={output_dir}"),
-                     "ckpt_path=last"])
+    return " ".join(
+        [*(shlex.quote(o) for o in overrides), shlex.quote(f"hydra.run.dir={output_dir}"), "ckpt_path=last"]
+    )
 
 
 @contextmanager
@@ -206,11 +229,13 @@ def memory_hint(cfg: DictConfig):
             f"out of {where} memory with data.batch_size={cfg.data.batch_size}, data.image_size={size}, "
             f"unfreeze={cfg.unfreeze}: lower data.batch_size first, then data.image_size or unfreeze"
             f"{', or use trainer.precision=bf16-mixed' if bf16 else ''}; the checkpoints saved so far are in "
-            f"{cfg.paths.output_dir}/checkpoints") from error
+            f"{cfg.paths.output_dir}/checkpoints"
+        ) from error
 
 
-def find_learning_rate(trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule,
-                       output_dir: Path, num_training: int) -> None:
+def find_learning_rate(
+    trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule, output_dir: Path, num_training: int
+) -> None:
     """Runs Lightning's learning-rate finder, saves its plot, and trains with its suggestion.
 
     The unfrozen blocks' learning rate keeps its ratio to the head's.

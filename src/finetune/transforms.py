@@ -23,8 +23,10 @@ def eval_transform(preprocessing: Preprocessing) -> T.Compose:
         from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
 
         fill = [round(255 * value) for value in preprocessing.mean]
-        resize = [ResizeKeepRatio(size, interpolation=preprocessing.interpolation, longest=1.0),
-                  CenterCropOrPad(crop, fill=fill)]
+        resize = [
+            ResizeKeepRatio(size, interpolation=preprocessing.interpolation, longest=1.0),
+            CenterCropOrPad(crop, fill=fill),
+        ]
     else:
         resize = [T.Resize(size, interpolation=interpolation, antialias=True), T.CenterCrop(crop)]
     return T.Compose([*resize, *_to_normalised_tensor(preprocessing)])
@@ -49,8 +51,14 @@ def augment_preset(value: bool | str | None) -> str:
     return value
 
 
-def train_transform(preprocessing: Preprocessing, crop_scale: Sequence[float], rotation_degrees: float,
-                    horizontal_flip: bool, preset: str = "basic", random_erasing: float = 0.0) -> T.Compose:
+def train_transform(
+    preprocessing: Preprocessing,
+    crop_scale: Sequence[float],
+    rotation_degrees: float,
+    horizontal_flip: bool,
+    preset: str = "basic",
+    random_erasing: float = 0.0,
+) -> T.Compose:
     """A training-time augmentation preset at the weights' crop size and interpolation.
 
     Args:
@@ -64,8 +72,11 @@ def train_transform(preprocessing: Preprocessing, crop_scale: Sequence[float], r
         random_erasing: probability of erasing one random rectangle of the normalised image (0: off).
     """
     interpolation = InterpolationMode(preprocessing.interpolation)
-    steps = [T.RandomResizedCrop(preprocessing.crop_size, scale=tuple(crop_scale), interpolation=interpolation,
-                                 antialias=True)]
+    steps = [
+        T.RandomResizedCrop(
+            preprocessing.crop_size, scale=tuple(crop_scale), interpolation=interpolation, antialias=True
+        )
+    ]
     if rotation_degrees and preset == "basic":
         steps.append(T.RandomRotation(rotation_degrees, interpolation=InterpolationMode.BILINEAR))
     if horizontal_flip:
@@ -93,13 +104,17 @@ def batch_mixing(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0) -> T
     for name, alpha in (("data.mixup", mixup), ("data.cutmix", cutmix)):
         if alpha < 0:
             raise UsageError(f"{name}={alpha} must be 0 (off) or a positive Beta alpha such as 0.2 or 1.0")
-    mixers = ([T.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []) + \
-        ([T.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else [])
+    mixers = ([T.MixUp(alpha=mixup, num_classes=num_classes)] if mixup else []) + (
+        [T.CutMix(alpha=cutmix, num_classes=num_classes)] if cutmix else []
+    )
     if not mixers:
         return None
     return mixers[0] if len(mixers) == 1 else T.RandomChoice(mixers)
 
 
 def _to_normalised_tensor(preprocessing: Preprocessing) -> list:
-    return [T.ToImage(), T.ToDtype(torch.float32, scale=True),
-            T.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std))]
+    return [
+        T.ToImage(),
+        T.ToDtype(torch.float32, scale=True),
+        T.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std)),
+    ]

@@ -64,11 +64,13 @@ class TestTimeAugmentation(L.Callback):
         if self.views == "none":
             return
         classes = len(pl_module.class_names)
-        self.metrics = MetricCollection({
-            "acc": MulticlassAccuracy(classes, average="micro"),
-            "f1": MulticlassF1Score(classes, average="macro"),
-            "confusion": MulticlassConfusionMatrix(classes),
-        }).to(pl_module.device)
+        self.metrics = MetricCollection(
+            {
+                "acc": MulticlassAccuracy(classes, average="micro"),
+                "f1": MulticlassF1Score(classes, average="macro"),
+                "confusion": MulticlassConfusionMatrix(classes),
+            }
+        ).to(pl_module.device)
 
     @torch.no_grad()
     def probabilities(self, pl_module: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
@@ -93,21 +95,28 @@ class TestTimeAugmentation(L.Callback):
         confusion = scores.pop("confusion").float()
         per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
         logged = {f"test_tta/{name}": value for name, value in scores.items()}
-        logged |= {f"test_tta/acc_class/{name}": value for name, value in zip(pl_module.class_names, per_class,
-                                                                               strict=True)}
+        logged |= {
+            f"test_tta/acc_class/{name}": value for name, value in zip(pl_module.class_names, per_class, strict=True)
+        }
         pl_module.log_dict(logged, sync_dist=False)  # torchmetrics already summed every process's images
-        log.info("test-time augmentation (tta=%s, %d views): test_tta/acc %.4f", self.views,
-                 len(views_of(torch.zeros(1, 1, 8, 8), self.views)), float(scores["acc"]))
+        log.info(
+            "test-time augmentation (tta=%s, %d views): test_tta/acc %.4f",
+            self.views,
+            len(views_of(torch.zeros(1, 1, 8, 8), self.views)),
+            float(scores["acc"]),
+        )
 
     def _classify_images_itself(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The test batches held cached features: classify the test images from their files instead."""
         datamodule = trainer.datamodule
         samples = datamodule.splits["test"]
         if trainer.world_size > 1:
-            samples = samples[trainer.global_rank::trainer.world_size]
+            samples = samples[trainer.global_rank :: trainer.world_size]
         preprocessing = pl_module.preprocessing
-        loader = DataLoader(ImageDataset(samples, eval_transform(preprocessing)), batch_size=datamodule.batch_size,
-                            num_workers=datamodule.num_workers)
+        loader = DataLoader(
+            ImageDataset(samples, eval_transform(preprocessing)),
+            batch_size=datamodule.batch_size,
+            num_workers=datamodule.num_workers,
+        )
         for images, labels in loader:
-            self.metrics.update(self.probabilities(pl_module, images.to(pl_module.device)),
-                                labels.to(pl_module.device))
+            self.metrics.update(self.probabilities(pl_module, images.to(pl_module.device)), labels.to(pl_module.device))
