@@ -19,12 +19,11 @@ from finetune.features import Cut, classify_features
 from finetune.freezing import Unfreezing, keep_frozen_in_eval_mode, parameter_groups, set_depth, unfreeze_schedule
 from finetune.heads import dropout_before_head
 from finetune.metrics import classification_metrics
-from finetune.schedules import FixScheduleLength, WarmupCosine
+from finetune.schedules import SCHEDULERS, FixScheduleLength, lr_scheduler
 
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
-SCHEDULERS = ("cosine", "plateau", "constant")
 
 
 class ImageClassifier(L.LightningModule):
@@ -242,19 +241,8 @@ class ImageClassifier(L.LightningModule):
                 for g in optimizer.param_groups
             ),
         )
-        if hp.scheduler == "constant":
-            return optimizer
-        if hp.scheduler == "plateau":
-            plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=2)
-            return {
-                "optimizer": optimizer,
-                "lr_scheduler": {"scheduler": plateau, "monitor": "val/loss", "interval": "epoch"},
-            }
-
-        # The length is set when training starts (schedules.FixScheduleLength), not here: a resumed run's loop
-        # state is not restored yet, and `estimated_stepping_batches` would build its loader at epoch 0.
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(hp.warmup_epochs))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = lr_scheduler(optimizer, hp.scheduler, hp.warmup_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": scheduler} if scheduler else optimizer
 
     def parameter_groups(self) -> list[dict]:
         """Every parameter that ever trains in this run, from the first step, at its learning rate (`freezing`)."""

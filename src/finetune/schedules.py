@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 
 import lightning as L
+import torch
+
+SCHEDULERS = ("cosine", "plateau", "constant")
 
 
 class WarmupCosine:
@@ -57,3 +60,19 @@ class FixScheduleLength(L.Callback):
             cosine = getattr(config.scheduler, "lr_lambdas", [None])[0]
             if isinstance(cosine, WarmupCosine):
                 cosine.set_length(trainer.estimated_stepping_batches, trainer.max_epochs, config.scheduler)
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_epochs: float = 0.0) -> dict | None:
+    """Lightning's scheduler configuration for `name` (one of SCHEDULERS); None for "constant".
+
+    "cosine": per step, a linear warmup then a cosine decay to zero (`WarmupCosine`); "plateau": the rate divided by
+    10 when val/loss has not fallen for 2 epochs.
+    """
+    if name == "constant":
+        return None
+    if name == "plateau":
+        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=2)
+        return {"scheduler": plateau, "monitor": "val/loss", "interval": "epoch"}
+    # The length is set when training starts (FixScheduleLength), not here: a resumed run's loop state is not
+    # restored yet, and `estimated_stepping_batches` would build its loader at epoch 0.
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(warmup_epochs)), "interval": "step"}
