@@ -44,10 +44,8 @@ class TestPredictions(L.Callback):
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0
     ) -> None:
-        inputs, labels = batch[0], batch[1]
-        # The test step's own forward pass (images, or cached features for a point trained on them), once more:
-        # the step returns only the loss.
-        logits = pl_module.classify_features(inputs) if pl_module.trains_on_features else pl_module(inputs)
+        labels = batch[1]
+        logits = outputs["logits"]  # the test step's own (from images, or from cached features)
         self._probabilities.append(logits.float().softmax(dim=1).cpu())
         self._labels.append(labels.cpu())
 
