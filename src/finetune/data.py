@@ -143,10 +143,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.cache_images_max_gb = cache_images_max_gb
         self.augment_on = augment_on
         self.folds, self.fold = folds, fold
-        self.decoded: dict[str, image_cache.DecodedImages] = {}  # split -> its images, decoded (cache_images)
-        self.not_cached: dict[str, str] = {}  # split -> why it is read from disk
-        self._cached_as: tuple | None = None  # the resize the decoded images were made with
-        self._cache_limit: int | None = None
+        self.images = image_cache.SplitImages(cache_images_max_gb)
         self.device_augmentation: DeviceAugmentation | None = None
         self.preprocessing = preprocessing
         self.splits: dict[str, list[Sample]] | None = None
@@ -294,44 +291,28 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _cache(self, split: str, preprocessing: Preprocessing) -> None:
         """Decodes the split into memory where `cache_images` and the memory limit allow it (once)."""
-        resize = eval_transform(preprocessing).transforms[0]
-        if self._cached_as != (preprocessing.resize_size, preprocessing.interpolation):
-            self.decoded, self.not_cached = {}, {}
-            self._cached_as = (preprocessing.resize_size, preprocessing.interpolation)
-        if split in self.decoded or split in self.not_cached or not self.splits[split]:
+        if not self.splits[split]:
             return
-        reason = self._why_not_cached(split)
-        if reason is None:
-            if self._cache_limit is None:
-                self._cache_limit = image_cache.memory_limit(self.cache_images_max_gb)
-            room = (
-                None
-                if self._cache_limit is None
-                else self._cache_limit - sum(images.nbytes for images in self.decoded.values())
-            )
-            images, note = image_cache.cache_split(
-                split, [path for path, _ in self.splits[split]], resize, preprocessing.resize_size, room
-            )
-            if images is not None:
-                self.decoded[split] = images
-                log.info("image cache: %s", note)
-                return
-            needed = (
-                "data.augment_on=device"
-                if split == "train" and self.augment_on == "device"
-                else "data.cache_images=true"
-                if self.cache_images is True
-                else None
-            )
-            if needed:
-                raise UsageError(
-                    f"{needed} needs the decoded images in memory, but {note}: raise "
-                    "data.cache_images_max_gb, or use data.image_size=<smaller> or "
-                    "data.augment_on=loader data.cache_images=auto"
-                )
-            reason = note
-        self.not_cached[split] = reason
-        log.info("image cache off for %s", reason if reason.startswith(f"{split}:") else f"{split}: {reason}")
+        required_by = (
+            "data.augment_on=device"
+            if split == "train" and self.augment_on == "device"
+            else "data.cache_images=true"
+            if self.cache_images is True
+            else None
+        )
+        resize = eval_transform(preprocessing).transforms[0]
+        paths = [path for path, _ in self.splits[split]]
+        self.images.add(split, paths, resize, preprocessing, self._why_not_cached(split), required_by)
+
+    @property
+    def decoded(self) -> dict[str, image_cache.DecodedImages]:
+        """Each cached split's images, decoded (`cache_images`)."""
+        return self.images.decoded
+
+    @property
+    def not_cached(self) -> dict[str, str]:
+        """Why each split that is not cached is read from disk."""
+        return self.images.not_cached
 
     def _why_not_cached(self, split: str) -> str | None:
         if self.cache_images is False:

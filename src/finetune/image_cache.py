@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
+from finetune.errors import UsageError
 from finetune.images import load_rgb
 
 log = logging.getLogger(__name__)
@@ -130,3 +131,60 @@ def cache_split(
         f"{name}: {len(images):,} images decoded in {time.perf_counter() - started:.1f} s, "
         f"{images.nbytes / 1e6:,.0f} MB (shorter side {resize_size} px)"
     )
+
+
+class SplitImages:
+    """The decoded images of each split, made once for one resize, all under one memory limit.
+
+    Args:
+        max_gb: the most memory the decoded images may take; None: half of the memory available when the first
+            split is cached.
+    """
+
+    def __init__(self, max_gb: float | None) -> None:
+        self.max_gb = max_gb
+        self.decoded: dict[str, DecodedImages] = {}  # split -> its images
+        self.not_cached: dict[str, str] = {}  # split -> why it is read from disk
+        self._made_with: tuple | None = None  # the resize the decoded images were made with
+        self._limit: int | None = None
+
+    def add(
+        self, split: str, paths: Sequence[str], resize, preprocessing, why_not: str | None, required_by: str | None
+    ) -> None:
+        """Decodes `split` (once) unless `why_not` says why not, or it would not fit under the limit.
+
+        Args:
+            split: the split's name.
+            paths: its image files.
+            resize: the evaluation resize (a transform on PIL images).
+            preprocessing: the model's, whose resize size and interpolation the images are made with.
+            why_not: the reason the split stays on disk by policy, or None to cache it.
+            required_by: the setting that needs this split in memory (a split that does not fit is then an error).
+
+        Raises:
+            UsageError: the split is required in memory but does not fit.
+        """
+        made_with = (preprocessing.resize_size, preprocessing.interpolation)
+        if self._made_with != made_with:
+            self.decoded, self.not_cached, self._made_with = {}, {}, made_with
+        if split in self.decoded or split in self.not_cached:
+            return
+        reason = why_not
+        if reason is None:
+            if self._limit is None:
+                self._limit = memory_limit(self.max_gb)
+            room = None if self._limit is None else self._limit - sum(i.nbytes for i in self.decoded.values())
+            images, note = cache_split(split, paths, resize, preprocessing.resize_size, room)
+            if images is not None:
+                self.decoded[split] = images
+                log.info("image cache: %s", note)
+                return
+            if required_by:
+                raise UsageError(
+                    f"{required_by} needs the decoded images in memory, but {note}: raise "
+                    "data.cache_images_max_gb, or use data.image_size=<smaller> or "
+                    "data.augment_on=loader data.cache_images=auto"
+                )
+            reason = note
+        self.not_cached[split] = reason
+        log.info("image cache off for %s", reason if reason.startswith(f"{split}:") else f"{split}: {reason}")
