@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finetune.stats import Estimate
-from finetune.study import interval_text, points_text
+from finetune.verdict import interval_text, points_text
 
 
 @dataclass(frozen=True)
