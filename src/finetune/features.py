@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import torch
@@ -26,13 +24,13 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
-from torch.utils.data import DataLoader
 
 from finetune.blocks import Block, trainable_parameter_names
 from finetune.callbacks import use_memory_format
 from finetune.errors import UsageError
 from finetune.freezing import keep_frozen_in_eval_mode
 from finetune.image_cache import memory_limit
+from finetune.partial_forward import modes, module_inputs, restore_modes, skipping
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +145,7 @@ def find_cut(
         if name:
             hooks.append(module.register_forward_pre_hook(lambda _, a, name=name: start(name, a)))
             hooks.append(module.register_forward_hook(lambda _, a, o, name=name: events.append(("end", name))))
-    modes = _modes(network)
+    saved_modes = modes(network)
     network.eval()
     try:
         with torch.no_grad():
@@ -173,7 +171,7 @@ def find_cut(
     finally:
         for hook in hooks:
             hook.remove()
-        _restore(modes)
+        restore_modes(saved_modes)
 
 
 def _why_not_runnable_from(
@@ -213,16 +211,6 @@ def _why_not_runnable_from(
     return None
 
 
-def _modes(network: nn.Module) -> dict[nn.Module, bool]:
-    """Every module's train/eval mode, to put back exactly (frozen blocks stay in eval mode in a training model)."""
-    return {module: module.training for module in network.modules()}
-
-
-def _restore(modes: dict[nn.Module, bool]) -> None:
-    for module, training in modes.items():
-        module.training = training
-
-
 def _parameter_names(network: nn.Module, module_name: str) -> set[str]:
     return {f"{module_name}.{name}" for name, _ in network.get_submodule(module_name).named_parameters()}
 
@@ -235,66 +223,6 @@ def _cache_bytes(cut: Cut, datamodule, views: int) -> int:
         + len(datamodule.splits["test"])
     )
     return cut.bytes_per_image * images
-
-
-def _pass_through(inputs, *args, **kwargs):
-    return inputs
-
-
-@contextmanager
-def skipping(network: nn.Module, names: Sequence[str]):
-    """Within this block, the named modules hand their input on unchanged: the network runs from the cut on.
-
-    Only the instances' `forward` is replaced, for the duration: parameters, buffers and state dicts stay as they
-    are, so checkpoints hold the whole network.
-    """
-    modules = [network.get_submodule(name) for name in names]
-    own = [module.__dict__.get("forward") for module in modules]  # a forward set on the instance, kept
-    for module in modules:
-        module.forward = _pass_through
-    try:
-        yield
-    finally:
-        for module, forward in zip(modules, own, strict=True):
-            if forward is None:
-                del module.forward
-            else:
-                module.forward = forward
-
-
-class _Captured(Exception):
-    """Stops a forward pass once the cached module's input is in hand: the rest would be thrown away."""
-
-
-@torch.no_grad()
-def module_inputs(
-    network: nn.Module,
-    module_name: str,
-    loader: DataLoader,
-    device: torch.device,
-    layout: torch.memory_format = torch.contiguous_format,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs the network over `loader` in eval mode, up to `module_name`; returns that module's inputs (contiguous)
-    and the labels. `layout`: the images' memory format, the network's."""
-    captured: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
-
-    def capture(module, arguments):
-        captured.append(arguments[0].detach().float().cpu().contiguous())
-        raise _Captured
-
-    handle = network.get_submodule(module_name).register_forward_pre_hook(capture)
-    modes = _modes(network)
-    network.eval()
-    try:
-        for images, batch_labels in loader:
-            with suppress(_Captured):
-                network(images.to(device).contiguous(memory_format=layout))
-            labels.append(batch_labels)
-    finally:
-        handle.remove()
-        _restore(modes)
-    return torch.cat(captured), torch.cat(labels)
 
 
 def build_cache(model, datamodule, cut: Cut, views: int, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from finetune.errors import UsageError
-from finetune.features import module_inputs, skipping
+from finetune.partial_forward import module_inputs, skipping
 
 log = logging.getLogger(__name__)
 
