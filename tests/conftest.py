@@ -14,6 +14,17 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("circle", "square", "stripes")
 
+# A tiny run whose resumption is exact: deterministic kernels, a constant rate, one loader worker.
+RESUME = (
+    "model=mobilenet_v2",
+    "model.weights=null",
+    "data.image_size=32",
+    "data.num_workers=1",
+    "data.batch_size=8",
+    "strategy.scheduler=constant",
+    "trainer.deterministic=true",
+)
+
 
 def draw(kind: str, rng: np.random.Generator, size: int = 48) -> Image.Image:
     """A noisy picture of one of three shapes: learnable, but not from the first pixel."""

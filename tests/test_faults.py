@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES, REPO, draw, make_image_folder, offline_env, run_cli
+from conftest import CLASSES, REPO, RESUME, draw, make_image_folder, offline_env, run_cli
 from PIL import Image
 
 TINY = (
@@ -199,13 +199,7 @@ def test_a_run_never_overwrites_an_earlier_one(tmp_path, image_folder):
 
 
 RESUMABLE = (
-    "model=mobilenet_v2",
-    "model.weights=null",
-    "data.image_size=32",
-    "data.num_workers=1",
-    "data.batch_size=8",
-    "strategy.scheduler=constant",
-    "trainer.deterministic=true",
+    *RESUME,
     "trainer.max_epochs=3",
     "callbacks.step_checkpoint.every_n_train_steps=3",
 )

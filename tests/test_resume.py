@@ -6,17 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli
-
-RESUME = (
-    "model=mobilenet_v2",
-    "model.weights=null",
-    "data.image_size=32",
-    "data.num_workers=1",
-    "data.batch_size=8",
-    "strategy.scheduler=constant",
-    "trainer.deterministic=true",
-)
+from conftest import RESUME, run_cli
 
 
 @pytest.mark.parametrize("augment_on", ["loader", "device"])
