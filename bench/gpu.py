@@ -551,10 +551,28 @@ def study_arguments(args, data_root: Path, device: str, sweep_dir: Path) -> tupl
     ], f"-m unfreeze={args.study_depths} seed={args.study_seeds}"
 
 
+def planned_runs(args, how: str) -> int:
+    """Runs the study will make: the explicit sweep's depths x seeds, or the product of the experiment's sweep."""
+    if how != "experiment=depth_study":
+        return len(args.study_depths.split(",")) * len(args.study_seeds.split(","))
+    from omegaconf import OmegaConf
+
+    params = OmegaConf.load(REPO / "conf" / "experiment" / "depth_study.yaml").hydra.sweeper.params
+    runs = 1
+    for values in params.values():
+        values = str(values)
+        if values.startswith("range("):
+            start, stop = (int(v) for v in values[len("range(") : -1].split(","))
+            runs *= stop - start
+        else:
+            runs *= len(values.split(","))
+    return runs
+
+
 def measure_study(args, data_root: Path, device: str, work: Path, env: dict, budget: Budget) -> dict:
     sweep_dir = work / "study"
     arguments, how = study_arguments(args, data_root, device, sweep_dir)
-    planned = len(args.study_depths.split(",")) * len(args.study_seeds.split(","))
+    planned = planned_runs(args, how)
     row = {
         "cell": "study",
         "how": how,
@@ -708,7 +726,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=None, help="default 224; --tiny 64")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--no-study", action="store_true", help="leave the depth study out")
-    parser.add_argument("--study-depths", default=None, help=f"default {STUDY_DEPTHS}; --tiny 0,all")
+    parser.add_argument(
+        "--study-depths",
+        default=None,
+        help=f"default {STUDY_DEPTHS}; --tiny 0,all; given, it runs instead of experiment=depth_study",
+    )
     parser.add_argument("--study-seeds", default=None, help=f"default {STUDY_SEEDS}; --tiny 0")
     parser.add_argument("--study-epochs", type=int, default=None, help="default 10; --tiny 1")
     parser.add_argument("--study-model", default="mobilenet_v2")
@@ -730,6 +752,11 @@ def main() -> None:
         "--out", default=None, help="where the table, JSON and logs go (default $OUT, else a temporary folder)"
     )
     args = parser.parse_args()
+    # Depths or seeds given on the command line are a sweep of their own, not the experiment's.
+    # --tiny keeps its 2-run study: the experiment's 25 runs are no dry run.
+    args.study_explicit = (
+        args.study_explicit or args.tiny or args.study_depths is not None or args.study_seeds is not None
+    )
     tiny = args.tiny
     args.epochs = args.epochs or (1 if tiny else 10)
     args.image_size = args.image_size or (64 if tiny else 224)

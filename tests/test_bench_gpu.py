@@ -150,7 +150,9 @@ def test_cpu_dry_run(image_folder, tmp_path):
         result.stdout
     )
     assert any(line.startswith("| mobilenet_v2 | all | device | 8 |") for line in lines)
-    assert any(line.startswith("depth study (-m unfreeze=0 seed=0, 1 epochs): done; 1 of 1 runs") for line in lines)
+    assert any(line.startswith("depth study (-m unfreeze=0 seed=0, 1 epochs): done; 1 of 1 runs") for line in lines), (
+        result.stdout + result.stderr[-3000:]
+    )
     assert (out / "gpu_results.md").read_text().strip().splitlines()[-1] == lines[-1]
     rows = json.loads((out / "gpu_results.json").read_text())["rows"]
     cell = rows[0]
