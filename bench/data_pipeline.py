@@ -188,7 +188,7 @@ def run(root: Path, work: Path, args, device: torch.device, name: str) -> dict:
         "steady_images_s": len(steady) * args.batch_size / sum(w + c for w, c in steady) if steady else float("nan"),
         "median_wait_ms": 1000 * statistics.median(waits),
         "median_compute_ms": 1000 * statistics.median(computes),
-        "cached_mb": sum(d.nbytes for d in data.decoded.values()) / 1e6,
+        "cached_mb": sum(d.nbytes for d in data.images.decoded.values()) / 1e6,
         "workers": data.num_workers,
         "workers_uss_mib": timer.workers_uss,
         "train_loss": float(trainer.callback_metrics.get("train/loss", float("nan"))),

@@ -13,6 +13,7 @@ from PIL import Image
 from finetune.backbones import Preprocessing
 from finetune.data import ImageFolderDataModule
 from finetune.errors import UsageError
+from finetune.folders import write_split
 
 PREPROCESSING = Preprocessing(32, 36, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
@@ -109,7 +110,7 @@ def test_loaders_yield_normalised_rgb_batches_at_the_crop_size(tmp_path):
 
 def test_save_split_writes_relative_paths(tmp_path, image_folder):
     datamodule = prepared(image_folder)
-    datamodule.save_split(tmp_path / "split.csv")
+    write_split(tmp_path / "split.csv", datamodule.splits, datamodule.class_names, datamodule.root)
     lines = (tmp_path / "split.csv").read_text().splitlines()
     assert lines[0] == "split,class,path" and len(lines) == 37
     assert lines[1].startswith("train,circle,circle/")

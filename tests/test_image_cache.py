@@ -58,19 +58,19 @@ def images_of(dataset, keys) -> torch.Tensor:
 
 def test_cached_evaluation_images_equal_the_uncached_ones(mixed_folder):
     uncached, cached = prepared(mixed_folder, cache_images=False), prepared(mixed_folder, cache_images=True)
-    assert not uncached.decoded and set(cached.decoded) == {"train", "val"}
+    assert not uncached.images.decoded and set(cached.images.decoded) == {"train", "val"}
     for split in ("val", "test"):
         cached.setup("test")
         keys = range(len(cached.datasets[split]))
         # Bit for bit: the same PIL resize made the stored copy, the crop and normalisation are exact.
         assert torch.equal(images_of(cached.datasets[split], keys), images_of(uncached.datasets[split], keys))
-    assert set(cached.decoded) == {"train", "val", "test"}
+    assert set(cached.images.decoded) == {"train", "val", "test"}
     # Training images prepared as evaluation images (augment=false) too.
     plain, plain_cached = (
         prepared(mixed_folder, augment=False, cache_images=False),
         prepared(mixed_folder, augment=False),
     )
-    assert "train" in plain_cached.decoded
+    assert "train" in plain_cached.images.decoded
     keys = [(index, 0) for index in range(len(plain.datasets["train"]))]
     assert torch.equal(images_of(plain_cached.datasets["train"], keys), images_of(plain.datasets["train"], keys))
 
@@ -78,7 +78,7 @@ def test_cached_evaluation_images_equal_the_uncached_ones(mixed_folder):
 def test_decoded_images_have_the_estimated_size_and_shapes(mixed_folder):
     datamodule = prepared(mixed_folder, cache_images=True)
     paths = [path for path, _ in datamodule.splits["train"]]
-    decoded = datamodule.decoded["train"]
+    decoded = datamodule.images.decoded["train"]
     assert estimated_bytes(paths, 36) == decoded.nbytes == sum(t.numel() for t in decoded)
     for path, image in zip(paths, decoded, strict=True):
         width, height = Image.open(path).size
@@ -88,11 +88,14 @@ def test_decoded_images_have_the_estimated_size_and_shapes(mixed_folder):
 
 def test_auto_caches_only_where_results_stay_the_same(mixed_folder):
     augmented = prepared(mixed_folder)
-    assert set(augmented.decoded) == {"val"} and "data.cache_images=true" in augmented.not_cached["train"]
-    assert set(prepared(mixed_folder, augment=False).decoded) == {"train", "val"}
-    assert set(prepared(mixed_folder, augment_on="device").decoded) == {"train", "val"}
+    assert set(augmented.images.decoded) == {"val"} and "data.cache_images=true" in augmented.images.not_cached["train"]
+    assert set(prepared(mixed_folder, augment=False).images.decoded) == {"train", "val"}
+    assert set(prepared(mixed_folder, augment_on="device").images.decoded) == {"train", "val"}
     off = prepared(mixed_folder, cache_images=False)
-    assert not off.decoded and off.not_cached == {"train": "data.cache_images=false", "val": "data.cache_images=false"}
+    assert not off.images.decoded and off.images.not_cached == {
+        "train": "data.cache_images=false",
+        "val": "data.cache_images=false",
+    }
     with pytest.raises(UsageError, match="data.cache_images='sometimes': use auto, true or false"):
         ImageFolderDataModule(str(mixed_folder), cache_images="sometimes")
     with pytest.raises(UsageError, match="data.augment_on=device augments decoded images"):
@@ -101,7 +104,7 @@ def test_auto_caches_only_where_results_stay_the_same(mixed_folder):
 
 def test_images_over_the_memory_limit_stay_on_disk_or_stop_the_run(mixed_folder):
     small = prepared(mixed_folder, cache_images_max_gb=1e-6)  # 1 kB
-    assert not small.decoded and "more than the 0 MB left under the limit" in small.not_cached["val"]
+    assert not small.images.decoded and "more than the 0 MB left under the limit" in small.images.not_cached["val"]
     images, labels = next(iter(small.val_dataloader()))  # read from the files instead
     assert images.shape[1:] == (3, 32, 32) and images.dtype == torch.float32
     with pytest.raises(UsageError, match="data.cache_images=true needs the decoded images in memory"):
@@ -109,9 +112,9 @@ def test_images_over_the_memory_limit_stay_on_disk_or_stop_the_run(mixed_folder)
     with pytest.raises(UsageError, match="data.augment_on=device needs the decoded images in memory"):
         prepared(mixed_folder, augment_on="device", cache_images_max_gb=1e-6)
     # The limit counts what is already cached: room for the training images, then none for the validation ones.
-    train_bytes = prepared(mixed_folder, cache_images=True).decoded["train"].nbytes
+    train_bytes = prepared(mixed_folder, cache_images=True).images.decoded["train"].nbytes
     tight = prepared(mixed_folder, augment=False, cache_images_max_gb=(train_bytes + 100) / 1e9)
-    assert set(tight.decoded) == {"train"} and "val" in tight.not_cached
+    assert set(tight.images.decoded) == {"train"} and "val" in tight.images.not_cached
 
 
 def test_cached_augmentation_is_seeded_by_epoch_and_index(mixed_folder):

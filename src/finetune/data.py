@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -13,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2 as T
 
-from finetune import image_cache
+from finetune import class_balance, image_cache
 from finetune.augment import CanvasDataset, DeviceAugmentation, RandomSteps
 from finetune.backbones import Preprocessing
 from finetune.checks import check_data_settings
@@ -22,7 +20,7 @@ from finetune.errors import UsageError
 from finetune.folders import SPLITS, Sample, list_and_split
 from finetune.loaders import ImageDataset, default_num_workers, split_loader
 from finetune.samplers import FeatureDataset, ViewDataset
-from finetune.scan import STRONG_IMBALANCE, scan_cache_file, unreadable_images
+from finetune.scan import scan_cache_file, unreadable_images
 from finetune.transforms import batch_mixing, eval_transform, train_transform
 
 log = logging.getLogger(__name__)
@@ -170,7 +168,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         )
         counts = ", ".join(f"{name} {len(self.splits[name])}" for name in SPLITS)
         log.info("data: %s, %d classes, %s; %s", self.root, len(self.class_names), counts, source)
-        self._report_classes()
+        class_balance.log_classes(self.class_names, self.splits, self.balance)
 
     def _scan(self, images: list[str]) -> dict[str, str]:
         """The unreadable images: skipped (each logged once) or, with `strict`, an error."""
@@ -187,43 +185,16 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Images per class in `split`, in class order."""
-        counts = [0] * len(self.class_names)
-        for _, label in self.splits[split]:
-            counts[label] += 1
-        return counts
+        return class_balance.class_counts(self.splits[split], len(self.class_names))
 
     @property
     def imbalance(self) -> float:
         """Largest over smallest class count in the training split (1.0: balanced)."""
-        counts = self.class_counts()
-        return max(counts) / max(min(counts), 1)
+        return class_balance.imbalance(self.class_counts())
 
     def loss_weights(self) -> list[float] | None:
         """Per-class training loss weights for `balance="loss_weights"` (None otherwise)."""
-        if self.balance != "loss_weights":
-            return None
-        counts = self.class_counts()
-        return [sum(counts) / (len(counts) * count) for count in counts]
-
-    def _sample_weights(self) -> list[float] | None:
-        """Per-image draw weights for `balance="sampler"`: each class drawn equally often."""
-        if self.balance != "sampler":
-            return None
-        counts = self.class_counts()
-        return [1.0 / counts[label] for _, label in self.splits["train"]]
-
-    def _report_classes(self) -> None:
-        totals = [sum(c) for c in zip(*(self.class_counts(split) for split in SPLITS), strict=True)]
-        log.info(
-            "classes: %s", ", ".join(f"{name} {count}" for name, count in zip(self.class_names, totals, strict=True))
-        )
-        if self.imbalance >= STRONG_IMBALANCE and self.balance is None:
-            log.warning(
-                "strong class imbalance: the largest training class has %.1fx the images of the smallest; "
-                "accuracy will favour it. Consider data.balance=sampler or data.balance=loss_weights, and "
-                "read the per-class accuracy and F1",
-                self.imbalance,
-            )
+        return class_balance.loss_weights(self.class_counts()) if self.balance == "loss_weights" else None
 
     @property
     def has_test(self) -> bool:
@@ -268,7 +239,7 @@ class ImageFolderDataModule(L.LightningDataModule):
     def _dataset(self, split: str, preprocessing: Preprocessing, augment_on: str) -> Dataset:
         """The split's dataset: from the decoded images if cached, else from the files; finished in the loader
         (normalised float images) or, with augment_on="device", as uint8 images for `on_after_batch_transfer`."""
-        images, samples = self.decoded.get(split), self.splits[split]
+        images, samples = self.images.decoded.get(split), self.splits[split]
         seed = self.split_seed if split == "train" else 0
         if split == "train" and self.augment != "none":
             training = train_transform(
@@ -291,38 +262,13 @@ class ImageFolderDataModule(L.LightningDataModule):
 
     def _cache(self, split: str, preprocessing: Preprocessing) -> None:
         """Decodes the split into memory where `cache_images` and the memory limit allow it (once)."""
-        if not self.splits[split]:
-            return
-        required_by = (
-            "data.augment_on=device"
-            if split == "train" and self.augment_on == "device"
-            else "data.cache_images=true"
-            if self.cache_images is True
-            else None
-        )
-        resize = eval_transform(preprocessing).transforms[0]
-        paths = [path for path, _ in self.splits[split]]
-        self.images.add(split, paths, resize, preprocessing, self._why_not_cached(split), required_by)
-
-    @property
-    def decoded(self) -> dict[str, image_cache.DecodedImages]:
-        """Each cached split's images, decoded (`cache_images`)."""
-        return self.images.decoded
-
-    @property
-    def not_cached(self) -> dict[str, str]:
-        """Why each split that is not cached is read from disk."""
-        return self.images.not_cached
-
-    def _why_not_cached(self, split: str) -> str | None:
-        if self.cache_images is False:
-            return "data.cache_images=false"
-        if split != "train" or self.cache_images is True or self.augment == "none" or self.augment_on == "device":
-            return None
-        return (
-            "training-time augmentation runs on the original files; data.cache_images=true runs it on "
-            "decoded copies in memory instead (faster; random crops then come from the stored copy)"
-        )
+        if self.splits[split]:
+            why_not, required_by = image_cache.caching_policy(
+                split, self.cache_images, self.augment != "none", self.augment_on
+            )
+            resize = eval_transform(preprocessing).transforms[0]
+            paths = [path for path, _ in self.splits[split]]
+            self.images.add(split, paths, resize, preprocessing, why_not, required_by)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """With augment_on="device": augments (training) or only normalises (evaluation) the uint8 batch where it
@@ -337,30 +283,13 @@ class ImageFolderDataModule(L.LightningDataModule):
             batch = self.mixing(*batch)  # labels become class probabilities
         return batch
 
-    def save_split(self, path: str | os.PathLike) -> None:
-        """Writes the split as CSV (split, class, path relative to the data root), one row per image."""
-        with open(path, "w", newline="", encoding="utf-8") as file:
-            writer = csv.writer(file)
-            writer.writerow(["split", "class", "path"])
-            for split in SPLITS:
-                for image, label in self.splits[split]:
-                    writer.writerow([split, self.class_names[label], os.path.relpath(image, self.root)])
-
-    def save_skipped(self, path: str | os.PathLike) -> None:
-        """Writes the skipped (unreadable) images, one `path<TAB>reason` line each, if there were any."""
-        if self.skipped:
-            Path(path).write_text(
-                "".join(f"{image}\t{reason}\n" for image, reason in self.skipped.items()), encoding="utf-8"
-            )
-            log.warning("skipped %d unreadable image(s); the list is in %s", len(self.skipped), path)
-
     def use_features(self, cache: dict[str, tuple[torch.Tensor, ...]]) -> None:
         """Serves cached backbone features (see `finetune.features`) instead of images from now on."""
         if self.mixup or self.cutmix:
             raise UsageError(
                 "data.mixup and data.cutmix mix images, not cached features: set strategy.cache_features=auto or false"
             )
-        self.decoded.clear()  # the images are not needed any more
+        self.images.decoded.clear()  # the images are not needed any more
         train = ViewDataset(*cache["train"])
         self.datasets = {
             "train": train,
@@ -404,7 +333,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             in_memory=self.serves_features,
             trainer=self.trainer,
-            weights=self._sample_weights() if shuffle else None,
+            weights=(
+                class_balance.sample_weights(self.splits["train"], self.class_counts())
+                if shuffle and self.balance == "sampler"
+                else None
+            ),
             trained_batches=self._trained_batches,
         )
 

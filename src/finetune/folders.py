@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -238,3 +239,20 @@ def list_and_split(
         for split in SPLITS
     }
     return class_names, splits, skipped, "its train/val" + ("/test" if splits["test"] else "") + " folders"
+
+
+def write_split(path: str | os.PathLike, splits: dict[str, list[Sample]], class_names: list[str], root: Path) -> None:
+    """Writes the split as CSV (split, class, path relative to the data root), one row per image."""
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file)
+        writer.writerow(["split", "class", "path"])
+        for split in SPLITS:
+            for image, label in splits[split]:
+                writer.writerow([split, class_names[label], os.path.relpath(image, root)])
+
+
+def write_skipped(path: str | os.PathLike, skipped: dict[str, str]) -> None:
+    """Writes the skipped (unreadable) images, one `path<TAB>reason` line each, if there were any."""
+    if skipped:
+        Path(path).write_text("".join(f"{image}\t{reason}\n" for image, reason in skipped.items()), encoding="utf-8")
+        log.warning("skipped %d unreadable image(s); the list is in %s", len(skipped), path)

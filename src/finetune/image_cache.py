@@ -133,6 +133,25 @@ def cache_split(
     )
 
 
+def caching_policy(
+    split: str, cache_images: str | bool, augments: bool, augment_on: str
+) -> tuple[str | None, str | None]:
+    """What `data.cache_images` says of `split`: (why it stays on disk, or None; the setting that needs it in memory,
+    or None). "auto" caches what stays the same from epoch to epoch, or what the device augments."""
+    if cache_images is False:
+        return "data.cache_images=false", None
+    if split == "train" and augment_on == "device":
+        return None, "data.augment_on=device"
+    if cache_images is True:
+        return None, "data.cache_images=true"
+    if split != "train" or not augments:
+        return None, None
+    return (
+        "training-time augmentation runs on the original files; data.cache_images=true runs it on "
+        "decoded copies in memory instead (faster; random crops then come from the stored copy)"
+    ), None
+
+
 class SplitImages:
     """The decoded images of each split, made once for one resize, all under one memory limit.
 

@@ -20,6 +20,7 @@ from finetune.callbacks import ImagesSeen
 from finetune.checks import check_arguments
 from finetune.data import ImageFolderDataModule
 from finetune.errors import UsageError
+from finetune.folders import write_skipped, write_split
 from finetune.freezing import describe
 from finetune.loggers import instantiate_loggers, log_hyperparameters
 from finetune.module import ImageClassifier
@@ -89,8 +90,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     check_distributed(trainer, datamodule.splits, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
     writes = trainer.is_global_zero  # known from the environment as soon as the Trainer exists
     if writes:
-        datamodule.save_split(output_dir / "split.csv")
-        datamodule.save_skipped(output_dir / "skipped_files.txt")
+        write_split(output_dir / "split.csv", datamodule.splits, datamodule.class_names, datamodule.root)
+        write_skipped(output_dir / "skipped_files.txt", datamodule.skipped)
     status = "failed"
     try:
         if cfg.tune.lr_find:
