@@ -110,6 +110,7 @@ def test_plateau_lowers_the_learning_rate_when_val_loss_stalls(tmp_path, image_f
     assert curve == pytest.approx([1e-6] * 4 + [1e-7])  # logged at each epoch's start
 
 
+@pytest.mark.slow
 def test_balance_sampler_draws_every_class_equally_often_through_the_cli(tmp_path):
     # 30, 10 and 5 images: 21/7/3 train images, 67% / 23% / 10% of the draws without balancing.
     data = tmp_path / "data"
@@ -217,6 +218,7 @@ def test_trainer_gpu_composes():
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer" and cfg.trainer.max_epochs == 3
 
 
+@pytest.mark.slow
 def test_a_split_that_leaves_a_class_without_training_images_stops_with_one_line(tmp_path):
     data = tmp_path / "data"
     make_image_folder(data, per_class=4)
@@ -224,12 +226,14 @@ def test_a_split_that_leaves_a_class_without_training_images_stops_with_one_line
     assert_one_line_error(result, "class 'circle' has 4 image(s)", "none to train")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["timm", "torchvision"])
 def test_a_model_group_without_a_name_stops_with_one_line(tmp_path, image_folder, source):
     result = run_cli(tmp_path, f"model={source}", f"data.root={image_folder}", check=False)
     assert_one_line_error(result, "model.name", f"model={source} model.name=")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["code", "truncated"])
 def test_a_checkpoint_torch_will_not_load_stops_the_resume_with_one_line(tmp_path, image_folder, kind):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)

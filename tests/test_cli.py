@@ -15,6 +15,7 @@ from finetune.module import ImageClassifier
 TINY = ("data.image_size=32", "data.batch_size=8", "data.num_workers=0")
 
 
+@pytest.mark.slow
 def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     result = run_cli(
         tmp_path,
@@ -79,6 +80,7 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     assert model.preprocessing.resize_size == round(32 * 232 / 224)  # the weights' resize-to-crop ratio kept
 
 
+@pytest.mark.slow
 def test_bare_command_trains_the_offline_demo_with_real_pretrained_weights(tmp_path):
     # `python train.py` as a new user runs it, shrunk to a few batches.
     result = run_cli(
@@ -97,6 +99,7 @@ def test_bare_command_trains_the_offline_demo_with_real_pretrained_weights(tmp_p
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["params/trainable"] > 0
 
 
+@pytest.mark.slow
 def test_failed_download_stops_with_one_clear_line(tmp_path, image_folder):
     result = run_cli(tmp_path, "model=mobilenet_v2", f"data.root={image_folder}", check=False)
     output = result.stdout + result.stderr
@@ -119,6 +122,7 @@ def test_failed_timm_download_stops_with_one_clear_line(tmp_path, image_folder):
     assert "model.weights=<path" in line and "model.weights=null" in line
 
 
+@pytest.mark.slow
 def test_unfreeze_beyond_the_model_says_how_many_blocks(tmp_path, image_folder):
     result = run_cli(
         tmp_path, "model=resnet18", "model.weights=null", "unfreeze=12", f"data.root={image_folder}", check=False

@@ -63,6 +63,7 @@ def fit(image_folder, tmp_path, compile, epochs=2, **options) -> tuple[ImageClas
     return model, before, modes, trainer
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_checkpoints_load_uncompiled(image_folder, tmp_path, monkeypatch):
     # aot_eager traces forward and backward as inductor does, without generating code: seconds, not minutes.
     monkeypatch.setattr(finetune.callbacks, "COMPILE_BACKEND", "aot_eager")

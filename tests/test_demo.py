@@ -201,6 +201,7 @@ def test_missing_package_says_how_to_install_it(tmp_path, monkeypatch) -> None:
     assert not (tmp_path / "datasets" / "elpv").exists()
 
 
+@pytest.mark.slow
 def test_missing_package_stops_the_cli_with_one_line(tmp_path, monkeypatch) -> None:
     # A module of that name that fails to import, first on the path: as if the package were not installed.
     blocker = tmp_path / "blocker"

@@ -30,6 +30,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return state
 
 
+@pytest.mark.slow
 def test_evaluates_a_labelled_folder(tmp_path, trained_run, image_folder):
     before = snapshot(image_folder)
     result = run_module(
@@ -77,6 +78,7 @@ def test_evaluates_a_labelled_folder(tmp_path, trained_run, image_folder):
     assert "on 36 images" in result.stdout
 
 
+@pytest.mark.slow
 def test_unknown_class_folder_is_a_one_line_error(tmp_path, trained_run, image_folder):
     data = tmp_path / "other"
     for name, source in (("circle", "circle"), ("triangle", "square")):

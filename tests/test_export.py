@@ -72,6 +72,7 @@ def assert_description(path, format: str, model: ImageClassifier) -> None:
     assert "centre-crop 32x32" in steps["caller_does"]
 
 
+@pytest.mark.slow
 def test_onnx_export_over_the_real_command_line_matches_pytorch(tmp_path, checkpoint, reference):
     import onnx
     import onnxruntime
@@ -171,6 +172,7 @@ def test_unknown_format_is_one_line_and_exit_code_2(tmp_path, checkpoint):
     assert "Traceback" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("format", ["onnx", "torchscript"])
 def test_exports_a_timm_model(tmp_path, format):
     torch.manual_seed(0)

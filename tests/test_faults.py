@@ -66,6 +66,7 @@ def snapshot(root):
     return {path: (path.stat().st_size, path.stat().st_mtime_ns) for path in sorted(root.rglob("*"))}
 
 
+@pytest.mark.slow
 def test_a_messy_folder_trains_to_the_end_and_names_exactly_its_bad_files(tmp_path):
     data = tmp_path / "field photos"
     bad = make_messy_folder(data)
@@ -170,12 +171,14 @@ def test_data_that_cannot_train_stops_with_one_line(tmp_path, case):
         ("data.balance=oversample", ("data.balance=oversample: choose sampler, loss_weights or null",)),
     ],
 )
+@pytest.mark.slow
 def test_configuration_mistakes_stop_with_one_line(tmp_path, image_folder, override, expected):
     result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", override, check=False)
     assert_one_line_error(result, *expected)
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_hydra_full_error_shows_the_traceback(tmp_path, image_folder):
     env = offline_env(tmp_path) | {"HYDRA_FULL_ERROR": "1"}
     result = subprocess.run(
@@ -189,6 +192,7 @@ def test_hydra_full_error_shows_the_traceback(tmp_path, image_folder):
     assert result.returncode != 0 and "Traceback" in result.stderr and "UsageError" in result.stderr
 
 
+@pytest.mark.slow
 def test_a_run_never_overwrites_an_earlier_one(tmp_path, image_folder):
     run_cli(tmp_path, *TINY, f"data.root={image_folder}", "trainer.limit_train_batches=1")
     run = tmp_path / "run"
@@ -300,6 +304,7 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, image_folder):
     assert (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_out_of_memory_names_the_settings_to_lower(tmp_path, image_folder):
     result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", *fault(1, error="oom"), check=False)
     assert_one_line_error(
@@ -310,6 +315,7 @@ def test_out_of_memory_names_the_settings_to_lower(tmp_path, image_folder):
     )
 
 
+@pytest.mark.slow
 def test_class_imbalance_is_reported_and_balanced_on_request(tmp_path):
     data = tmp_path / "data"
     write_class(data, "common", 24)
@@ -384,6 +390,7 @@ def test_an_image_over_the_decompression_bomb_limit_is_named_as_too_large(tmp_pa
     assert why_unreadable(str(tmp_path / "scan.png")).startswith("too large to decode safely (over 40,000 pixels")
 
 
+@pytest.mark.slow
 def test_a_sweep_never_overwrites_an_earlier_sweep(tmp_path, image_folder):
     from conftest import run_multirun
 

@@ -11,6 +11,7 @@ from torch import nn
 from finetune.blocks import Block
 from finetune.data import ImageFolderDataModule
 from finetune.errors import UsageError
+from finetune.feature_store import SHARED
 from finetune.features import build_cache, classify_features, find_cut, should_cache, train_on_cache
 from finetune.module import ImageClassifier
 from finetune.samplers import ViewDataset, ViewSampler
@@ -36,6 +37,34 @@ def test_head_on_cached_features_equals_the_whole_network(image_folder):
     with torch.no_grad():
         assert torch.allclose(classify_features(model, cache["val"][0]), model(images), atol=1e-5)
     assert cache["train"][0].shape == (1, 27, 512) and cache["val"][1].tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_a_later_run_in_the_process_reuses_the_features_of_the_same_frozen_weights(image_folder):
+    """The next fold of a study runs no frozen forward pass, and gets what a fresh computation gives."""
+    SHARED.key = None
+    torch.manual_seed(0)
+    model = ImageClassifier("resnet18", CLASSES, weights=None, image_size=32, unfreeze=1).eval()
+    first = prepared(image_folder, model, augment=False, folds=3, fold=0)
+    cut, _ = should_cache("auto", model, first)
+    build_cache(model, first, cut, views=1, device=torch.device("cpu"))
+    passes = []
+    model.network.register_forward_pre_hook(lambda *_: passes.append(1))
+    model.network.get_submodule(model.head_name).reset_parameters()  # a new seed redraws the head only
+    second = prepared(image_folder, model, augment=False, folds=3, fold=1)
+    reused = build_cache(model, second, cut, views=1, device=torch.device("cpu"))
+    assert not passes
+    SHARED.key = None
+    fresh = build_cache(model, second, cut, views=1, device=torch.device("cpu"))
+    assert passes
+    for split in ("train", "val", "test"):
+        assert torch.equal(reused[split][0], fresh[split][0]) and torch.equal(reused[split][1], fresh[split][1])
+    assert reused["train"][0].shape[:2] == (1, len(second.splits["train"]))
+
+    passes.clear()
+    with torch.no_grad():
+        next(model.network.parameters()).add_(1.0)  # other frozen weights: nothing reused
+    build_cache(model, second, cut, views=1, device=torch.device("cpu"))
+    assert passes
 
 
 def test_cache_is_chosen_only_where_it_cannot_change_results(image_folder):
@@ -76,6 +105,7 @@ def test_view_sampler_serves_every_image_once_from_view_epoch_mod_k():
         assert all(dataset[i][1] == [0, 1, 0, 1][i % 4] for i in indices)
 
 
+@pytest.mark.slow
 def test_cli_transfer_learning_trains_on_cached_features(tmp_path, image_folder):
     result = run_cli(
         tmp_path,
@@ -188,6 +218,7 @@ def test_networks_that_cannot_run_from_a_block_are_refused_with_the_reason():
     assert cut is None and "cannot run from a cached input of encoder.layers.encoder_layer_10" in why_not
 
 
+@pytest.mark.slow
 def test_cli_fine_tuning_without_augmentation_caches_the_frozen_prefix_by_default(tmp_path, image_folder):
     # strategy.cache_features=auto: on where it cannot change results; the metrics match an uncached run's.
     import json

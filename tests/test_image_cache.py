@@ -158,6 +158,7 @@ def test_device_evaluation_batches_equal_the_evaluation_transform(mixed_folder):
     assert next(iter(device.ordered_dataloader("val")))[0].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_cli_trains_with_device_augmentation_in_worker_processes(tmp_path, image_folder):
     result = run_cli(
         tmp_path,

@@ -19,6 +19,7 @@ TINY = (
 )
 
 
+@pytest.mark.slow
 def test_csv_and_mlflow_loggers_together(tmp_path, image_folder, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 reads a file store only when asked to
@@ -50,6 +51,7 @@ def test_csv_and_mlflow_loggers_together(tmp_path, image_folder, monkeypatch):
     assert logged.info.status == "FINISHED"
 
 
+@pytest.mark.slow
 def test_an_unknown_logger_names_the_choices(tmp_path, image_folder):
     result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", "logger=wandb", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr

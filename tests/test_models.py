@@ -51,6 +51,7 @@ def test_every_model_config_is_in_the_block_table():
     assert sorted(BLOCKS) == MODEL_CONFIGS
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MODEL_CONFIGS)
 def test_model_contract(name):
     count, last, second_last = BLOCKS[name]

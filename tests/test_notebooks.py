@@ -20,6 +20,7 @@ def test_notebook_is_stored_without_outputs(path):
             assert cell["outputs"] == [] and cell["execution_count"] is None, path.name
 
 
+@pytest.mark.slow
 def test_unfreeze_notebook_runs_on_a_finished_run(tmp_path, image_folder):
     run_cli(
         tmp_path,

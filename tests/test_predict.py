@@ -50,6 +50,7 @@ def read_rows(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return list(reader.fieldnames), list(reader)
 
 
+@pytest.mark.slow
 def test_predicts_a_folder_one_row_per_image(tmp_path, trained_run, image_folder):
     expected = make_mixed_folder(tmp_path / "photos", image_folder)
     checkpoint = trained_run / "checkpoints" / "last.ckpt"
@@ -97,6 +98,7 @@ def test_predicts_a_folder_one_row_per_image(tmp_path, trained_run, image_folder
     assert float(probabilities.max()) == pytest.approx(float(first["probability"]), abs=1e-5)
 
 
+@pytest.mark.slow
 def test_single_image_and_no_overwriting(tmp_path, trained_run, image_folder):
     image = image_folder / "square" / "square_003.png"
     checkpoint = trained_run / "checkpoints" / "last.ckpt"
@@ -151,6 +153,7 @@ def test_missing_checkpoint_and_input_are_one_line_errors(tmp_path, capsys, imag
     assert f"input {tmp_path / 'nothing'} does not exist" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_writes_only_its_output_and_full_error_shows_the_traceback(tmp_path, trained_run, image_folder):
     # A Hydra app by default writes outputs/<date>/ with .hydra/ and a log: predict writes its CSV only.
     checkpoint = trained_run / "checkpoints" / "last.ckpt"

@@ -90,6 +90,7 @@ def run_report(tmp_path: Path, *arguments: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_reports_a_real_sweep_of_transfer_and_finetune(tmp_path, image_folder):
     sweep = tmp_path / "sweep"
     run_multirun(
@@ -255,6 +256,7 @@ def test_nothing_to_report_is_a_usage_error(tmp_path, monkeypatch, capsys, argum
     assert error.startswith("error: ") and error.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_transfer_vs_finetune_notebook_runs_a_tiny_sweep(tmp_path, image_folder, monkeypatch):
     # The notebook's sweep runs in a subprocess of the kernel, which inherits this environment: keep it offline.
     for name, value in offline_env(tmp_path).items():

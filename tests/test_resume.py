@@ -9,6 +9,7 @@ import torch
 from conftest import RESUME, run_cli
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("augment_on", ["loader", "device"])
 def test_interrupted_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path, image_folder, augment_on):
     # Dropout in the head and augmentation (in a worker process, or its parameters drawn there for the device):
@@ -30,6 +31,7 @@ def test_interrupted_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path, i
     assert all(torch.allclose(weights[0][k].float(), weights[1][k].float(), atol=1e-6) for k in weights[0])
 
 
+@pytest.mark.slow
 def test_resume_without_a_checkpoint_says_what_to_pass(tmp_path, image_folder):
     result = run_cli(tmp_path, *RESUME, f"data.root={image_folder}", "ckpt_path=last", check=False)
     output = result.stdout + result.stderr
@@ -37,6 +39,7 @@ def test_resume_without_a_checkpoint_says_what_to_pass(tmp_path, image_folder):
     assert "no checkpoint to resume at" in output and "hydra.run.dir=<the run to resume>" in output
 
 
+@pytest.mark.slow
 def test_learning_rate_finder_runs_before_training(tmp_path, image_folder):
     result = run_cli(
         tmp_path,

@@ -169,6 +169,7 @@ def test_processes_started_by_the_cluster_find_their_ranks(tmp_path, image_folde
     assert (run / "train.log").read_text().count("final metrics") == 1  # both log here; process 0 writes
 
 
+@pytest.mark.slow
 def test_ddp_settings_that_cannot_work_stop_with_one_line(tmp_path, image_folder):
     result = run_cli(
         tmp_path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -250,6 +251,10 @@ def test_a_small_depth_study_through_the_command_line(tmp_path, image_folder):
         if run.startswith("unfreeze-0"):
             tested += [row["path"] for row in rows]
     assert len(tested) == len(set(tested)) == 36  # the two folds test every image once
+    # The second fold runs no frozen forward pass: the first fold's features, the same images, are shared.
+    log = (sweep / "unfreeze-0_fold-1" / "train.log").read_text()
+    for split in ("train", "val", "test"):
+        assert re.search(rf"feature cache: (\d+) of \1 {split} images' features reused", log), log
 
     result = subprocess.run(
         [sys.executable, "-m", "finetune.report", f"sweep_dir={sweep}"],

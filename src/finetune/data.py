@@ -297,13 +297,14 @@ class ImageFolderDataModule(L.LightningDataModule):
         }
         self.serves_features = True
 
-    def ordered_dataloader(self, split: str, view: int = 0) -> DataLoader:
-        """The split's images in a fixed order (no shuffling), with the split's own transform; training images
-        get the augmentation of epoch `view`."""
+    def ordered_dataloader(self, split: str, view: int = 0, indices: Sequence[int] | None = None) -> DataLoader:
+        """The split's images (or those at `indices`) in a fixed order, with the split's own transform; training
+        images get the augmentation of epoch `view`."""
         dataset = self.datasets[split]
         if self.augment_on == "device":  # whatever the training loop gets, these batches come ready
             dataset = self._dataset(split, self.preprocessing, "loader")
-        keys = [(index, view) for index in range(len(dataset))] if split == "train" else None
+        indices = range(len(dataset)) if indices is None else indices
+        keys = [(index, view) for index in indices] if split == "train" else list(indices)
         # Its own generator: otherwise each pass draws its workers' base seed from the global one, and a run that
         # builds a feature cache would draw different dropout masks from one that does not.
         return DataLoader(

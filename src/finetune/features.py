@@ -28,6 +28,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from finetune.blocks import Block, trainable_parameter_names
 from finetune.callbacks import use_memory_format
 from finetune.errors import UsageError
+from finetune.feature_store import SHARED
 from finetune.freezing import keep_frozen_in_eval_mode
 from finetune.image_cache import memory_limit
 from finetune.partial_forward import modes, module_inputs, restore_modes, skipping
@@ -226,14 +227,24 @@ def _cache_bytes(cut: Cut, datamodule, views: int) -> int:
 
 
 def build_cache(model, datamodule, cut: Cut, views: int, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
-    """The cut module's inputs for every split: `views` passes over the training images, one over val and test."""
+    """The cut module's inputs for every split: `views` passes over the training images, one over val and test
+    (without augmentation: one pass, shared with later runs in this process through `SHARED`)."""
     if views < 1:
         raise UsageError(f"strategy.cache_views={views} must be at least 1")
     datamodule.setup("fit")
     network = model.network.to(device)
     use_memory_format(model, device)  # the frozen part runs as fast as it would have in training
     layout = torch.channels_last if model.uses_channels_last else torch.contiguous_format
-    passes = views if datamodule.augments else 1
+    if not datamodule.augments:
+        cache = {
+            split: SHARED.inputs(model, datamodule, cut, split, device, layout)
+            for split in ("train", "val", "test")
+            if datamodule.splits[split]
+        }
+        cache["train"] = (cache["train"][0].unsqueeze(0), cache["train"][1])
+        _log_size(cache, cut)
+        return cache
+    passes = views
     train_views = [
         module_inputs(network, cut.module, datamodule.ordered_dataloader("train", view), device, layout)
         for view in range(passes)
@@ -242,15 +253,19 @@ def build_cache(model, datamodule, cut: Cut, views: int, device: torch.device) -
     for split in ("val", "test"):
         if datamodule.datasets[split]:
             cache[split] = module_inputs(network, cut.module, datamodule.ordered_dataloader(split), device, layout)
+    _log_size(cache, cut)
+    return cache
+
+
+def _log_size(cache: dict[str, tuple[torch.Tensor, ...]], cut: Cut) -> None:
     size = sum(t.numel() * t.element_size() for tensors in cache.values() for t in tensors)
     log.info(
         "feature cache: %d training view(s), %s features per image (the input of %s), %.1f MB in memory",
-        passes,
+        len(cache["train"][0]),
         tuple(cache["train"][0].shape[2:]),
         cut.module,
         size / 1e6,
     )
-    return cache
 
 
 def train_on_cache(model, datamodule, cut: Cut, views: int, device: torch.device) -> None:
