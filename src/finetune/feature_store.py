@@ -30,11 +30,20 @@ class SharedFeatures:
         self.key: tuple | None = None
         self.by_path: dict[str, torch.Tensor] = {}
 
-    def inputs(self, model, datamodule, cut: Cut, split: str, device, layout) -> tuple[torch.Tensor, torch.Tensor]:
-        """The split's features and labels: those kept reused, the rest computed (and kept)."""
-        key = (cut, repr(model.preprocessing), str(layout), _weights_digest(model))
+    def inputs(self, model, datamodule, cut: Cut, device, layout) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each non-empty split's features and labels: those kept reused, the rest computed (and kept)."""
+        key = (cut, repr(model.preprocessing), str(layout), _weights_digest(model))  # once a run: reads every weight
         if key != self.key:
             self.key, self.by_path = key, {}
+        return {
+            split: self._split_inputs(model, datamodule, cut, split, device, layout)
+            for split in ("train", "val", "test")
+            if datamodule.splits[split]
+        }
+
+    def _split_inputs(
+        self, model, datamodule, cut: Cut, split: str, device, layout
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         samples = datamodule.splits[split]
         missing = [index for index, (path, _) in enumerate(samples) if path not in self.by_path]
         if missing:

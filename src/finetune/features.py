@@ -236,11 +236,7 @@ def build_cache(model, datamodule, cut: Cut, views: int, device: torch.device) -
     use_memory_format(model, device)  # the frozen part runs as fast as it would have in training
     layout = torch.channels_last if model.uses_channels_last else torch.contiguous_format
     if not datamodule.augments:
-        cache = {
-            split: SHARED.inputs(model, datamodule, cut, split, device, layout)
-            for split in ("train", "val", "test")
-            if datamodule.splits[split]
-        }
+        cache = SHARED.inputs(model, datamodule, cut, device, layout)
         cache["train"] = (cache["train"][0].unsqueeze(0), cache["train"][1])
         _log_size(cache, cut)
         return cache
