@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import signal
@@ -555,18 +556,12 @@ def planned_runs(args, how: str) -> int:
     """Runs the study will make: the explicit sweep's depths x seeds, or the product of the experiment's sweep."""
     if how != "experiment=depth_study":
         return len(args.study_depths.split(",")) * len(args.study_seeds.split(","))
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from omegaconf import OmegaConf
 
     params = OmegaConf.load(REPO / "conf" / "experiment" / "depth_study.yaml").hydra.sweeper.params
-    runs = 1
-    for values in params.values():
-        values = str(values)
-        if values.startswith("range("):
-            start, stop = (int(v) for v in values[len("range(") : -1].split(","))
-            runs *= stop - start
-        else:
-            runs *= len(values.split(","))
-    return runs
+    overrides = OverridesParser.create().parse_overrides([f"{key}={values}" for key, values in params.items()])
+    return math.prod(len(list(override.sweep_string_iterator())) for override in overrides)
 
 
 def measure_study(args, data_root: Path, device: str, work: Path, env: dict, budget: Budget) -> dict:
