@@ -97,3 +97,24 @@ def test_evaluation_images_are_prepared_as_timm_prepares_them(name, mode):
     ours = eval_transform(backbone.preprocessing)(image)
     assert torch.allclose(ours, theirs(image), atol=1e-5)
     assert Preprocessing.from_dict(backbone.preprocessing.as_dict()) == backbone.preprocessing
+
+
+def test_crop_pct_one_keeps_the_border_of_the_image_the_weights_own_ratio_crops_it():
+    # ELPV's defects can sit at a cell's edge: crop_pct=1.0 resizes the whole image to the crop size.
+    import numpy as np
+    from PIL import Image
+
+    from finetune.module import ImageClassifier
+    from finetune.transforms import eval_transform
+
+    pixels = np.zeros((300, 300, 3), dtype=np.uint8)
+    pixels[:, :4] = 255  # a bright stripe along the left border, 4 of 300 px
+    image = Image.fromarray(pixels)
+    default = ImageClassifier("mobilenet_v2", ["a", "b"], weights=None, image_size=64).preprocessing
+    whole = ImageClassifier("mobilenet_v2", ["a", "b"], weights=None, image_size=64, crop_pct=1.0).preprocessing
+    assert default.crop_size == 64 < default.resize_size  # the weights' own: the centre 224 of 232 px
+    assert (whole.crop_size, whole.resize_size) == (64, 64)
+    left_column = [eval_transform(p)(image)[0, 32, 0].item() for p in (default, whole)]
+    assert left_column[0] < 0 < left_column[1]  # normalised: below the mean (black) against the bright stripe
+    with pytest.raises(UsageError, match="crop_pct=1.5"):
+        ImageClassifier("mobilenet_v2", ["a", "b"], weights=None, crop_pct=1.5)

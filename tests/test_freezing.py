@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import lightning as L
+import pytest
 import torch
 from torch import nn
 
 from finetune.data import ImageFolderDataModule
+from finetune.errors import UsageError
 from finetune.module import ImageClassifier
 
 
@@ -61,3 +63,18 @@ def test_train_mode_leaves_frozen_blocks_in_eval_mode():
     assert layers.encoder_layer_11.training and model.network.heads.training
     dropouts = [m for m in layers.encoder_layer_0.modules() if isinstance(m, nn.Dropout)]
     assert dropouts and not any(m.training for m in dropouts)
+
+
+def test_bn_eval_keeps_the_statistics_of_trainable_blocks_while_their_weights_train(image_folder):
+    model, before, after = train_a_few_steps(image_folder, unfreeze=2, bn_eval=True)
+    assert not changed(before, after, "", "running_mean") and not changed(before, after, "", "running_var")
+    assert changed(before, after, "features.17.", "weight")  # convolutions and BatchNorm scales still learn
+    batchnorms = [m for m in model.network.modules() if isinstance(m, nn.BatchNorm2d)]
+    model.train()
+    assert batchnorms and not any(m.training for m in batchnorms)
+    assert model.network.classifier.training  # the head's dropout still trains
+
+
+def test_bn_eval_and_train_bn_contradict_each_other():
+    with pytest.raises(UsageError, match="train_bn=true and bn_eval=true"):
+        ImageClassifier("mobilenet_v2", ["a", "b"], weights=None, train_bn=True, bn_eval=True)

@@ -58,11 +58,18 @@ class Preprocessing:
     std: tuple[float, float, float]
     crop_mode: str = "center"
 
-    def at_size(self, crop_size: int | None) -> Preprocessing:
-        """The same preprocessing at another crop size, keeping the weights' resize-to-crop ratio."""
-        if crop_size is None or crop_size == self.crop_size:
-            return self
-        resize = round(crop_size * self.resize_size / self.crop_size)
+    def at_size(self, crop_size: int | None, crop_pct: float | None = None) -> Preprocessing:
+        """The same preprocessing at another crop size, keeping the weights' resize-to-crop ratio unless `crop_pct`
+        (timm's name: the share of the resized side the centre crop keeps; 1.0 keeps the whole image) is given."""
+        if crop_pct is not None and not 0 < crop_pct <= 1:
+            raise UsageError(f"model.crop_pct={crop_pct} must be in (0, 1]: 1.0 keeps the whole image")
+        crop_size = self.crop_size if crop_size is None else crop_size
+        if crop_pct is None:
+            if crop_size == self.crop_size:
+                return self
+            resize = round(crop_size * self.resize_size / self.crop_size)
+        else:
+            resize = round(crop_size / crop_pct)
         return Preprocessing(crop_size, resize, self.interpolation, self.mean, self.std, self.crop_mode)
 
     def as_dict(self) -> dict:

@@ -115,6 +115,14 @@ def keep_frozen_in_eval_mode(network: nn.Module, frozen: list[Block], train_bn: 
         module.training = train_bn and isinstance(module, _BatchNorm)
 
 
+def keep_batchnorm_in_eval_mode(network: nn.Module) -> None:
+    """Puts every BatchNorm layer in eval mode after a `.train()` (`bn_eval=true`): trainable blocks too normalise
+    with their pretrained running statistics, and keep them; their scale and shift still train."""
+    for module in network.modules():
+        if isinstance(module, _BatchNorm):
+            module.training = False
+
+
 def _modules_of(network: nn.Module, blocks: list[Block]):
     for block in blocks:
         for name in block.modules:

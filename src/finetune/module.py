@@ -16,7 +16,14 @@ from finetune.backbones import Preprocessing, create_backbone
 from finetune.callbacks import MemoryFormatAndCompile, ResumeRandomState, check_compile_setting
 from finetune.errors import UsageError
 from finetune.features import Cut, classify_features
-from finetune.freezing import Unfreezing, keep_frozen_in_eval_mode, parameter_groups, set_depth, unfreeze_schedule
+from finetune.freezing import (
+    Unfreezing,
+    keep_batchnorm_in_eval_mode,
+    keep_frozen_in_eval_mode,
+    parameter_groups,
+    set_depth,
+    unfreeze_schedule,
+)
 from finetune.heads import dropout_before_head
 from finetune.metrics import classification_metrics
 from finetune.schedules import SCHEDULERS, FixScheduleLength, lr_scheduler
@@ -40,6 +47,10 @@ class ImageClassifier(L.LightningModule):
         unfreeze_epoch, unfreeze_every, unfreeze_limit: gradual unfreezing (`finetune.freezing.UnfreezeSchedule`):
             head only for `unfreeze_epoch` epochs, then one more block every `unfreeze_every` up to the limit.
         train_bn: train BatchNorm layers inside frozen blocks too (statistics and affine parameters).
+        bn_eval: BatchNorm layers of the trainable blocks normalise with their pretrained running statistics and
+            keep them (their scale and shift still train), as Keras advises for fine-tuning: batch statistics of
+            small batches of a small data set are noisy, and a head trained on the frozen network's features
+            (LP-FT) keeps getting what it was trained on.
         head_hidden_dim, head_dropout: None for one Linear layer, an int for Linear-ReLU-Dropout-Linear; the
             dropout in front of the last Linear layer (None: the architecture's).
         optimizer: "adamw", "adam" or "sgd" (momentum 0.9).
@@ -53,6 +64,8 @@ class ImageClassifier(L.LightningModule):
             losses stay unweighted, so they compare across runs.
         image_size: crop size fed to the network (`data.image_size`); None: the weights' own. Its preprocessing
             travels in checkpoints (predict, evaluate, export) and the DataModule takes it.
+        crop_pct: the share of the resized image the evaluation crop keeps; None: the weights' own (e.g. 224 of
+            256), 1.0: the whole image (where objects reach the border, like ELPV's cells).
         log_misclassified: misclassified test images shown as one grid (`finetune.figures.Figures`); 0: none.
         channels_last, compile: NHWC layout (True, False or "auto": where faster) and `torch.compile` (False, True
             or a mode), applied at fit start (`finetune.callbacks.MemoryFormatAndCompile`).
@@ -69,6 +82,7 @@ class ImageClassifier(L.LightningModule):
         unfreeze_every: int | None = None,
         unfreeze_limit: int | str | None = None,
         train_bn: bool = False,
+        bn_eval: bool = False,
         head_hidden_dim: int | None = None,
         head_dropout: float | None = None,
         optimizer: str = "adamw",
@@ -84,6 +98,7 @@ class ImageClassifier(L.LightningModule):
         log_misclassified: int = 16,
         compile: bool | str = False,
         image_size: int | None = None,
+        crop_pct: float | None = None,
     ) -> None:
         super().__init__()
         for key, value, choices in (("optimizer", optimizer, OPTIMIZERS), ("scheduler", scheduler, SCHEDULERS)):
@@ -92,13 +107,15 @@ class ImageClassifier(L.LightningModule):
         if len(class_names) < 2:
             raise UsageError(f"the data has {len(class_names)} class(es); a classifier needs at least two")
         check_compile_setting(compile)
+        if train_bn and bn_eval:
+            raise UsageError("train_bn=true and bn_eval=true contradict each other: choose one")
         if layer_decay is not None and not 0 < layer_decay <= 1:
             raise UsageError(
                 f"layer_decay={layer_decay} must be in (0, 1]: each block trains at that factor "
                 "times the learning rate of the block above it"
             )
         # Logged by training.py, at the end; the image size travels as the preprocessing (on_save_checkpoint).
-        self.save_hyperparameters(ignore=["image_size"], logger=False)
+        self.save_hyperparameters(ignore=["image_size", "crop_pct"], logger=False)
 
         backbone = create_backbone(
             name,
@@ -109,7 +126,7 @@ class ImageClassifier(L.LightningModule):
             head_dropout=head_dropout,
         )
         self.network, self.head_name, self.blocks = backbone.network, backbone.head_name, backbone.blocks
-        self.preprocessing = backbone.preprocessing.at_size(image_size)
+        self.preprocessing = backbone.preprocessing.at_size(image_size, crop_pct)
         self.weights_description = backbone.weights_description
         self.schedule = unfreeze_schedule(self.blocks, name, unfreeze, unfreeze_epoch, unfreeze_every, unfreeze_limit)
         self.depth, self.frozen_blocks = -1, []
@@ -167,6 +184,8 @@ class ImageClassifier(L.LightningModule):
         super().train(mode)
         if mode:  # frozen blocks compute what they computed when pretrained (finetune.freezing)
             keep_frozen_in_eval_mode(self.network, self.frozen_blocks, self.hparams.train_bn)
+            if self.hparams.bn_eval:
+                keep_batchnorm_in_eval_mode(self.network)
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
