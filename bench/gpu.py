@@ -83,9 +83,9 @@ from common import machine, revision, subset, today  # noqa: E402
 
 MODELS = {"mobilenet_v2": "mobilenet_v2", "mnv2": "mobilenet_v2", "resnet50": "resnet50", "r50": "resnet50"}
 PATHS = {
-    "files": ["data.cache_images=false", "data.augment_on=loader"],
-    "cached": ["data.cache_images=true", "data.augment_on=loader"],
-    "device": ["data.cache_images=true", "data.augment_on=device"],
+    "files": ["data.augment=basic", "data.cache_images=false", "data.augment_on=loader"],
+    "cached": ["data.augment=basic", "data.cache_images=true", "data.augment_on=loader"],
+    "device": ["data.augment=basic", "data.cache_images=true", "data.augment_on=device"],
     "features": ["data.augment=false", "strategy.cache_features=true"],
 }
 EXTRAS = {

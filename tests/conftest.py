@@ -21,6 +21,7 @@ RESUME = (
     "data.image_size=32",
     "data.num_workers=1",
     "data.batch_size=8",
+    "data.augment=basic",  # augmentation's random state must resume too
     "strategy.scheduler=constant",
     "trainer.deterministic=true",
 )

@@ -24,6 +24,7 @@ def test_cells_parse_into_train_overrides():
         "model=resnet50",
         "unfreeze=all",
         "data.batch_size=128",
+        "data.augment=basic",
         "data.cache_images=true",
         "data.augment_on=device",
         "model.compile=true",

@@ -215,7 +215,7 @@ def test_trainer_gpu_composes():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["trainer=gpu"])
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.precision == "bf16-mixed"
-    assert cfg.trainer._target_ == "lightning.pytorch.Trainer" and cfg.trainer.max_epochs == 3
+    assert cfg.trainer._target_ == "lightning.pytorch.Trainer" and cfg.trainer.max_epochs == 10
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ CLASSES = ["circle", "square", "stripes"]
 
 
 def prepared(image_folder, model, **options) -> ImageFolderDataModule:
+    options.setdefault("augment", "basic")  # the augmented path unless a test says otherwise
     datamodule = ImageFolderDataModule(
         str(image_folder), batch_size=8, num_workers=0, image_size=32, preprocessing=model.preprocessing, **options
     )

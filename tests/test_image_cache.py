@@ -45,6 +45,7 @@ def smooth_folder(tmp_path_factory):
 
 
 def prepared(root, preprocessing=PREPROCESSING, stage="fit", **options) -> ImageFolderDataModule:
+    options.setdefault("augment", "basic")  # the augmented path unless a test says otherwise
     datamodule = ImageFolderDataModule(str(root), num_workers=0, batch_size=64, split=(0.5, 0.25, 0.25), **options)
     datamodule.prepare_data()
     datamodule.preprocessing = preprocessing
@@ -168,6 +169,7 @@ def test_cli_trains_with_device_augmentation_in_worker_processes(tmp_path, image
         "data.image_size=32",
         "data.batch_size=8",
         "data.num_workers=1",
+        "data.augment=basic",
         "data.augment_on=device",
         "trainer.max_epochs=1",
     )

@@ -62,6 +62,7 @@ KILLABLE = (
     "data.image_size=32",
     "data.num_workers=1",
     "data.batch_size=8",
+    "data.augment=basic",
     "trainer.deterministic=true",
     "trainer.max_epochs=3",
     "callbacks.step_checkpoint.every_n_train_steps=3",

@@ -88,7 +88,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int | None = None,
         image_size: int | None = None,
-        augment: bool | str = True,
+        augment: bool | str = "none",
         crop_scale: Sequence[float] = (0.8, 1.0),
         rotation_degrees: float = 15.0,
         horizontal_flip: bool = True,
