@@ -267,3 +267,15 @@ def test_lp_ft_trains_the_head_first_then_fine_tunes_with_warmup_and_a_lower_bac
     weights = [key for key in pretrained if key.startswith("network.blocks.6.") and key.endswith("conv_pw.weight")]
     assert statistics and all(torch.equal(trained[key], pretrained[key]) for key in statistics)
     assert weights and not any(torch.equal(trained[key], pretrained[key]) for key in weights)  # it did fine-tune
+
+
+def test_the_paper_protocol_experiment_composes_the_measured_recipe():
+    # bench/RESULTS.md "Accuracy", row r1: the protocol's split and seeds, and the recipe that scored best there.
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=elpv_paper"], return_hydra_config=True)
+    assert list(cfg.data.split) == [0.65, 0.10, 0.25] and cfg.data.demo == "elpv" and cfg.data.augment == "none"
+    assert cfg.hydra.sweeper.params.seed == "1,2,3" and cfg.hydra.mode.name == "MULTIRUN"
+    assert cfg.model.name == "tf_efficientnet_lite0" and cfg.unfreeze == 2 and cfg.strategy.name == "finetune"
+    assert cfg.strategy.backbone_lr is None and cfg.strategy.warmup_epochs == 0 and cfg.trainer.max_epochs == 10
