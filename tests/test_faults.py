@@ -320,14 +320,14 @@ def test_class_imbalance_is_reported_and_balanced_on_request(tmp_path):
     data = tmp_path / "data"
     write_class(data, "common", 24)
     write_class(data, "rare", 6, seed=1)
-    result = run_cli(tmp_path, *TINY, f"data.root={data}")
+    result = run_cli(tmp_path, *TINY, f"data.root={data}", "data.balance=null")
     output = result.stdout + result.stderr
     assert "classes: common 24, rare 6" in output
     assert "strong class imbalance" in output and "data.balance=sampler" in output
     # 0.7 of each class trains (17 and 4): the ratio the log and metrics.json report.
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["data/imbalance"] == pytest.approx(17 / 4)
 
-    weighted = run_cli(tmp_path / "weighted", *TINY, f"data.root={data}", "data.balance=loss_weights")
+    weighted = run_cli(tmp_path / "weighted", *TINY, f"data.root={data}")  # data.balance=loss_weights: the default
     assert "strong class imbalance" not in weighted.stdout + weighted.stderr
     hyperparameters = torch.load(tmp_path / "weighted" / "run" / "checkpoints" / "last.ckpt", weights_only=True)[
         "hyper_parameters"

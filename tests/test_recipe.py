@@ -276,6 +276,7 @@ def test_the_paper_protocol_experiment_composes_the_measured_recipe():
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["experiment=elpv_paper"], return_hydra_config=True)
     assert list(cfg.data.split) == [0.65, 0.10, 0.25] and cfg.data.demo == "elpv" and cfg.data.augment == "none"
+    assert cfg.data.balance is None
     assert cfg.hydra.sweeper.params.seed == "1,2,3" and cfg.hydra.mode.name == "MULTIRUN"
     assert cfg.model.name == "tf_efficientnet_lite0" and cfg.unfreeze == 2 and cfg.strategy.name == "finetune"
     assert cfg.strategy.backbone_lr is None and cfg.strategy.warmup_epochs == 0 and cfg.trainer.max_epochs == 10

@@ -58,9 +58,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         horizontal_flip: training-time random horizontal flips.
         strict: stop on any unreadable image instead of skipping it (skipped images are logged and listed in
             the run's skipped_files.txt).
-        balance: None trains on the data as they are; "sampler" draws training images with probabilities that
-            make every class equally frequent (with replacement; an epoch stays as long); "loss_weights" weights
-            each class's training loss by total / (classes * class count).
+        balance: "loss_weights" (default) weights each class's training loss by total / (classes * class count),
+            so a minority class is not traded away (all weights 1 on balanced data); "sampler" draws training
+            images with probabilities that make every class equally frequent (with replacement; an epoch stays as
+            long); None trains on the data as they are.
         cache_images: keep every image decoded and resized in memory (`finetune.image_cache`) instead of
             decoding it again every epoch: "auto" where results stay the same (validation and test images, and
             training images when augmentation is off or runs on the device), True for every split (training-time
@@ -93,7 +94,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         rotation_degrees: float = 15.0,
         horizontal_flip: bool = True,
         strict: bool = False,
-        balance: str | None = None,
+        balance: str | None = "loss_weights",
         cache_images: str | bool = "auto",
         cache_images_max_gb: float | None = None,
         augment_on: str = "loader",
