@@ -17,6 +17,7 @@ from scipy import stats as scipy_stats
 
 from finetune.errors import UsageError
 from finetune.folders import split_kfold
+from finetune.points import run_folder
 from finetune.report import PLOTS, build_report, write_report
 from finetune.stats import corrected_t
 
@@ -81,19 +82,22 @@ def make_fold_run(
     seed: int = 0,
     predictions: list[tuple[str, str, str]] | None = None,
     sizes=(250, 70, 80),
+    strategy: str = "finetune",
 ) -> Path:
-    job = sweep / (f"unfreeze-{unfreeze}_fold-{fold}" if fold is not None else f"unfreeze-{unfreeze}_seed-{seed}")
+    name = run_folder(strategy, unfreeze)
+    job = sweep / (f"{name}_fold-{fold}" if fold is not None else f"{name}_seed-{seed}")
     (job / ".hydra").mkdir(parents=True)
     data = {"root": "/data", "split_seed": "${seed}", "folds": 5 if fold is not None else None, "fold": fold or 0}
     config = {
         "seed": seed,
         "unfreeze": unfreeze,
         "model": {"name": "tf_efficientnet_lite0"},
-        "strategy": {"name": "finetune", "unfreeze": 2},
+        "strategy": {"name": strategy, "unfreeze": 2},
         "data": data,
     }
     OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
     overrides = [f"unfreeze={unfreeze}", *([f"data.fold={fold}"] if fold is not None else [f"seed={seed}"])]
+    overrides += [f"strategy={strategy}"] if strategy != "finetune" else []
     OmegaConf.save(OmegaConf.create(["data.root=/data", *overrides]), job / ".hydra" / "overrides.yaml")
     metrics = {
         "test/acc": acc,
@@ -157,6 +161,45 @@ def test_a_study_the_data_cannot_decide_says_so_and_how_many_images_would(tmp_pa
     assert verdict.endswith("Recommended: unfreeze=0.")
 
 
+def test_lp_ft_points_are_named_compared_and_recommended_by_their_setting(tmp_path):
+    # python train.py experiment=depth_study 'strategy=finetune,lp_ft': LP-FT beside plain fine-tuning at each depth.
+    sweep = tmp_path / "study"
+    for fold, noise in enumerate(FOLD_NOISE):
+        make_fold_run(sweep, 0, fold, 0.72 + noise, seconds=20)
+        make_fold_run(sweep, 0, fold, 0.725 + noise, seconds=21, strategy="lp_ft")
+        make_fold_run(sweep, 2, fold, 0.80 + noise, seconds=40)
+        make_fold_run(sweep, 2, fold, 0.86 + noise + 0.005 * (fold % 2), seconds=41, strategy="lp_ft")
+
+    group = build_report(sweep).study.groups[0]
+    assert group.transfer.name == "transfer learning (unfreeze=0)" and group.transfer.point.strategy == "finetune"
+    assert {p.name for p in group.points} == {
+        "transfer learning (unfreeze=0)",
+        "LP-FT unfreeze=0",
+        "unfreeze=2",
+        "LP-FT unfreeze=2",
+    }
+    assert group.best.name == group.recommended.name == "LP-FT unfreeze=2"
+    verdict = build_report(sweep).study.verdict
+    assert verdict.startswith("Fine-tuning with LP-FT unfreeze=2 beats transfer learning by +14.2 points")
+    assert "Recommended: strategy=lp_ft unfreeze=2 (86.2% accuracy" in verdict
+
+
+def test_study_runs_are_named_by_depth_and_by_strategy_where_it_is_more_than_a_depth():
+    from hydra import compose, initialize_config_dir
+
+    import finetune.apps  # noqa: F401  registers the ${study_run:...} resolver, as train.py does
+
+    for experiment, strategy, expected in (
+        ("depth_study", "finetune", "unfreeze-2_fold-0"),
+        ("depth_study", "lp_ft", "lp_ft-unfreeze-2_fold-0"),
+        ("depth_study_seeds", "transfer", "unfreeze-0_seed-42"),
+    ):
+        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+            overrides = [f"experiment={experiment}", f"strategy={strategy}"]
+            cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        assert cfg.hydra.sweep.subdir == expected
+
+
 def test_one_split_uses_per_image_predictions_bootstrap_and_mcnemar(tmp_path):
     sweep = tmp_path / "study"
     images = [f"img{i:03d}.png" for i in range(80)]
@@ -213,6 +256,38 @@ def test_a_partial_study_reports_over_what_finished_and_lists_what_is_missing(tm
     assert "- data.fold=3 unfreeze=0,2,all: not started" in problems  # one line for what differs only in depth
     assert "- data.fold=4 unfreeze=0,2,all: not started" in problems
     assert problems.count("not started") == 4
+
+
+@pytest.mark.slow
+def test_lp_ft_points_join_a_study_through_the_command_line(tmp_path, image_folder):
+    sweep = tmp_path / "study"
+    run_multirun(
+        tmp_path,
+        sweep,
+        "experiment=depth_study",
+        "strategy=finetune,lp_ft",
+        "unfreeze=0,1",
+        "data.folds=2",
+        "data.fold=0,1",
+        "model=mobilenet_v2",
+        "model.weights=null",
+        f"data.root={image_folder}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.batch_size=8",
+        "trainer.max_epochs=1",
+        "callbacks.test_predictions.latency_batch=0",
+    )
+    runs = {path.name for path in sweep.iterdir() if (path / ".hydra").is_dir()}
+    assert runs == {
+        f"{kind}unfreeze-{depth}_fold-{fold}" for kind in ("", "lp_ft-") for depth in (0, 1) for fold in (0, 1)
+    }
+    assert "linear probe (LP-FT)" in (sweep / "lp_ft-unfreeze-1_fold-0" / "train.log").read_text()
+    assert "linear probe (LP-FT)" not in (sweep / "unfreeze-1_fold-0" / "train.log").read_text()
+    report = build_report(sweep)
+    names = {point.name for point in report.study.groups[0].points}
+    assert names == {"transfer learning (unfreeze=0)", "unfreeze=1", "LP-FT unfreeze=0", "LP-FT unfreeze=1"}
+    assert report.study.groups[0].transfer.point.strategy == "finetune"
 
 
 @pytest.mark.slow

@@ -48,8 +48,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.errors import UsageError, close_matches, find_usage_error, first_line
+from finetune.points import run_folder
 
 log = logging.getLogger("finetune")
+
+# ${study_run:<strategy>,<unfreeze>} in conf/experiment/depth_study*.yaml names a study's run folders.
+OmegaConf.register_new_resolver("study_run", run_folder, replace=True)
 
 # Set by `run` for the command it runs, so that the check inside the app tells the user's HYDRA_FULL_ERROR from ours.
 _OURS = "FINETUNE_SET_HYDRA_FULL_ERROR"

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from finetune.points import is_depth_only, point_name, point_setting
 from finetune.stats import Estimate, bootstrap, corrected_t, macro_f1, mcnemar_exact
 
 FOLDS, SPLIT = "folds", "split"
@@ -42,7 +43,11 @@ class PointStats:
 
     @property
     def name(self) -> str:
-        return depth_name(self.point.unfreeze)
+        return point_name(self.point.unfreeze, self.point.strategy)
+
+    @property
+    def setting(self) -> str:
+        return point_setting(self.point.unfreeze, self.point.strategy)
 
 
 @dataclass(frozen=True)
@@ -86,12 +91,6 @@ class Study:
     @property
     def verdict(self) -> str:
         return "\n\n".join(group.verdict for group in self.groups)
-
-
-def depth_name(unfreeze) -> str:
-    if unfreeze == 0:
-        return "transfer learning (unfreeze=0)"
-    return f"unfreeze={unfreeze}"
 
 
 def analyse(report) -> Study | None:
@@ -210,7 +209,9 @@ def compare(a: PointStats, b: PointStats, design: str) -> Comparison:
 def _group(title: str, points: list[PointStats], design: str, report, titled: bool) -> Group:
     # A point with one finished fold has no interval: shown in the table, compared once a second fold is in.
     ready = [p for p in points if design == SPLIT or p.acc.n >= 2] or points
-    transfer = next((p for p in ready if p.point.unfreeze == 0), None)
+    # The reference: the head alone, trained plainly (an LP-FT point at depth 0 is compared with it too).
+    at_zero = [p for p in ready if p.point.unfreeze == 0]
+    transfer = next((p for p in at_zero if is_depth_only(p.point.strategy)), at_zero[0] if at_zero else None)
     best = max(ready, key=lambda p: p.acc.mean)
     vs_transfer = [compare(p, transfer, design) for p in ready if transfer is not None and p is not transfer]
     vs_best = [compare(p, best, design) for p in ready if p is not best]

@@ -63,7 +63,7 @@ def verdict_text(group: Group, design: str, report, titled: bool) -> str:
             f"{title}The data cannot decide: no depth is significantly better or worse than another. "
             f"The largest difference, {widest.point.name} against {widest.other.name}, is "
             f"{points_text(d.mean)} points ({interval_text(d)}).{more} Until then the cheapest is the safe "
-            f"choice. Recommended: unfreeze={recommended.point.unfreeze}."
+            f"choice. Recommended: {recommended.setting}."
         )
     sentences = []
     if recommended is transfer:
@@ -108,7 +108,7 @@ def verdict_text(group: Group, design: str, report, titled: bool) -> str:
                 f"{points_text(d.mean)} points, {interval_text(d)}){_times(top, recommended)}."
             )
     sentences.append(
-        f"Recommended: unfreeze={recommended.point.unfreeze}"
+        f"Recommended: {recommended.setting}"
         f" ({100 * recommended.acc.mean:.1f}% accuracy, {interval_text(recommended.acc)})."
     )
     return title + " ".join(sentences)
