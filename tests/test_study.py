@@ -258,23 +258,29 @@ def test_a_partial_study_reports_over_what_finished_and_lists_what_is_missing(tm
     assert problems.count("not started") == 4
 
 
+# A depth study of two folds on the tiny generated folder, MobileNetV2 at random init, 32 px.
+TINY_STUDY = (
+    "experiment=depth_study",
+    "data.folds=2",
+    "data.fold=0,1",
+    "model=mobilenet_v2",
+    "model.weights=null",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "data.batch_size=8",
+)
+
+
 @pytest.mark.slow
 def test_lp_ft_points_join_a_study_through_the_command_line(tmp_path, image_folder):
     sweep = tmp_path / "study"
     run_multirun(
         tmp_path,
         sweep,
-        "experiment=depth_study",
+        *TINY_STUDY,
+        f"data.root={image_folder}",
         "strategy=finetune,lp_ft",
         "unfreeze=0,1",
-        "data.folds=2",
-        "data.fold=0,1",
-        "model=mobilenet_v2",
-        "model.weights=null",
-        f"data.root={image_folder}",
-        "data.image_size=32",
-        "data.num_workers=0",
-        "data.batch_size=8",
         "trainer.max_epochs=1",
         "callbacks.test_predictions.latency_batch=0",
     )
@@ -296,16 +302,9 @@ def test_a_small_depth_study_through_the_command_line(tmp_path, image_folder):
     run_multirun(
         tmp_path,
         sweep,
-        "experiment=depth_study",
-        "unfreeze=0,all",
-        "data.folds=2",
-        "data.fold=0,1",
-        "model=mobilenet_v2",
-        "model.weights=null",
+        *TINY_STUDY,
         f"data.root={image_folder}",
-        "data.image_size=32",
-        "data.num_workers=0",
-        "data.batch_size=8",
+        "unfreeze=0,all",
         "trainer.max_epochs=2",
         "callbacks.test_predictions.latency_batch=2",
         "callbacks.test_predictions.latency_repeats=1",
