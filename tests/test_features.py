@@ -116,6 +116,7 @@ def test_cli_transfer_learning_trains_on_cached_features(tmp_path, image_folder)
         f"data.root={image_folder}",
         "data.image_size=32",
         "data.num_workers=0",
+        "data.augment=basic",  # 2 augmented views of each image cached
         "strategy.cache_features=true",
         "strategy.cache_views=2",
         "trainer.max_epochs=2",

@@ -7,7 +7,9 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 
+from finetune.loaders import ImageDataset
 from finetune.plots import BackgroundFigures, confusion_matrix_figure, image_grid_figure
+from finetune.transforms import eval_transform
 
 
 class _MLflowImages:
@@ -36,13 +38,15 @@ class Figures(L.Callback):
     """Confusion matrices (validation epochs, test) and the misclassified test images, written while training goes
     on (`BackgroundFigures`), by process 0, to every logger that takes images.
 
-    The number of misclassified images is the model's `log_misclassified` (0: none); none are kept when the model
-    trains on cached features, whose batches hold no images.
+    The number of misclassified images is the model's `log_misclassified` (0: none). When the model runs on cached
+    features, whose batches hold no images, the test images it got wrong are read from their files at the end.
     """
 
     def __init__(self) -> None:
         self.figures: dict[int, BackgroundFigures] = {}
-        self.misclassified: list[tuple[torch.Tensor, int, int]] = []
+        # (image or position in this process's share of the test split, label, predicted)
+        self.misclassified: list[tuple[torch.Tensor | int, int, int]] = []
+        self.tested = 0  # test images this process has seen so far
 
     def _add(self, trainer: L.Trainer, tag: str, make_figure) -> None:
         for index, writer in enumerate(image_writers(trainer)):
@@ -52,18 +56,22 @@ class Figures(L.Callback):
         self._confusion(trainer, pl_module, "val")
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module) -> None:
-        self.misclassified = []
+        self.misclassified, self.tested = [], 0
 
     def on_test_batch_end(
         self, trainer: L.Trainer, pl_module, outputs, batch, batch_index: int, dataloader_index: int = 0
     ) -> None:
+        inputs, labels = batch[0], batch[1]
+        first, self.tested = self.tested, self.tested + len(labels)
         room = pl_module.hparams.get("log_misclassified", 16) - len(self.misclassified)
-        if room <= 0 or pl_module.trains_on_features or not isinstance(outputs, dict):
+        if room <= 0 or not isinstance(outputs, dict):
             return
-        images, labels = batch[0], batch[1]
         predicted = outputs["logits"].argmax(dim=1)
         wrong = (predicted != labels).nonzero().flatten()[:room].tolist()
-        self.misclassified.extend((images[i].float().cpu(), int(labels[i]), int(predicted[i])) for i in wrong)
+        # Cached features are no picture: keep where the image is, read it at the end.
+        for i in wrong:
+            image = first + i if pl_module.trains_on_features else inputs[i].float().cpu()
+            self.misclassified.append((image, int(labels[i]), int(predicted[i])))
 
     def on_test_end(self, trainer: L.Trainer, pl_module) -> None:
         self._confusion(trainer, pl_module, "test")
@@ -72,9 +80,16 @@ class Figures(L.Callback):
             preprocessing, names = pl_module.preprocessing, pl_module.class_names
             mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
             std = torch.tensor(preprocessing.std).view(3, 1, 1)
-            images = [(image * std + mean).clamp(0, 1) for image, _, _ in self.misclassified]
+            images = [(image * std + mean).clamp(0, 1) for image in self._images(trainer, preprocessing)]
             captions = [f"{names[t]} -> {names[p]}" for _, t, p in self.misclassified]
             self._add(trainer, "test/misclassified", lambda: image_grid_figure(images, captions))
+
+    def _images(self, trainer: L.Trainer, preprocessing) -> list[torch.Tensor]:
+        """The misclassified images, normalised; those kept as positions read from the test split's files (process 0's
+        share of it, in the order the test loader served it: every world_size-th image from its rank)."""
+        share = trainer.datamodule.splits["test"][trainer.global_rank :: trainer.world_size]
+        files = ImageDataset(share, eval_transform(preprocessing))
+        return [files[image][0] if isinstance(image, int) else image for image, _, _ in self.misclassified]
 
     def _confusion(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         confusion = pl_module.confusion_matrices.pop(stage, None)
