@@ -212,7 +212,7 @@ def test_views_are_the_image_its_crops_and_their_mirror_images():
 @pytest.mark.parametrize("cached", [False, True])
 def test_tta_scores_sit_beside_the_plain_ones(tmp_path, image_folder, cached):
     # cached: transfer learning on cached features: the callback classifies the test images from their files.
-    extra = ("unfreeze=0", "data.augment=none") if cached else ()
+    extra = ("unfreeze=0", "data.augment=none") if cached else ("data.augment=basic",)
     result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", "trainer.max_epochs=1", "tta=flip5crop", *extra)
 
     run = tmp_path / "run"
