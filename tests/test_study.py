@@ -20,6 +20,7 @@ from finetune.folders import split_kfold
 from finetune.points import run_folder
 from finetune.report import PLOTS, build_report, write_report
 from finetune.stats import corrected_t
+from finetune.study import analyse
 
 NAMES = ["a", "b", "c"]
 
@@ -170,8 +171,11 @@ def test_lp_ft_points_are_named_compared_and_recommended_by_their_setting(tmp_pa
         make_fold_run(sweep, 2, fold, 0.80 + noise, seconds=40)
         make_fold_run(sweep, 2, fold, 0.86 + noise + 0.005 * (fold % 2), seconds=41, strategy="lp_ft")
 
-    group = build_report(sweep).study.groups[0]
+    report = build_report(sweep)
+    group = report.study.groups[0]
     assert group.transfer.name == "transfer learning (unfreeze=0)" and group.transfer.point.strategy == "finetune"
+    report.points.reverse()  # the reference is the plain point whatever the order the points come in
+    assert analyse(report).groups[0].transfer.point.strategy == "finetune"
     assert {p.name for p in group.points} == {
         "transfer learning (unfreeze=0)",
         "LP-FT unfreeze=0",
