@@ -8,7 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
 
 from finetune import class_balance, image_cache
@@ -316,6 +316,11 @@ class ImageFolderDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def evaluation_images(self, split: str, rank: int = 0, world_size: int = 1) -> Dataset:
+        """The split's images as evaluated, `rank`'s share as its loader serves it (batches may hold features)."""
+        dataset = self._dataset(split, self.preprocessing, "loader")
+        return Subset(dataset, range(rank, len(dataset), world_size))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

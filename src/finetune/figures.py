@@ -7,9 +7,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 
-from finetune.loaders import ImageDataset
 from finetune.plots import BackgroundFigures, confusion_matrix_figure, image_grid_figure
-from finetune.transforms import eval_transform
 
 
 class _MLflowImages:
@@ -80,16 +78,14 @@ class Figures(L.Callback):
             preprocessing, names = pl_module.preprocessing, pl_module.class_names
             mean = torch.tensor(preprocessing.mean).view(3, 1, 1)
             std = torch.tensor(preprocessing.std).view(3, 1, 1)
-            images = [(image * std + mean).clamp(0, 1) for image in self._images(trainer, preprocessing)]
+            images = [(image * std + mean).clamp(0, 1) for image in self._images(trainer)]
             captions = [f"{names[t]} -> {names[p]}" for _, t, p in self.misclassified]
             self._add(trainer, "test/misclassified", lambda: image_grid_figure(images, captions))
 
-    def _images(self, trainer: L.Trainer, preprocessing) -> list[torch.Tensor]:
-        """The misclassified images, normalised; those kept as positions read from the test split's files (process 0's
-        share of it, in the order the test loader served it: every world_size-th image from its rank)."""
-        share = trainer.datamodule.splits["test"][trainer.global_rank :: trainer.world_size]
-        files = ImageDataset(share, eval_transform(preprocessing))
-        return [files[image][0] if isinstance(image, int) else image for image, _, _ in self.misclassified]
+    def _images(self, trainer: L.Trainer) -> list[torch.Tensor]:
+        """The misclassified images, normalised; those kept as positions taken from the test images as evaluated."""
+        share = trainer.datamodule.evaluation_images("test", trainer.global_rank, trainer.world_size)
+        return [share[image][0] if isinstance(image, int) else image for image, _, _ in self.misclassified]
 
     def _confusion(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         confusion = pl_module.confusion_matrices.pop(stage, None)

@@ -27,8 +27,6 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from torchvision.transforms.v2 import functional as F
 
 from finetune.errors import UsageError
-from finetune.loaders import ImageDataset
-from finetune.transforms import eval_transform
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +107,8 @@ class TestTimeAugmentation(L.Callback):
     def _classify_images_itself(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The test batches held cached features: classify the test images from their files instead."""
         datamodule = trainer.datamodule
-        samples = datamodule.splits["test"]
-        if trainer.world_size > 1:
-            samples = samples[trainer.global_rank :: trainer.world_size]
-        preprocessing = pl_module.preprocessing
         loader = DataLoader(
-            ImageDataset(samples, eval_transform(preprocessing)),
+            datamodule.evaluation_images("test", trainer.global_rank, trainer.world_size),
             batch_size=datamodule.batch_size,
             num_workers=datamodule.num_workers,
         )
