@@ -10,8 +10,8 @@ import sys
 from omegaconf import DictConfig
 
 from finetune import apps
-from finetune.scaling import ddp_processes_run_this_job
-from finetune.training import run
+from finetune.training.run import run
+from finetune.training.scaling import ddp_processes_run_this_job
 
 
 @apps.command("train", config_path="conf")

@@ -56,7 +56,7 @@ from common import (
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from finetune.demo import demo_root
+from finetune.data.demo import demo_root
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SEED = 42

@@ -1,7 +1,7 @@
 """Depth cost: the time of one training step for unfreeze=0, 1, 2, 4, all on MobileNetV2 and ResNet-50.
 
 A step is what the training loop does per batch: zero_grad, forward, cross-entropy loss, backward and, unless
-`--no-optimizer-step`, an AdamW step over the trainable parameters. The models are `finetune.module.
+`--no-optimizer-step`, an AdamW step over the trainable parameters. The models are `finetune.model.module.
 ImageClassifier(name, class_names=["a", "b"], weights=None, unfreeze=...)` at random init (the cost does not depend
 on the weights) in `.train()` mode, so frozen blocks run in eval mode as in a real run; the network and batch are
 channels-last where `model.channels_last=auto` makes them so (CUDA, and the CPU in eager mode). The batch is
@@ -37,8 +37,8 @@ from common import (  # noqa: E402
 )
 from torch import nn
 
-from finetune.callbacks import use_memory_format
-from finetune.module import ImageClassifier
+from finetune.model.module import ImageClassifier
+from finetune.training.callbacks import use_memory_format
 
 MODELS = ("mobilenet_v2", "resnet50")
 DEPTHS = ("0", "1", "2", "4", "all")

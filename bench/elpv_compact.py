@@ -73,7 +73,7 @@ def main() -> None:
     if args.source:
         source = Path(args.source).expanduser()
     else:
-        from finetune.demo import demo_root
+        from finetune.data.demo import demo_root
 
         source = demo_root("elpv")
     started = time.perf_counter()

@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, resolve_device, subset, today, wait_until_idle  # noqa: E402
 
-from finetune.data import ImageFolderDataModule  # noqa: E402
-from finetune.demo import demo_root  # noqa: E402
-from finetune.features import should_cache, train_on_cache  # noqa: E402
-from finetune.module import ImageClassifier  # noqa: E402
+from finetune.data.datamodule import ImageFolderDataModule  # noqa: E402
+from finetune.data.demo import demo_root  # noqa: E402
+from finetune.features.cache import should_cache, train_on_cache  # noqa: E402
+from finetune.model.module import ImageClassifier  # noqa: E402
 
 PER_CLASS = 60  # --quick: the first 60 images of each class
 

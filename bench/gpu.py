@@ -857,7 +857,7 @@ def default_data_root() -> Path:
     compact = REPO / ".elpv" / "elpv"
     if compact.is_dir():
         return compact
-    from finetune.demo import demo_root
+    from finetune.data.demo import demo_root
 
     return demo_root("elpv")
 

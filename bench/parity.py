@@ -2,7 +2,7 @@
 
 Both sides train the same network (EfficientNet-Lite0 with the packaged ImageNet weights, unfreeze=2, AdamW at
 lr 1e-3 and weight decay 1e-4 as strategy=finetune, constant learning rate), from the same initial weights, on
-the same data loaders (`finetune.data.ImageFolderDataModule`: same split, batch size, workers, augmentation),
+the same data loaders (`finetune.data.datamodule.ImageFolderDataModule`: same split, batch size, workers, augmentation),
 for the same epochs, with the same seed, in this one process:
 
 - plain: model.train() (frozen blocks back to eval mode), per batch zero_grad / forward / loss / backward /
@@ -10,7 +10,7 @@ for the same epochs, with the same seed, in this one process:
   the best state_dict by validation loss saved with torch.save.
 - ours: `lightning.Trainer` with the trainer settings, callbacks (checkpoints, learning-rate monitor) and logger
   (TensorBoard) instantiated from the real conf/ with hydra.compose, as `python train.py` does, around
-  `finetune.module.ImageClassifier` (torchmetrics metrics, logging); the sanity check (conf/trainer: 1 validation
+  `finetune.model.module.ImageClassifier` (torchmetrics metrics, logging); the sanity check (conf/trainer: 1 validation
   batch) is on, as in a real run, and counted. `--override` changes our side only, to find where time goes.
 
 Timed: the training alone (plain: its loop; ours: Trainer construction + `trainer.fit`); building the model
@@ -60,11 +60,11 @@ from lightning.fabric.utilities.seed import pl_worker_init_function
 from omegaconf import OmegaConf
 from torch import nn
 
-from finetune.backbones import create_backbone
-from finetune.data import ImageFolderDataModule
-from finetune.demo import demo_root
-from finetune.freezing import apply_unfreeze, keep_frozen_in_eval_mode
-from finetune.module import ImageClassifier, prefers_channels_last
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.data.demo import demo_root
+from finetune.model.backbones import create_backbone
+from finetune.model.freezing import apply_unfreeze, keep_frozen_in_eval_mode
+from finetune.model.module import ImageClassifier, prefers_channels_last
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SEED = 42

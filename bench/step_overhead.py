@@ -12,7 +12,7 @@ per-epoch order (`EpochShuffler`, seed 0) and the same dropout masks (seeded ali
 - plain: the tutorials' loop on the head: per batch zero_grad, dropout, head, loss, backward, step, running loss
   and accuracy (`.item()`); a no_grad validation pass; `torch.save` of the network's state_dict when the
   validation loss improves;
-- ours: `finetune.module.ImageClassifier` training on the cache (`features_cut` at the head), with the Trainer,
+- ours: `finetune.model.module.ImageClassifier` training on the cache (`features_cut` at the head), with the Trainer,
   callbacks and logger of the real conf/ (as `python train.py` builds them; no progress bar), `trainer.fit`.
 
     python bench/step_overhead.py            # 20 epochs (1,160 steps), 3 repeats: about 30 s on 2 cores
@@ -45,9 +45,9 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, resolve_device, revision, today, wait_until_idle  # noqa: E402
 
-from finetune.features import Cut  # noqa: E402
-from finetune.module import ImageClassifier  # noqa: E402
-from finetune.samplers import EpochShuffler, FeatureDataset, as_batch  # noqa: E402
+from finetune.data.samplers import EpochShuffler, FeatureDataset, as_batch  # noqa: E402
+from finetune.features.cache import Cut  # noqa: E402
+from finetune.model.module import ImageClassifier  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TRAIN, VAL, FEATURES, BATCH, SEED = 1837, 525, 1280, 32, 0
@@ -63,7 +63,7 @@ def synthetic_features(count: int, generator: torch.Generator, rule: torch.Tenso
 
 
 class CachedFeatures(L.LightningDataModule):
-    """Cached features served as `finetune.data` serves them: whole batches, our epoch order, no workers."""
+    """Cached features served as `finetune.data.datamodule` serves them: whole batches, our epoch order, no workers."""
 
     def __init__(self, train, val) -> None:
         super().__init__()

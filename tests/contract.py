@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from finetune.backbones import create_backbone
-from finetune.blocks import trainable_parameter_names
-from finetune.freezing import apply_unfreeze, keep_frozen_in_eval_mode
+from finetune.model.backbones import create_backbone
+from finetune.model.blocks import trainable_parameter_names
+from finetune.model.freezing import apply_unfreeze, keep_frozen_in_eval_mode
 
 NUM_CLASSES = 3
 

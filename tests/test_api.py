@@ -10,7 +10,7 @@ from conftest import CLASSES
 from PIL import Image
 
 import finetune
-from finetune.transforms import eval_transform
+from finetune.data.transforms import eval_transform
 
 
 def test_train_then_load_and_predict(tmp_path, image_folder, monkeypatch):

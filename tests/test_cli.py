@@ -10,7 +10,7 @@ from conftest import CLASSES, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from finetune.module import ImageClassifier
+from finetune.model.module import ImageClassifier
 
 TINY = ("data.image_size=32", "data.batch_size=8", "data.num_workers=0")
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch._inductor.config
 
-import finetune.callbacks
-from finetune.data import ImageFolderDataModule
+import finetune.training.callbacks
+from finetune.data.datamodule import ImageFolderDataModule
 from finetune.errors import UsageError
-from finetune.module import ImageClassifier
+from finetune.model.module import ImageClassifier
 
 CLASSES = ["circle", "square", "stripes"]
 
@@ -66,7 +66,7 @@ def fit(image_folder, tmp_path, compile, epochs=2, **options) -> tuple[ImageClas
 @pytest.mark.slow
 def test_compiled_training_matches_eager_and_checkpoints_load_uncompiled(image_folder, tmp_path, monkeypatch):
     # aot_eager traces forward and backward as inductor does, without generating code: seconds, not minutes.
-    monkeypatch.setattr(finetune.callbacks, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(finetune.training.callbacks, "COMPILE_BACKEND", "aot_eager")
     gradual = {"unfreeze": 2, "unfreeze_epoch": 1}  # the blocks' requires_grad changes between epochs
     eager, before, eager_modes, eager_trainer = fit(image_folder, tmp_path / "eager", False, **gradual)
     compiled, _, compiled_modes, trainer = fit(image_folder, tmp_path / "compiled", True, **gradual)

@@ -10,10 +10,10 @@ import torch
 from conftest import CLASSES, make_image_folder
 from PIL import Image
 
-from finetune.backbones import Preprocessing
-from finetune.data import ImageFolderDataModule
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.data.folders import write_split
 from finetune.errors import UsageError
-from finetune.folders import write_split
+from finetune.model.backbones import Preprocessing
 
 PREPROCESSING = Preprocessing(32, 36, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 

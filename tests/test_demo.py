@@ -1,4 +1,4 @@
-"""Tests for finetune.demo: materialising the ELPV demo data set as an ImageFolder tree."""
+"""Tests for finetune.data.demo: materialising the ELPV demo data set as an ImageFolder tree."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
-from finetune import demo, partial_folders
-from finetune.demo import DEMO_NAMES, README_NAME, default_cache_dir, demo_root
+from finetune.data import demo, partial_folders
+from finetune.data.demo import DEMO_NAMES, README_NAME, default_cache_dir, demo_root
 from finetune.errors import UsageError
 
 ELPV_COUNTS = {"functional": 1803, "defective": 821}
@@ -140,7 +140,7 @@ def test_only_class_folders_are_directories(elpv_root) -> None:
 
 def test_torchvision_imagefolder_reads_it(elpv_root) -> None:
     datasets = pytest.importorskip("torchvision.datasets")
-    from finetune.images import load_rgb
+    from finetune.data.images import load_rgb
 
     folder = datasets.ImageFolder(elpv_root, loader=load_rgb)
     assert folder.classes == ["defective", "functional"]
@@ -152,7 +152,7 @@ def test_torchvision_imagefolder_reads_it(elpv_root) -> None:
 
 def test_logs_one_info_line(tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.setattr(demo, "_copy_file", _fast_fake_copy)
-    with caplog.at_level("INFO", logger="finetune.demo"):
+    with caplog.at_level("INFO", logger="finetune.data.demo"):
         root = demo_root("elpv", cache_dir=tmp_path)
     infos = [r for r in caplog.records if r.levelname == "INFO"]
     assert len(infos) == 1

@@ -15,7 +15,7 @@ from torchmetrics import MetricCollection
 
 from finetune.errors import UsageError
 from finetune.evaluate import class_folder_images, main
-from finetune.metrics import classification_metrics, confusion_matrix, per_class
+from finetune.model.metrics import classification_metrics, confusion_matrix, per_class
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -11,8 +11,9 @@ import pytest
 import torch
 from conftest import CLASSES, REPO, offline_env, run_cli
 
-from finetune import export, exporters
-from finetune.module import ImageClassifier
+from finetune import export
+from finetune.inference import exporters
+from finetune.model.module import ImageClassifier
 
 PARITY = re.compile(r"max abs difference (\S+) <= 1e-04: OK")
 # torch.jit.load works, and is what a TorchScript user calls, but warns that TorchScript is deprecated.

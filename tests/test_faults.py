@@ -337,7 +337,7 @@ def test_class_imbalance_is_reported_and_balanced_on_request(tmp_path):
 
 
 def test_balanced_sampler_draws_every_class_equally_often():
-    from finetune.samplers import EpochShuffler
+    from finetune.data.samplers import EpochShuffler
 
     labels = [0] * 90 + [1] * 10
     weights = [1 / 90 if label == 0 else 1 / 10 for label in labels]
@@ -350,7 +350,7 @@ def test_balanced_sampler_draws_every_class_equally_often():
 
 
 def test_a_resumed_sampler_serves_the_rest_of_its_epoch():
-    from finetune.samplers import EpochShuffler
+    from finetune.data.samplers import EpochShuffler
 
     sampler = EpochShuffler(10, seed=0, keyed=True)
     sampler.set_epoch(2)
@@ -362,7 +362,7 @@ def test_a_resumed_sampler_serves_the_rest_of_its_epoch():
 
 
 def test_the_scan_gives_the_same_verdicts_in_parallel_and_remembers_them(tmp_path):
-    from finetune.scan import unreadable_images
+    from finetune.data.scan import unreadable_images
 
     rng = np.random.default_rng(0)
     paths = []
@@ -383,7 +383,7 @@ def test_the_scan_gives_the_same_verdicts_in_parallel_and_remembers_them(tmp_pat
 
 
 def test_an_image_over_the_decompression_bomb_limit_is_named_as_too_large(tmp_path, monkeypatch):
-    from finetune.scan import why_unreadable
+    from finetune.data.scan import why_unreadable
 
     Image.new("RGB", (300, 200)).save(tmp_path / "scan.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 20_000)  # 60,000 pixels is then more than twice the limit

@@ -8,13 +8,13 @@ import torch
 from conftest import run_cli
 from torch import nn
 
-from finetune.blocks import Block
-from finetune.data import ImageFolderDataModule
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.data.samplers import ViewDataset, ViewSampler
 from finetune.errors import UsageError
-from finetune.feature_store import SHARED
-from finetune.features import build_cache, classify_features, find_cut, should_cache, train_on_cache
-from finetune.module import ImageClassifier
-from finetune.samplers import ViewDataset, ViewSampler
+from finetune.features.cache import build_cache, classify_features, find_cut, should_cache, train_on_cache
+from finetune.features.store import SHARED
+from finetune.model.blocks import Block
+from finetune.model.module import ImageClassifier
 
 CLASSES = ["circle", "square", "stripes"]
 
@@ -256,16 +256,16 @@ def test_cli_fine_tuning_without_augmentation_caches_the_frozen_prefix_by_defaul
 
 
 def test_a_cache_over_the_memory_limit_stays_off_or_stops_the_run(image_folder, monkeypatch):
-    import finetune.features
+    import finetune.features.cache
 
     model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze=2)
     datamodule = prepared(image_folder, model, augment=False)
     cut, _ = should_cache("auto", model, datamodule)
     needed = cut.bytes_per_image * 36  # every image of the folder, train + val + test
-    monkeypatch.setattr(finetune.features, "memory_limit", lambda max_gb: needed - 1)
+    monkeypatch.setattr(finetune.features.cache, "memory_limit", lambda max_gb: needed - 1)
     cut, reason = should_cache("auto", model, datamodule)
     assert cut is None and "the cached features would take" in reason and "training runs uncached" in reason
     with pytest.raises(UsageError, match="cannot apply: the cached features would take"):
         should_cache(True, model, datamodule)
-    monkeypatch.setattr(finetune.features, "memory_limit", lambda max_gb: needed)
+    monkeypatch.setattr(finetune.features.cache, "memory_limit", lambda max_gb: needed)
     assert should_cache("auto", model, datamodule)[0] is not None

@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from finetune.data import ImageFolderDataModule
+from finetune.data.datamodule import ImageFolderDataModule
 from finetune.errors import UsageError
-from finetune.module import ImageClassifier
+from finetune.model.module import ImageClassifier
 
 
 def train_a_few_steps(image_folder, **options) -> tuple[ImageClassifier, dict, dict]:

@@ -11,10 +11,10 @@ from conftest import make_image_folder, run_cli
 from PIL import Image
 from torch.utils.data import default_collate
 
-from finetune.backbones import Preprocessing
-from finetune.data import ImageFolderDataModule
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.data.image_cache import estimated_bytes, resized_shape
 from finetune.errors import UsageError
-from finetune.image_cache import estimated_bytes, resized_shape
+from finetune.model.backbones import Preprocessing
 
 PREPROCESSING = Preprocessing(32, 36, "bilinear", (0.5, 0.4, 0.3), (0.25, 0.2, 0.3))
 

@@ -1,4 +1,4 @@
-"""Tests for finetune.images: decoding every common image mode to 8-bit RGB."""
+"""Tests for finetune.data.images: decoding every common image mode to 8-bit RGB."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from finetune.images import IMAGE_EXTENSIONS, is_image_file, load_rgb
+from finetune.data.images import IMAGE_EXTENSIONS, is_image_file, load_rgb
 
 WHITE = (255, 255, 255)
 
@@ -252,7 +252,7 @@ def test_la_is_composited_on_white(tmp_path) -> None:
 def test_pa_is_composited_on_white() -> None:
     # PA cannot be written to any common file format, so exercise the mode
     # directly through the same conversion path load_rgb uses.
-    from finetune.images import _to_rgb
+    from finetune.data.images import _to_rgb
 
     image = Image.new("PA", (2, 1))
     image.putpalette([0, 0, 0, 10, 20, 30] + [0] * 254 * 3)

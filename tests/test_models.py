@@ -8,9 +8,9 @@ from conftest import REPO
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
-from finetune.callbacks import use_memory_format
 from finetune.errors import find_usage_error
-from finetune.module import ImageClassifier
+from finetune.model.module import ImageClassifier
+from finetune.training.callbacks import use_memory_format
 
 MODEL_CONFIGS = sorted(path.stem for path in (REPO / "conf" / "model").glob("*.yaml"))
 

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 from skimage.data import chelsea
 
-from finetune.packaged_weights import (
+from finetune.model.packaged_weights import (
     PACKAGED_WEIGHTS,
     load_efficientnet_lite0,
     map_by_position,

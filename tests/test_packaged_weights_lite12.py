@@ -11,7 +11,7 @@ from conftest import run_cli
 from PIL import Image
 from skimage.data import chelsea
 
-from finetune.packaged_weights import PACKAGED_WEIGHTS, load_efficientnet_lite1, load_efficientnet_lite2
+from finetune.model.packaged_weights import PACKAGED_WEIGHTS, load_efficientnet_lite1, load_efficientnet_lite2
 
 # ImageNet's domestic cats: tabby, tiger cat, Persian, Siamese, Egyptian cat.
 CAT_CLASSES = range(281, 286)

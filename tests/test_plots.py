@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from finetune.plots import BackgroundFigures, confusion_matrix_figure, render
+from finetune.model.plots import BackgroundFigures, confusion_matrix_figure, render
 
 
 class RecordingWriter:

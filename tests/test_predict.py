@@ -12,10 +12,10 @@ import pytest
 import torch
 from conftest import CLASSES, offline_env, run_module
 
-from finetune.images import load_rgb
-from finetune.module import ImageClassifier
+from finetune.data.images import load_rgb
+from finetune.data.transforms import eval_transform
+from finetune.model.module import ImageClassifier
 from finetune.predict import check_output_file, main
-from finetune.transforms import eval_transform
 
 UNREADABLE = ("empty.jpg", "nested/deeper/truncated.png", "notes.jpg")
 

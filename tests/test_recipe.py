@@ -13,12 +13,12 @@ from conftest import REPO, run_cli
 from torch.nn import functional as nnF
 from torchvision.transforms import v2 as T
 
-from finetune.data import ImageFolderDataModule
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.data.loaders import ImageDataset
+from finetune.data.transforms import batch_mixing, eval_transform, train_transform
 from finetune.errors import UsageError
-from finetune.loaders import ImageDataset
-from finetune.module import ImageClassifier
-from finetune.transforms import batch_mixing, eval_transform, train_transform
-from finetune.tta import views_of
+from finetune.model.module import ImageClassifier
+from finetune.training.tta import views_of
 
 TINY = ("model=mobilenet_v2", "model.weights=null", "data.image_size=32", "data.batch_size=8", "data.num_workers=0")
 
@@ -55,7 +55,7 @@ def rescore(run: Path, root: Path, tta: str | None = None, state: str = "state_d
 
 
 def test_presets_build_torchvision_policies():
-    from finetune.backbones import Preprocessing
+    from finetune.model.backbones import Preprocessing
 
     preprocessing = Preprocessing(32, 36, "bilinear", (0.5,) * 3, (0.5,) * 3)
     kinds = {

@@ -20,10 +20,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from finetune.data.samplers import EpochShuffler, ViewDataset, ViewSampler
 from finetune.errors import UsageError
-from finetune.module import ImageClassifier
-from finetune.samplers import EpochShuffler, ViewDataset, ViewSampler
-from finetune.scaling import _config_flags, check_distributed
+from finetune.model.module import ImageClassifier
+from finetune.training.scaling import _config_flags, check_distributed
 
 TINY = ("data.image_size=32", "data.batch_size=8", "data.num_workers=0")
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from finetune.stats import bootstrap, corrected_t, images_to_resolve, macro_f1, mcnemar_exact
+from finetune.study.stats import bootstrap, corrected_t, images_to_resolve, macro_f1, mcnemar_exact
 
 
 def test_corrected_t_matches_the_hand_worked_nadeau_bengio_interval():

@@ -8,8 +8,8 @@ import pytest
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.tuner import Tuner
 
-from finetune.data import ImageFolderDataModule
-from finetune.module import ImageClassifier
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.model.module import ImageClassifier
 
 CLASSES = ["circle", "square", "stripes"]
 

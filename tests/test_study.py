@@ -15,12 +15,12 @@ from conftest import REPO, offline_env, run_multirun
 from omegaconf import OmegaConf
 from scipy import stats as scipy_stats
 
+from finetune.data.folders import split_kfold
 from finetune.errors import UsageError
-from finetune.folders import split_kfold
-from finetune.points import run_folder
 from finetune.report import PLOTS, build_report, write_report
-from finetune.stats import corrected_t
-from finetune.study import analyse
+from finetune.study.analysis import analyse
+from finetune.study.points import run_folder
+from finetune.study.stats import corrected_t
 
 NAMES = ["a", "b", "c"]
 

@@ -1,7 +1,7 @@
 """The Python API, for notebooks: `finetune.train([...overrides])` and `finetune.load(checkpoint).predict(images)`.
 
 `train` composes the same configuration as `python train.py` (conf/train.yaml, Hydra's compose API), runs the same
-`finetune.training.run` in the same run dir layout (`.hydra/`, checkpoints, loggers, metrics.json) and returns the
+`finetune.training.run.run` in the same run dir layout (`.hydra/`, checkpoints, loggers, metrics.json) and returns the
 metrics dict.
 """
 
@@ -30,7 +30,7 @@ def train(overrides: Sequence[str] = ()) -> dict[str, float]:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
-    from finetune.training import run
+    from finetune.training.run import run
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="train"):
         cfg = compose("train", overrides=list(overrides), return_hydra_config=True)
@@ -60,7 +60,7 @@ class Classifier:
 
     @property
     def model(self):
-        """The `finetune.module.ImageClassifier`, in eval mode."""
+        """The `finetune.model.module.ImageClassifier`, in eval mode."""
         return self.loaded.model
 
     def predict(
@@ -72,8 +72,8 @@ class Classifier:
             One dict per image: `class` (the most probable), `probability` (its), `probabilities` (every class's);
             an unreadable file gets `error` instead.
         """
+        from finetune.data.transforms import eval_transform
         from finetune.predict import classify
-        from finetune.transforms import eval_transform
 
         items = [images] if isinstance(images, str | Path | Image.Image) else list(images)
         paths = [str(item) for item in items if not isinstance(item, Image.Image)]
@@ -111,6 +111,6 @@ def load(checkpoint: str | Path, device: str = "auto", image_size: int | None = 
         device: "auto", "cpu", "cuda", ...
         image_size: crop size; None: the size the run trained at.
     """
-    from finetune.inference import InferenceOptions, load_model
+    from finetune.inference.checkpoint import InferenceOptions, load_model
 
     return Classifier(load_model(InferenceOptions(checkpoint=str(checkpoint), device=device, image_size=image_size)))

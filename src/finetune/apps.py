@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.errors import UsageError, close_matches, find_usage_error, first_line
-from finetune.points import run_folder
+from finetune.study.points import run_folder
 
 log = logging.getLogger("finetune")
 

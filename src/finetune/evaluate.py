@@ -2,7 +2,7 @@
 data.root=<folder with one sub-folder per class>`.
 
 It runs Lightning's `Trainer.test` on the folder, so the scores are the model's own test metrics, under the names
-training gives them (`test/acc`, `test/f1`, `test/balanced_acc`, `test/loss`, ...; `finetune.metrics`), plus
+training gives them (`test/acc`, `test/f1`, `test/balanced_acc`, `test/loss`, ...; `finetune.model.metrics`), plus
 per-class precision / recall / F1 / support and the confusion matrix: printed and written as `metrics.json`,
 `per_class.csv` and `confusion_matrix.png` into `output` (default: `<run dir>/evaluation/<data.root folder
 name>/`). `split=test` scores the run's own test images instead (from its `split.csv`). Unreadable images are
@@ -23,9 +23,9 @@ import lightning as L
 import torch
 
 from finetune import apps
+from finetune.data.folders import class_folders, list_images
 from finetune.errors import UsageError
-from finetune.folders import class_folders, list_images
-from finetune.inference import (
+from finetune.inference.checkpoint import (
     InferenceOptions,
     LoadedModel,
     checkpoint_file,
@@ -36,8 +36,8 @@ from finetune.inference import (
     run_dir,
     trainer,
 )
-from finetune.metrics import confusion_matrix, per_class
-from finetune.plots import confusion_matrix_figure
+from finetune.model.metrics import confusion_matrix, per_class
+from finetune.model.plots import confusion_matrix_figure
 
 USAGE = """\
 usage: python -m finetune.evaluate checkpoint=<ckpt> data.root=<labelled folder> [key=value ...]
@@ -115,7 +115,7 @@ def score(loaded: LoadedModel, samples: Sequence[tuple[str, int]], options: Infe
     """Runs `Trainer.test` over the readable labelled images: the model's own test metrics, and the confusion
     matrix and per-class table behind them.
 
-    Images that cannot be decoded (`finetune.scan`, as training finds them) are left out.
+    Images that cannot be decoded (`finetune.data.scan`, as training finds them) are left out.
 
     Returns:
         `unreadable` (path to why, for each image left out), the model's `test/...` metrics, `images`,
@@ -125,8 +125,8 @@ def score(loaded: LoadedModel, samples: Sequence[tuple[str, int]], options: Infe
     Raises:
         UsageError: not one image could be read.
     """
-    from finetune.loaders import default_num_workers
-    from finetune.scan import unreadable_images
+    from finetune.data.loaders import default_num_workers
+    from finetune.data.scan import unreadable_images
 
     unreadable = unreadable_images([path for path, _ in samples], None)
     if len(unreadable) == len(samples):
@@ -172,8 +172,8 @@ class LabelledImages(L.LightningDataModule):
     def test_dataloader(self):
         from torch.utils.data import DataLoader
 
-        from finetune.loaders import ImageDataset
-        from finetune.transforms import eval_transform
+        from finetune.data.loaders import ImageDataset
+        from finetune.data.transforms import eval_transform
 
         return DataLoader(
             ImageDataset(self.samples, eval_transform(self.preprocessing)),
@@ -220,7 +220,7 @@ def data_root(root: str | None, split: str | None, checkpoint: Path) -> Path:
                 "find the run's data folder in; pass data.root=<the folder the run trained on>"
             )
         if config.data.get("root") is None:
-            from finetune.demo import demo_root
+            from finetune.data.demo import demo_root
 
             return demo_root(config.data.get("demo", "elpv"))
         root = str(config.data.root)

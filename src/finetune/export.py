@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from omegaconf import MISSING
 
-from finetune import apps, exporters
-from finetune.backbones import Preprocessing
+from finetune import apps
 from finetune.errors import UsageError, first_line
-from finetune.inference import InferenceOptions, load_model
+from finetune.inference import exporters
+from finetune.inference.checkpoint import InferenceOptions, load_model
+from finetune.model.backbones import Preprocessing
 
 
 class Format(enum.Enum):
@@ -129,7 +130,7 @@ def export_model(
     """Exports an `ImageClassifier` with its normalisation, writes the classes file, and checks parity.
 
     Args:
-        model: a `finetune.module.ImageClassifier` (its `network`, `preprocessing` and `class_names` are used).
+        model: a `finetune.model.module.ImageClassifier` (its `network`, `preprocessing` and `class_names` are used).
         format: "onnx" or "torchscript".
         output: the file to write.
         image_size: side of the square input; None: `model.preprocessing.crop_size`.

@@ -19,11 +19,11 @@ from omegaconf import MISSING
 from torch.utils.data import DataLoader, Dataset
 
 from finetune import apps
+from finetune.data.folders import list_images
+from finetune.data.images import IMAGE_EXTENSIONS, load_rgb
+from finetune.data.loaders import default_num_workers
 from finetune.errors import UsageError, first_line
-from finetune.folders import list_images
-from finetune.images import IMAGE_EXTENSIONS, load_rgb
-from finetune.inference import InferenceOptions, LoadedModel, load_model, quiet_lightning, trainer
-from finetune.loaders import default_num_workers
+from finetune.inference.checkpoint import InferenceOptions, LoadedModel, load_model, quiet_lightning, trainer
 
 USAGE = """\
 usage: python -m finetune.predict checkpoint=<ckpt> input=<image file or folder> output=<csv> [key=value ...]
@@ -136,10 +136,10 @@ def classify(
     """Class probabilities of every image, batched, through Lightning's `Trainer.predict` (eval mode, no autograd).
 
     Args:
-        loaded: the model, its device and preprocessing (`finetune.inference.load_model`).
+        loaded: the model, its device and preprocessing (`finetune.inference.checkpoint.load_model`).
         paths: image files.
         batch_size: images per forward pass.
-        num_workers: decoding processes; None: `finetune.loaders.default_num_workers()`.
+        num_workers: decoding processes; None: `finetune.data.loaders.default_num_workers()`.
 
     Returns:
         probabilities: (len(paths), number of classes), on the CPU; rows of unreadable images are NaN.
@@ -148,7 +148,7 @@ def classify(
     # Imported here: `--help` and option errors answer without importing Lightning.
     import lightning as L
 
-    from finetune.transforms import eval_transform
+    from finetune.data.transforms import eval_transform
 
     class Probabilities(L.LightningModule):
         """The classifier's softmax over a batch of `_ImageFiles`, with the batch's indices and errors."""

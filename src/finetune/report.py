@@ -5,8 +5,8 @@ A sweep is what `python train.py -m ...` writes: one folder per job (`0/`, `1/`,
 curves (`tensorboard/` or `csv/metrics.csv`) and, once it has finished, `metrics.json` (plus `convergence.json`,
 `test_predictions.csv` and `test_latency.json` where those callbacks ran). This module reads them: every job with
 its status (done, failed, incomplete), configuration and final metrics; runs whose configurations differ only in
-`seed` or `data.fold` are one point. `finetune.study` turns the points into intervals, paired comparisons and a
-verdict; `finetune.report_tables`, `finetune.report_plots` and `finetune.report_html` write `report.html`,
+`seed` or `data.fold` are one point. `finetune.study.analysis` turns the points into intervals, paired comparisons and a
+verdict; `finetune.study.tables`, `finetune.study.plots` and `finetune.study.html` write `report.html`,
 `report.md`, `report.csv`, `report_by_point.csv` and the PNG plots into the sweep folder.
 """
 
@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from finetune import apps
+from finetune.data.scan import STRONG_IMBALANCE
 from finetune.errors import UsageError
-from finetune.report_plots import PLOTS
-from finetune.report_runs import (
+from finetune.study.plots import PLOTS
+from finetune.study.runs import (
     DONE,
     FAILED,
     INCOMPLETE,
@@ -35,7 +36,6 @@ from finetune.report_runs import (
     read_run,
     unfreeze_order,
 )
-from finetune.scan import STRONG_IMBALANCE
 
 __all__ = [
     "DONE",
@@ -127,7 +127,7 @@ class Report:
         rows: one per job, sorted by model, strategy, unfreeze, seed, fold.
         points: the aggregated rows, one per configuration without `seed` and `data.fold`, in the same order.
         not_started: the sweep's planned jobs (multirun.yaml) with no folder yet, as their overrides.
-        study: intervals, comparisons and the verdict (`finetune.study`), set by `build_report`.
+        study: intervals, comparisons and the verdict (`finetune.study.analysis`), set by `build_report`.
     """
 
     sweep_dir: Path
@@ -144,7 +144,7 @@ class Report:
     def to_markdown(self) -> str:
         """The verdict and the study's tables (where there is a study), the runs table, what went wrong in the
         others, and the points table where a point has several runs."""
-        from finetune.report_tables import report_markdown
+        from finetune.study.tables import report_markdown
 
         return report_markdown(self)
 
@@ -193,7 +193,7 @@ def build_report(sweep_dir: Path) -> Report:
     Raises:
         UsageError: the folder does not exist or holds no run.
     """
-    from finetune.study import analyse
+    from finetune.study.analysis import analyse
 
     runs = find_runs(Path(sweep_dir))
     rows = [read_run(path) for path in runs]
@@ -218,9 +218,9 @@ def write_report(report: Report, sweep_dir: Path, plots: bool = True) -> list[Pa
     Raises:
         UsageError: sweep_dir cannot be written.
     """
-    from finetune.report_html import write_html
-    from finetune.report_plots import write_plots
-    from finetune.report_tables import write_tables
+    from finetune.study.html import write_html
+    from finetune.study.plots import write_plots
+    from finetune.study.tables import write_tables
 
     sweep_dir = Path(sweep_dir)
     try:

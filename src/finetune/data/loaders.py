@@ -1,0 +1,141 @@
+"""Datasets and loaders over image files: seeded per-image augmentation, resumable training order, worker count."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset
+
+from finetune.data.augment import augmentation_seed
+from finetune.data.folders import Sample
+from finetune.data.images import load_rgb
+from finetune.data.samplers import EpochShuffler, ViewSampler, as_batch
+
+
+class ImageDataset(Dataset):
+    """Images and labels from a list of (path, label) pairs; every image decoded to RGB, or taken from `images`
+    (the same images decoded beforehand, see `finetune.data.image_cache`).
+
+    Indexed by `(index, epoch)` (as `EpochShuffler(keyed=True)` yields), the random transform of an image is
+    seeded by (seed, epoch, index): the same augmentation whichever worker draws it, and after a resume.
+    """
+
+    def __init__(
+        self, samples: Sequence[Sample], transform, seed: int = 0, images: Sequence[torch.Tensor] | None = None
+    ) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+        self.seed = seed
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]):
+        index, epoch = key if isinstance(key, tuple) else (key, None)
+        path, label = self.samples[index]
+        image = load_rgb(path) if self.images is None else self.images[index]
+        if epoch is None:
+            return self.transform(image), label
+        # fork_rng: the global generator of the process (the training loop's, with workers=0) stays untouched.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(augmentation_seed(self.seed, epoch, index))
+            return self.transform(image), label
+
+
+class ResumableLoader(DataLoader):
+    """The training loader, whose place in the epoch travels in checkpoints (Lightning's stateful-loader protocol).
+
+    A run resumed from a mid-epoch checkpoint (a step checkpoint, or the one saved on Ctrl-C or SIGTERM) then
+    trains the rest of that epoch in the same order, instead of starting the epoch over.
+
+    Args:
+        trained_batches: how many batches of the current epoch the training loop has trained on.
+    """
+
+    def __init__(self, *args, trained_batches: Callable[[], int], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.trained_batches = trained_batches
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "samples_done": self.trained_batches() * self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        # Lightning loads this after `train_dataloader()` set the epoch it resumes at: a checkpoint from the end
+        # of an epoch names the epoch before, which is over.
+        if state["epoch"] == self.sampler.epoch:
+            self.sampler.resume_at(state["epoch"], state["samples_done"])
+
+
+def default_num_workers() -> int:
+    """Loader processes: one per CPU core this process may use but one (which stays with the training loop),
+    at most 8. The cores are those of the process's affinity: under SLURM, the job's allocation."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(0, min(cores - 1, 8))
+
+
+def split_loader(
+    dataset: Dataset,
+    *,
+    shuffle: bool,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    in_memory: bool,
+    trainer=None,
+    weights: Sequence[float] | None = None,
+    trained_batches: Callable[[], int] | None = None,
+) -> DataLoader:
+    """The loader of one split: shuffled by epoch and resumable for training, in order for evaluation.
+
+    Args:
+        dataset: the split's images (or cached features, `in_memory`).
+        shuffle: the training loader (`EpochShuffler`/`ViewSampler`, `ResumableLoader`).
+        batch_size: images per batch (per process).
+        seed: the shuffle's seed (each epoch's order depends only on it and the epoch).
+        num_workers: loader processes (not for in-memory tensors).
+        in_memory: the dataset holds cached features: no worker processes, `as_batch` collation.
+        trainer: the Lightning Trainer, for the processes' shares and the epoch to start at; None: one process.
+        weights: per-image draw weights (data.balance=sampler).
+        trained_batches: how many batches of the current epoch have trained (the resume position).
+    """
+    # Under DDP every process loads its own share; the samplers are DistributedSamplers, so Lightning keeps them.
+    shards = (
+        {"num_replicas": trainer.world_size, "rank": trainer.global_rank} if trainer else {"num_replicas": 1, "rank": 0}
+    )
+    sampler = None
+    if shuffle:
+        sampler = (
+            ViewSampler(dataset, seed, weights, **shards)
+            if in_memory
+            else EpochShuffler(len(dataset), seed, keyed=True, weights=weights, **shards)
+        )
+        # A resumed run's loader starts prefetching before Lightning calls set_epoch: start it at the epoch
+        # Lightning will train next (its own count for set_epoch), or that epoch would replay an earlier order.
+        sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed if trainer else 0)
+    elif shards["num_replicas"] > 1:
+        # Every image evaluated exactly once: no padding with repeated images (Lightning's DistributedSampler
+        # pads, which biases the metrics). Processes may run one batch more than others, which is safe without
+        # gradients as long as each runs at least one (finetune.training.scaling.check_distributed makes sure).
+        sampler = UnrepeatedDistributedSampler(dataset, shuffle=False, **shards)
+    loader = ResumableLoader if shuffle else DataLoader
+    common = {
+        "batch_size": batch_size,
+        "sampler": sampler,
+        # Its own generator: creating the loader's iterator then draws nothing from the training loop's, so
+        # the dropout masks do not depend on how many loaders a run made (or on a feature cache).
+        "generator": torch.Generator().manual_seed(seed),
+        **({"trained_batches": trained_batches} if shuffle else {}),
+    }
+    if in_memory:  # in-memory tensors: worker processes would only add start-up and copying
+        return loader(dataset, collate_fn=as_batch, **common)
+    return loader(
+        dataset,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        **common,
+    )

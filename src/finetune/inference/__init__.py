@@ -1,0 +1,1 @@
+"""What predict, evaluate and export share: loading a trained checkpoint, and exporting it."""

@@ -1,0 +1,1 @@
+"""The model: pretrained backbones, their blocks, new heads, freezing, the LightningModule and its metrics."""

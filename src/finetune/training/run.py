@@ -1,0 +1,274 @@
+"""One training run from a composed Hydra config: data, model, trainer; fit; evaluate the best checkpoint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from finetune.config.checks import check_arguments
+from finetune.data.datamodule import ImageFolderDataModule
+from finetune.data.folders import write_skipped, write_split
+from finetune.errors import UsageError
+from finetune.model.freezing import describe
+from finetune.model.module import ImageClassifier
+from finetune.training.callbacks import ImagesSeen
+from finetune.training.loggers import instantiate_loggers, log_hyperparameters
+from finetune.training.run_dir import SaveOnInterrupt, resume_from
+from finetune.training.scaling import check_distributed
+
+log = logging.getLogger(__name__)
+
+# What `monitor` may name: validation scores where higher is better (ModelCheckpoint and EarlyStopping use mode max).
+MONITORS = ("val/acc", "val/f1", "val/balanced_acc")
+
+# Frozen blocks are in eval mode on purpose (BatchNorm statistics and dropout stay as pretrained).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# The evaluation trainer restores only weights from the best checkpoint: it needs none of the fit's callbacks.
+warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used")
+# Lightning 2.6 builds its batch trees with torch's deprecated LeafSpec(): a FutureWarning about Lightning's code.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+
+
+class _LightningNoise(logging.Filter):
+    """Drops Lightning info lines that tell the user nothing: its "Tip: ... litlogger" advertisement (every fit), and
+    the note that the model's own callbacks (`configure_callbacks`) replace those of the fit when the same Trainer
+    tests the best checkpoint (as intended)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "litlogger" not in message and "will override existing callbacks passed to Trainer" not in message
+
+
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):  # rank_zero_info's
+    logging.getLogger(_name).addFilter(_LightningNoise())
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    """Trains, picks the best checkpoint by `monitor` (val/acc by default), tests it, writes `metrics.json`.
+
+    Under DDP every process runs this function (Lightning starts the others at `trainer.fit`, or the cluster
+    starts them all); each computes the same metrics, and process 0 alone writes files.
+
+    Returns:
+        The final metrics: `val/*` and `test/*` of the best checkpoint, its epoch, parameter counts, fit time.
+    """
+    output_dir = Path(cfg.paths.output_dir)
+    # Mistakes that would stop the run later stop it now, before any work.
+    if OmegaConf.is_missing(cfg.model, "name"):  # model=timm and model=torchvision name no architecture
+        example = "convnext_nano" if cfg.model.source == "timm" else "densenet121"
+        raise UsageError(
+            f"model={cfg.model.source} needs the architecture: add model.name=<name>, e.g. "
+            f"model={cfg.model.source} model.name={example} (docs/architectures.md lists them)"
+        )
+    if cfg.get("monitor", "val/acc") not in MONITORS:
+        raise UsageError(f"monitor={cfg.monitor}: choose one of {', '.join(MONITORS)} (the best checkpoint's score)")
+    resume = resume_from(cfg.ckpt_path, output_dir)
+    for section in ("data", "model", "trainer"):
+        check_arguments(cfg, section)
+    L.seed_everything(cfg.seed, workers=True)
+
+    datamodule: ImageFolderDataModule = instantiate(cfg.data)
+    datamodule.prepare_data()  # the same split in every process: a function of the files and data.split_seed
+    model: ImageClassifier = instantiate(
+        cfg.model, class_names=datamodule.class_names, class_weights=datamodule.loss_weights()
+    )
+    log.info("model: %s", describe(model))
+    callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    check_distributed(trainer, datamodule.splits, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
+    writes = trainer.is_global_zero  # known from the environment as soon as the Trainer exists
+    if writes:
+        write_split(output_dir / "split.csv", datamodule.splits, datamodule.class_names, datamodule.root)
+        write_skipped(output_dir / "skipped_files.txt", datamodule.skipped)
+    status = "failed"
+    try:
+        if cfg.tune.lr_find:
+            find_learning_rate(trainer, model, datamodule, output_dir, cfg.tune.num_training)
+            # The run's record holds the rates it trains at, not the ones the finder replaced.
+            cfg.strategy.lr, cfg.strategy.backbone_lr = model.hparams.lr, model.hparams.backbone_lr
+            if writes and (output_dir / ".hydra" / "config.yaml").is_file():
+                OmegaConf.save(cfg, output_dir / ".hydra" / "config.yaml")
+        started = time.perf_counter()
+        with memory_hint(cfg):
+            fit(trainer, model, datamodule, resume, output_dir)
+        fit_seconds = time.perf_counter() - started
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if best:
+            log.info("best checkpoint: %s", best)
+        else:
+            log.info("no checkpoint was saved (checkpointing is off in this run): evaluating the final weights")
+        last_epoch = {
+            name: float(value) for name, value in trainer.callback_metrics.items() if name.startswith("train/")
+        }
+        with memory_hint(cfg):
+            metrics = _evaluate(cfg, trainer, model, datamodule, best or None) | last_epoch
+        metrics |= run_facts(trainer, model, datamodule, fit_seconds, best)
+        if writes:
+            log_hyperparameters(trainer.loggers, cfg, model, metrics)
+            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+            log.info("final metrics (%s):\n%s", output_dir / "metrics.json", format_table(metrics))
+        status = "success"
+    finally:
+        for logger in trainer.loggers:  # a failed run is marked so where the logger records it (MLflow)
+            logger.finalize(status)
+    return metrics
+
+
+def run_facts(
+    trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule, fit_seconds: float, best: str
+) -> dict[str, float]:
+    """What the metrics file records besides scores: parameters, data, epochs, time, throughput."""
+    # Under DDP, the images every process trained on.
+    seen = sum(callback.images for callback in trainer.callbacks if isinstance(callback, ImagesSeen))
+    images_seen = float(
+        trainer.strategy.reduce(torch.tensor(float(seen), device=trainer.strategy.root_device), reduce_op="sum")
+    )
+    trainable, total = model.parameter_counts()
+    facts = {
+        "params/trainable": trainable,
+        "params/total": total,
+        "data/skipped_files": len(datamodule.skipped),
+        "data/imbalance": datamodule.imbalance,
+        "data/balanced": float(datamodule.balance is not None),
+        "epochs": trainer.current_epoch,
+        "time/fit_seconds": fit_seconds,
+        # Over the whole fit, validation included: what a user waits for, per training image.
+        "time/train_images_per_second": images_seen / fit_seconds,
+    }
+    if best:
+        facts["best_epoch"] = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
+    if trainer.world_size > 1:
+        facts["processes"] = trainer.world_size
+    return facts
+
+
+def _evaluate(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    model: ImageClassifier,
+    datamodule: ImageFolderDataModule,
+    checkpoint: str | None,
+) -> dict[str, float]:
+    # The best checkpoint's validation scores come from a trainer without a logger, so TensorBoard's val/*
+    # curves keep one point per epoch; its test scores go to TensorBoard.
+    evaluator: L.Trainer = instantiate(
+        cfg.trainer,
+        logger=False,
+        callbacks=[],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    results = evaluator.validate(model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True, verbose=False)[
+        0
+    ]
+    if datamodule.has_test:
+        results |= trainer.test(model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True, verbose=False)[0]
+    else:
+        log.info("no test split (train/ and val/ folders without test/): test metrics are not computed")
+    return {name: float(value) for name, value in results.items()}
+
+
+def fit(
+    trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule, resume: str | None, output_dir: Path
+) -> None:
+    """`trainer.fit`; after Ctrl-C or SIGTERM, says where training was saved and how to resume, and exits."""
+    try:
+        # weights_only: a checkpoint holds tensors and plain values; nothing in it may run code (torch >= 2.6).
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    except SystemExit:  # how Lightning ends a fit on Ctrl-C (after its callbacks) and SIGTERM
+        saver = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
+        if saver is None or saver.signal is None:
+            raise
+        if saver.saved is None:
+            log.warning("%s before training started: nothing to save", saver.signal)
+        else:
+            log.warning(
+                "%s: training state saved in %s; resume with: python train.py %s",
+                saver.signal,
+                saver.saved,
+                resume_command(output_dir),
+            )
+        sys.exit(130 if saver.signal == "Ctrl-C" else 143)  # the shell's codes for SIGINT and SIGTERM
+
+
+def resume_command(output_dir: Path) -> str:
+    """The overrides that resume this run where it stopped (Hydra's record of this run's, plus two)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+    return " ".join(
+        [*(shlex.quote(o) for o in overrides), shlex.quote(f"hydra.run.dir={output_dir}"), "ckpt_path=last"]
+    )
+
+
+@contextmanager
+def memory_hint(cfg: DictConfig):
+    """Turns an out-of-memory error into one line naming the settings that lower memory use."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as error:
+        text = str(error)
+        if not isinstance(error, torch.OutOfMemoryError | MemoryError) and "can't allocate memory" not in text:
+            raise
+        where = "GPU" if isinstance(error, torch.OutOfMemoryError) else "CPU"
+        size = cfg.data.image_size or "null (the weights' size)"
+        bf16 = where == "GPU" and "bf16" not in str(cfg.trainer.precision)
+        raise UsageError(
+            f"out of {where} memory with data.batch_size={cfg.data.batch_size}, data.image_size={size}, "
+            f"unfreeze={cfg.unfreeze}: lower data.batch_size first, then data.image_size or unfreeze"
+            f"{', or use trainer.precision=bf16-mixed' if bf16 else ''}; the checkpoints saved so far are in "
+            f"{cfg.paths.output_dir}/checkpoints"
+        ) from error
+
+
+def find_learning_rate(
+    trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule, output_dir: Path, num_training: int
+) -> None:
+    """Runs Lightning's learning-rate finder, saves its plot, and trains with its suggestion.
+
+    The unfrozen blocks' learning rate keeps its ratio to the head's.
+    """
+    from lightning.pytorch.tuner import Tuner
+
+    before = model.hparams.lr
+    finder = Tuner(trainer).lr_find(model, datamodule=datamodule, num_training=num_training, update_attr=False)
+    # Lightning skips the first 10 points by default; a short search (few batches, early divergence) has fewer.
+    steps = len(finder.results["lr"]) if finder else 0
+    suggestion = finder.suggestion(skip_begin=min(10, steps // 4), skip_end=1) if steps >= 4 else None
+    if suggestion is None:
+        log.info("learning-rate finder: no suggestion (%d steps); keeping lr %.3g", steps, before)
+        return
+    import matplotlib.pyplot as plt
+
+    figure = finder.plot(suggest=True)
+    if trainer.is_global_zero:  # under DDP the finder's results and suggestion are process 0's, broadcast
+        figure.savefig(output_dir / "lr_find.png")
+    plt.close(figure)
+    model.hparams.lr = suggestion
+    if model.hparams.backbone_lr:
+        model.hparams.backbone_lr *= suggestion / before
+    log.info("learning-rate finder: lr %.3g (was %.3g); plot in %s", suggestion, before, output_dir / "lr_find.png")
+
+
+def format_table(metrics: dict[str, float]) -> str:
+    """The metrics as a two-column text table."""
+    width = max(len(name) for name in metrics)
+    lines = []
+    for name in sorted(metrics):
+        value = metrics[name]
+        shown = f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
+        lines.append(f"  {name:<{width}}  {shown:>12}")
+    return "\n".join(lines)
