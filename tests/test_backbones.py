@@ -8,7 +8,8 @@ import torch
 import torchvision
 
 from finetune.errors import UsageError
-from finetune.model.backbones import Preprocessing, create_backbone
+from finetune.model.backbones import create_backbone
+from finetune.model.preprocessing import Preprocessing
 
 
 def test_torchvision_weights_file_is_loaded_exactly(tmp_path):

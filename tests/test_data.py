@@ -13,7 +13,7 @@ from PIL import Image
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.folders import write_split
 from finetune.errors import UsageError
-from finetune.model.backbones import Preprocessing
+from finetune.model.preprocessing import Preprocessing
 
 PREPROCESSING = Preprocessing(32, 36, "bilinear", (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 

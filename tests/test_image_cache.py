@@ -14,7 +14,7 @@ from torch.utils.data import default_collate
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.image_cache import estimated_bytes, resized_shape
 from finetune.errors import UsageError
-from finetune.model.backbones import Preprocessing
+from finetune.model.preprocessing import Preprocessing
 
 PREPROCESSING = Preprocessing(32, 36, "bilinear", (0.5, 0.4, 0.3), (0.25, 0.2, 0.3))
 

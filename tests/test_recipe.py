@@ -55,7 +55,7 @@ def rescore(run: Path, root: Path, tta: str | None = None, state: str = "state_d
 
 
 def test_presets_build_torchvision_policies():
-    from finetune.model.backbones import Preprocessing
+    from finetune.model.preprocessing import Preprocessing
 
     preprocessing = Preprocessing(32, 36, "bilinear", (0.5,) * 3, (0.5,) * 3)
     kinds = {

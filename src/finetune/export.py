@@ -29,7 +29,7 @@ from finetune import apps
 from finetune.errors import UsageError, first_line
 from finetune.inference import exporters
 from finetune.inference.checkpoint import InferenceOptions, load_model
-from finetune.model.backbones import Preprocessing
+from finetune.model.preprocessing import Preprocessing
 
 
 class Format(enum.Enum):
@@ -160,7 +160,7 @@ def export_model(
     # Eval mode and float32 on the CPU: dropout off, BatchNorm on its running statistics, as when predicting.
     network = model.network.to("cpu", torch.float32).eval()
     wrapper = exporters.NormalizedClassifier(network, preprocessing.mean, preprocessing.std).eval()
-    description = _description(model, preprocessing, format, output, source)
+    description = exporters.describe(model, preprocessing, format, source)
     generator = torch.Generator().manual_seed(CHECK_SEED)
     example = torch.rand(EXPORT_BATCH, 3, size, size, generator=generator)
     check_images = torch.rand(CHECK_BATCH, 3, size, size, generator=generator)
@@ -230,41 +230,6 @@ def _check_arguments(
                 f"{' and '.join(existing)} already {verb}; pass overwrite=true to replace, or choose another output=..."
             )
     return format, output
-
-
-def _description(model, preprocessing: Preprocessing, format: str, output: Path, source: str | None) -> dict:
-    size = preprocessing.crop_size
-    class_names = list(model.class_names)
-    return {
-        "format": format,
-        "model": model.hparams.name,
-        "source": model.hparams.source,
-        "checkpoint": source,
-        "class_names": class_names,
-        "input": {
-            "name": exporters.INPUT_NAME,
-            "shape": ["batch", 3, size, size],
-            "dtype": "float32",
-            "layout": "NCHW",
-            "channels": "RGB",
-            "range": [0.0, 1.0],
-            "note": "normalisation (mean, std) is inside the model: feed pixel values / 255",
-        },
-        "output": {
-            "name": exporters.OUTPUT_NAME,
-            "shape": ["batch", len(class_names)],
-            "dtype": "float32",
-            "note": "logits in class_names order: softmax over the last axis gives probabilities",
-        },
-        "preprocessing": {
-            **preprocessing.as_dict(),
-            "normalization_included": True,
-            "caller_does": (
-                f"resize the shorter side to {preprocessing.resize_size} ({preprocessing.interpolation}, "
-                f"antialiased), centre-crop {size}x{size}, convert RGB to float32 in [0, 1], NCHW"
-            ),
-        },
-    }
 
 
 def _max_abs_difference(expected: torch.Tensor, actual: torch.Tensor) -> float:

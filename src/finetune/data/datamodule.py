@@ -22,7 +22,7 @@ from finetune.data.samplers import FeatureDataset, ViewDataset
 from finetune.data.scan import scan_cache_file, unreadable_images
 from finetune.data.transforms import batch_mixing, eval_transform, train_transform
 from finetune.errors import UsageError
-from finetune.model.backbones import Preprocessing
+from finetune.model.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 

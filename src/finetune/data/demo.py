@@ -1,13 +1,11 @@
 """Offline demo data: the ELPV solar-cell images laid out as an ImageFolder tree.
 
-The images come from the ``elpv-dataset`` package on PyPI (2,624 grayscale
-300x300 electroluminescence images of solar cells, each labelled with a defect
-probability in {0, 1/3, 2/3, 1}). :func:`demo_root` copies them once into a
-per-user cache as ``<root>/<class>/<file>.png`` so that any ImageFolder reader
-can train on them without a download.
+The images come from the ``elpv-dataset`` package on PyPI (2,624 grayscale 300x300 electroluminescence images of
+solar cells, each labelled with a defect probability in {0, 1/3, 2/3, 1}). :func:`demo_root` copies them once into a
+per-user cache as ``<root>/<class>/<file>.png`` so that any ImageFolder reader can train on them without a download.
 
-The data set is licensed CC BY-NC-SA 4.0 (non-commercial use only); a
-``README.txt`` with licence and citations is written next to the class folders.
+The data set is licensed CC BY-NC-SA 4.0 (non-commercial use only); a ``README.txt`` with licence and citations
+(``elpv_readme.txt``) is written next to the class folders.
 """
 
 from __future__ import annotations
@@ -24,6 +22,7 @@ from importlib import import_module, metadata
 from pathlib import Path
 
 from finetune.data.partial_folders import make_partial, remove_abandoned_partials
+from finetune.errors import UsageError
 
 __all__ = [
     "DEMO_NAMES",
@@ -41,8 +40,8 @@ ELPV_LICENSE_URL = "https://creativecommons.org/licenses/by-nc-sa/4.0/"
 ELPV_SOURCE_URL = "https://github.com/zae-bayern/elpv-dataset"
 README_NAME = "README.txt"
 
-# Written last, inside the temporary folder, just before it is renamed into
-# place: its presence is what tells later calls that the folder is complete.
+# Written last, inside the temporary folder, just before it is renamed into place: its presence is what tells later
+# calls that the folder is complete.
 _MARKER_NAME = ".complete.json"
 
 _INSTALL_HINT = "pip install elpv-dataset"
@@ -93,9 +92,8 @@ class _Label:
 def default_cache_dir() -> Path:
     """Return the folder under which demo data sets are cached.
 
-    The first of these that is set wins: ``$FINETUNE_CACHE``,
-    ``$XDG_CACHE_HOME/finetune``, ``~/.cache/finetune``. A relative
-    ``XDG_CACHE_HOME`` is ignored, as the XDG base-directory spec requires.
+    The first of these that is set wins: ``$FINETUNE_CACHE``, ``$XDG_CACHE_HOME/finetune``, ``~/.cache/finetune``. A
+    relative ``XDG_CACHE_HOME`` is ignored, as the XDG base-directory spec requires.
 
     Returns:
         The cache folder (not created by this function).
@@ -112,23 +110,21 @@ def default_cache_dir() -> Path:
 def demo_root(name: str = "elpv", cache_dir: str | os.PathLike | None = None) -> Path:
     """Return the ImageFolder root of a demo data set, materialising it on first use.
 
-    The first call copies the 2,624 ELPV images from the installed
-    ``elpv-dataset`` package into ``<cache_dir>/datasets/<name>/<class>/``
-    (a few seconds); later calls only check that the folder is complete. The
-    copy is built in a temporary sibling folder and renamed into place when
-    complete, so an interrupted run never leaves a folder that looks finished,
-    and concurrent callers in several processes all end up with one intact
-    copy. Once materialised, the folder no longer needs the package.
+    The first call copies the 2,624 ELPV images from the installed ``elpv-dataset`` package into
+    ``<cache_dir>/datasets/<name>/<class>/`` (a few seconds); later calls only check that the folder is complete. The
+    copy is built in a temporary sibling folder and renamed into place when complete, so an interrupted run never
+    leaves a folder that looks finished, and concurrent callers in several processes all end up with one intact copy.
+    Once materialised, the folder no longer needs the package.
 
     Demo names:
 
-    * ``"elpv"``: classes ``functional`` (defect probability < 0.5) and
-      ``defective`` (>= 0.5), as in Deitsch et al. 2019; 1,803 / 821 images.
-    * ``"elpv4"``: classes ``p000``, ``p033``, ``p067``, ``p100``, one per
-      annotated defect probability; 1,508 / 295 / 106 / 715 images.
+    * ``"elpv"``: classes ``functional`` (defect probability < 0.5) and ``defective`` (>= 0.5), as in Deitsch et al.
+      2019; 1,803 / 821 images.
+    * ``"elpv4"``: classes ``p000``, ``p033``, ``p067``, ``p100``, one per annotated defect probability;
+      1,508 / 295 / 106 / 715 images.
 
-    The root also holds ``README.txt`` (licence and citations) and a hidden
-    marker file; only the sub-folders are classes.
+    The root also holds ``README.txt`` (licence and citations) and a hidden marker file; only the sub-folders are
+    classes.
 
     Args:
         name: Which demo data set, one of :data:`DEMO_NAMES`.
@@ -139,10 +135,8 @@ def demo_root(name: str = "elpv", cache_dir: str | os.PathLike | None = None) ->
 
     Raises:
         ValueError: If ``name`` is not a known demo data set.
-        UsageError: If the data set must be materialised and the
-            ``elpv-dataset`` package is not installed.
-        RuntimeError: If the target folder exists but was not made by this
-            function (and is not empty).
+        UsageError: If the data set must be materialised and the ``elpv-dataset`` package is not installed.
+        RuntimeError: If the target folder exists but was not made by this function (and is not empty).
     """
     if name not in _DEMOS:
         raise ValueError(f"Unknown demo data set {name!r}; valid names: {', '.join(DEMO_NAMES)}")
@@ -165,8 +159,8 @@ def _is_complete(root: Path) -> bool:
 
 
 def _clear_foreign_root(root: Path) -> None:
-    # Our own folders only ever appear complete (atomic rename), so an
-    # incomplete one was made by someone else; only an empty one is harmless.
+    # Our own folders only ever appear complete (atomic rename): an incomplete one is someone else's; only an empty
+    # one is harmless.
     try:
         root.rmdir()
     except OSError as exc:
@@ -181,8 +175,6 @@ def _elpv_data_dir() -> Path:
     try:
         package = import_module("elpv_dataset")
     except ImportError as exc:
-        from finetune.errors import UsageError
-
         # A dependency of finetune, so missing means a broken install: one line saying how to mend it.
         raise UsageError(
             f"the ELPV demo data set needs the elpv-dataset package, which is not installed "
@@ -221,9 +213,8 @@ def _read_labels(labels_csv: Path) -> list[_Label]:
 
 
 def _copy_file(src: Path, dst: Path) -> None:
-    # A real copy, not a symlink or hard link: the cache must survive the
-    # package being uninstalled or upgraded, and edits to the cached files
-    # must never write through into site-packages.
+    # A real copy, not a link: the cache must survive the package being uninstalled or upgraded, and edits to the
+    # cached files must never write through into site-packages.
     shutil.copyfile(src, dst)
 
 
@@ -232,8 +223,7 @@ def _plan(demo: _Demo, labels: Sequence[_Label], data_dir: Path) -> list[tuple[P
     seen: set[str] = set()
     for label in labels:
         file_name = Path(label.path).name
-        # All classes share one file-name space so that an image keeps a
-        # unique name even when it is moved between class folders.
+        # All classes share one file-name space: an image keeps a unique name even when moved between class folders.
         if file_name in seen:
             raise ValueError(f"Duplicate image file name {file_name!r} in the ELPV labels")
         seen.add(file_name)
@@ -269,8 +259,7 @@ def _materialise(name: str, demo: _Demo, root: Path, data_dir: Path) -> None:
         try:
             os.rename(partial, root)
         except OSError:
-            # POSIX refuses to rename onto a non-empty folder and Windows onto
-            # any folder, so failing here means someone else got there first.
+            # POSIX refuses to rename onto a non-empty folder, Windows onto any: someone else got there first.
             if not _is_complete(root):
                 raise
             logger.debug("Demo data set %r was completed concurrently; discarding our copy", name)
@@ -286,35 +275,17 @@ def _materialise(name: str, demo: _Demo, root: Path, data_dir: Path) -> None:
 
 def _write_readme(path: Path, name: str, demo: _Demo, counts: Counter[str]) -> None:
     class_lines = "\n".join(f"  {cls + '/':<12} {counts[cls]:>5} images" for cls in demo.classes)
-    text = f"""\
-ELPV solar-cell data set, laid out as an ImageFolder tree by finetune (demo {name!r}).
-
-{demo.description}
-{class_lines}
-  total        {sum(counts.values()):>5} images
-
-Each class sub-folder holds 300x300 8-bit grayscale electroluminescence images of
-solar cells, with their original file names. Other files in this folder are not
-classes.
-
-Source: {ELPV_SOURCE_URL}
-  (copied from the Python package elpv-dataset {_elpv_version()})
-
-Licence: Creative Commons Attribution-NonCommercial-ShareAlike 4.0 International
-  ({ELPV_LICENSE}), {ELPV_LICENSE_URL}
-  NON-COMMERCIAL USE ONLY. For commercial use contact the authors.
-
-Please cite:
-  Buerhop-Lutz, C.; Deitsch, S.; Maier, A.; Gallwitz, F.; Berger, S.; Doll, B.;
-  Hauch, J.; Camus, C. & Brabec, C. J. A Benchmark for Visual Identification of
-  Defective Solar Cells in Electroluminescence Imagery. European PV Solar Energy
-  Conference and Exhibition (EU PVSEC), 2018. DOI: 10.4229/35thEUPVSEC20182018-5CV.3.15
-
-  Deitsch, S.; Christlein, V.; Berger, S.; Buerhop-Lutz, C.; Maier, A.; Gallwitz, F.
-  & Riess, C. Automatic classification of defective photovoltaic module cells in
-  electroluminescence images. Solar Energy, 2019, 185, 455-468.
-  DOI: 10.1016/j.solener.2019.02.067
-"""
+    template = (Path(__file__).parent / "elpv_readme.txt").read_text(encoding="utf-8")
+    text = template.format(
+        name=repr(name),
+        description=demo.description,
+        class_lines=class_lines,
+        total=sum(counts.values()),
+        source_url=ELPV_SOURCE_URL,
+        version=_elpv_version(),
+        license=ELPV_LICENSE,
+        license_url=ELPV_LICENSE_URL,
+    )
     path.write_text(text, encoding="utf-8")
 
 

@@ -9,7 +9,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
 
 from finetune.errors import UsageError
-from finetune.model.backbones import Preprocessing
+from finetune.model.preprocessing import Preprocessing
 
 
 def eval_transform(preprocessing: Preprocessing) -> T.Compose:

@@ -17,7 +17,7 @@ from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.errors import UsageError, first_line
-from finetune.model.backbones import Preprocessing
+from finetune.model.preprocessing import Preprocessing
 
 DEVICES = ("auto", "cpu", "cuda")
 

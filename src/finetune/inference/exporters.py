@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from finetune.errors import UsageError
+from finetune.model.preprocessing import Preprocessing
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
@@ -112,3 +113,40 @@ def run_torchscript(path: Path, images: torch.Tensor) -> torch.Tensor:
     loaded.eval()
     with torch.inference_mode():
         return loaded(images)
+
+
+def describe(model, preprocessing: Preprocessing, format: str, source: str | None) -> dict:
+    """The classes file written beside an exported model: class names, input, output, and the preprocessing the
+    caller still does (resize and crop) next to what the model does itself (normalisation)."""
+    size = preprocessing.crop_size
+    class_names = list(model.class_names)
+    return {
+        "format": format,
+        "model": model.hparams.name,
+        "source": model.hparams.source,
+        "checkpoint": source,
+        "class_names": class_names,
+        "input": {
+            "name": INPUT_NAME,
+            "shape": ["batch", 3, size, size],
+            "dtype": "float32",
+            "layout": "NCHW",
+            "channels": "RGB",
+            "range": [0.0, 1.0],
+            "note": "normalisation (mean, std) is inside the model: feed pixel values / 255",
+        },
+        "output": {
+            "name": OUTPUT_NAME,
+            "shape": ["batch", len(class_names)],
+            "dtype": "float32",
+            "note": "logits in class_names order: softmax over the last axis gives probabilities",
+        },
+        "preprocessing": {
+            **preprocessing.as_dict(),
+            "normalization_included": True,
+            "caller_does": (
+                f"resize the shorter side to {preprocessing.resize_size} ({preprocessing.interpolation}, "
+                f"antialiased), centre-crop {size}x{size}, convert RGB to float32 in [0, 1], NCHW"
+            ),
+        },
+    }

@@ -14,7 +14,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from finetune.errors import UsageError
 from finetune.features.cache import Cut, classify_features
-from finetune.model.backbones import Preprocessing, create_backbone
+from finetune.model.backbones import create_backbone
 from finetune.model.freezing import (
     Unfreezing,
     keep_batchnorm_in_eval_mode,
@@ -25,6 +25,7 @@ from finetune.model.freezing import (
 )
 from finetune.model.heads import dropout_before_head
 from finetune.model.metrics import classification_metrics
+from finetune.model.preprocessing import Preprocessing
 from finetune.model.schedules import SCHEDULERS, FixScheduleLength, lr_scheduler
 from finetune.training.callbacks import MemoryFormatAndCompile, ResumeRandomState, check_compile_setting
 
