@@ -1,0 +1,224 @@
+"""Step ratio: how much of the machine's raw training step a whole `python train.py` fit delivers, and where the rest
+of the time goes.
+
+- Whole fit: `finetune.train(...)`, the same run as `python train.py` (scan, validation, data loading, checkpoints,
+  loggers, the test of the best checkpoint), with one extra callback, `FitTimer`, that times the fit from inside:
+  training steps, waiting for the next batch, validation, the sanity check, and the rest (epoch ends, checkpoint
+  writes). Its figure is `time/train_images_per_second` from the run's metrics.json: training images over the fit's
+  wall time.
+- Raw step: at the end of the fit, the same callback runs forward + cross-entropy + backward + AdamW on the fit's own
+  network, on a copy of one of its own training batches (same size and dtype, laid out as its steps lay it out),
+  under the fit's own precision context, `--raw-steps` times after 2 warm-up steps; the weights are restored
+  afterwards. What this machine can do at best with this network, batch and precision.
+
+    python bench/step_ratio.py             # EfficientNet-Lite0, unfreeze=all, 400 ELPV images, 224 px, 3 epochs
+    python bench/step_ratio.py --smoke     # a tiny generated folder, 32 px, 1 epoch: seconds (the suite runs it)
+    python bench/step_ratio.py --override trainer.precision=bf16-mixed   # any train.py override on top
+
+The last line is `step_ratio X`: the whole fit's training images/s over the raw step's images/s (issue 21's goal:
+X >= 0.8 for Lite0 unfreeze=all on 400 ELPV images at 224 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from common import machine, revision, today
+from torch.nn import functional as F
+
+# The ELPV-400 subset of docs/depth-study.md: stratified, 275 functional and 125 defective cells.
+ELPV_400 = {"functional": 275, "defective": 125}
+
+
+class FitTimer(L.Callback):
+    """Times a fit from inside (see the module docstring) and writes the figures to `path` as JSON.
+
+    Args:
+        path: the JSON file to write at the end of the fit.
+        raw_steps: timed raw steps at the end of the fit (0: none).
+    """
+
+    def __init__(self, path: str, raw_steps: int = 10) -> None:
+        self.path, self.raw_steps = Path(path), raw_steps
+        self.seconds = {"training steps": 0.0, "waiting for a batch": 0.0, "validation": 0.0, "sanity check": 0.0}
+        self.images = 0
+        self.batch: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._mark = self._fit_start = 0.0
+
+    def _since_mark(self) -> float:
+        now = time.perf_counter()
+        elapsed, self._mark = now - self._mark, now
+        return elapsed
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_start = time.perf_counter()
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        self._since_mark()
+
+    def on_sanity_check_end(self, trainer, pl_module) -> None:
+        self.seconds["sanity check"] += self._since_mark()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._since_mark()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.seconds["waiting for a batch"] += self._since_mark()
+        if self.batch is None:
+            images, labels = batch[0], batch[1]
+            self.batch = (images.detach().clone(memory_format=torch.preserve_format), labels.detach().clone())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seconds["training steps"] += self._since_mark()
+        self.images += len(batch[1])
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._since_mark()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.seconds["validation"] += self._since_mark()
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        fit_loop = time.perf_counter() - self._fit_start
+        record = {
+            "fit_loop_seconds": fit_loop,
+            "seconds": self.seconds,
+            "images": self.images,
+            "raw_images_per_second": self._raw_step(trainer, pl_module) if self.raw_steps else None,
+            "batch_shape": list(self.batch[0].shape) if self.batch is not None else None,
+            "channels_last": bool(
+                self.batch is not None and self.batch[0].is_contiguous(memory_format=torch.channels_last)
+            ),
+            "precision": str(trainer.precision),
+        }
+        self.path.write_text(json.dumps(record, indent=2) + "\n")
+
+    def _raw_step(self, trainer, pl_module) -> float:
+        images, labels = (tensor.to(pl_module.device) for tensor in self.batch)
+        if images.dim() != 4:
+            raise SystemExit(f"the fit trained on {images.dim()}-D batches (cached features?): time an uncached run")
+        if getattr(pl_module, "uses_channels_last", False):  # as the training step lays out its batch
+            images = images.contiguous(memory_format=torch.channels_last)
+        saved = {name: value.clone() for name, value in pl_module.state_dict().items()}
+        optimizer = torch.optim.AdamW([p for p in pl_module.parameters() if p.requires_grad], lr=1e-5)
+        pl_module.train()
+
+        def step() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with trainer.precision_plugin.forward_context():
+                loss = F.cross_entropy(pl_module(images), labels)
+            loss.backward()
+            optimizer.step()
+
+        for _ in range(2):
+            step()
+        started = time.perf_counter()
+        for _ in range(self.raw_steps):
+            step()
+        seconds = time.perf_counter() - started
+        pl_module.load_state_dict(saved)
+        return self.raw_steps * len(labels) / seconds
+
+
+def elpv_subset(target: Path, counts: dict[str, int]) -> Path:
+    """The first `counts[class]` images of each ELPV class (sorted by name), hard-linked into target."""
+    from finetune.data.demo import demo_root
+
+    root = demo_root("elpv")
+    for name, count in counts.items():
+        (target / name).mkdir(parents=True)
+        for image in sorted((root / name).iterdir())[:count]:
+            os.link(image, target / name / image.name)
+    return target
+
+
+def tiny_folder(target: Path, per_class: int = 12, size: int = 40) -> Path:
+    """Two classes of generated images (bright and dark noise) for --smoke."""
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(0)
+    for label, name in enumerate(("dark", "bright")):
+        (target / name).mkdir(parents=True)
+        for index in range(per_class):
+            pixels = torch.randint(0, 128, (size, size, 3), generator=generator, dtype=torch.uint8) + 127 * label
+            Image.fromarray(pixels.numpy()).save(target / name / f"{index:03d}.png")
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny generated folder, 32 px, 1 epoch: seconds")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--raw-steps", type=int, default=10, help="timed raw steps (after 2 warm-up steps)")
+    parser.add_argument("--override", action="append", default=[], help="a train.py override (repeatable)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="step_ratio-"))
+    try:
+        if args.smoke:
+            data = tiny_folder(work / "data")
+            overrides = ["data.image_size=32", "trainer.max_epochs=1", "data.num_workers=0", "data.batch_size=8"]
+            raw_steps = 2
+        else:
+            data = elpv_subset(work / "data", ELPV_400)
+            overrides = ["data.image_size=224", f"trainer.max_epochs={args.epochs}"]
+            raw_steps = args.raw_steps
+        overrides = [
+            f"data.root={data}",
+            "unfreeze=all",
+            *overrides,
+            f"hydra.run.dir={work / 'run'}",
+            "+callbacks.fit_timer._target_=step_ratio.FitTimer",
+            f"+callbacks.fit_timer.path={work / 'timing.json'}",
+            f"+callbacks.fit_timer.raw_steps={raw_steps}",
+            *args.override,
+        ]
+        import finetune
+
+        started = time.perf_counter()
+        metrics = finetune.train(overrides)
+        wall = time.perf_counter() - started
+        timing = json.loads((work / "timing.json").read_text())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    fit_seconds = metrics["time/fit_seconds"]
+    fit_rate = metrics["time/train_images_per_second"]
+    raw_rate = timing["raw_images_per_second"]
+    print(f"step_ratio on {machine(torch.device('cpu'))}, finetune {revision()}, {today()}")
+    print(f"overrides: {' '.join(o for o in overrides if not o.startswith(('+callbacks', 'hydra.', 'data.root')))}")
+    print(
+        f"batch {timing['batch_shape']}, channels_last {timing['channels_last']}, precision {timing['precision']}; "
+        f"{timing['images']} training images in the fit; the whole run took {wall:.1f} s"
+    )
+    setup = fit_seconds - timing["fit_loop_seconds"]
+    rows = {"before the fit loop (setup, sanity model, caches)": setup, **timing["seconds"]}
+    rows["rest of the fit loop (epoch ends, checkpoints, logging)"] = timing["fit_loop_seconds"] - sum(
+        timing["seconds"].values()
+    )
+    rows["training at the raw step's speed"] = timing["images"] / raw_rate
+    print(f"\n| where the fit's {fit_seconds:.1f} s go | seconds | share |\n|---|---|---|")
+    for name, seconds in rows.items():
+        if name == "training at the raw step's speed":
+            print(f"| (for comparison) {name} | {seconds:.1f} | {seconds / fit_seconds:.0%} |")
+        else:
+            print(f"| {name} | {seconds:.1f} | {seconds / fit_seconds:.0%} |")
+    print(f"\nraw step {raw_rate:.1f} images/s; whole fit {fit_rate:.1f} training images/s")
+    print(f"step_ratio {fit_rate / raw_rate:.2f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
