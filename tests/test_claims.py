@@ -188,7 +188,7 @@ def test_lr_find_trains_at_the_suggested_rate_and_records_it(tmp_path, image_fol
     config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
     assert config["strategy"]["lr"] == suggestion
     assert config["strategy"]["backbone_lr"] == pytest.approx(suggestion * 0.1)
-    events = EventAccumulator(str(run / "tensorboard" / "hparams")).Reload()
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
     session = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
     assert session.session_start_info.hparams["lr"].number_value == pytest.approx(suggestion)
 

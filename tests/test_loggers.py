@@ -4,10 +4,18 @@ best checkpoint's metrics, and the figures where it takes images."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import run_cli, run_multirun
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 TINY = (
     "model=mobilenet_v2",
@@ -56,3 +64,71 @@ def test_an_unknown_logger_names_the_choices(tmp_path, image_folder):
     result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", "logger=wandb", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "logger" in result.stderr and "tensorboard" in result.stderr
+
+
+@pytest.mark.slow
+def test_tensorboard_shows_each_run_once_with_what_the_sweep_varies_first(tmp_path, image_folder):
+    # A two-depth sweep, read back by a real TensorBoard server's HPARAMS API (what its tab shows).
+    sweep = tmp_path / "sweep"
+    run_multirun(tmp_path, sweep, *TINY, f"data.root={image_folder}", "unfreeze=0,1", "trainer.max_epochs=1", "seed=3")
+    for job in ("0", "1"):
+        board = sweep / job / "tensorboard"
+        assert not [p for p in board.iterdir() if p.is_dir()], "a second TensorBoard run beside the curves"
+        events = EventAccumulator(str(board)).Reload()
+        tags = events.PluginTagToContent("hparams")
+        assert "_hparams_/experiment" not in tags  # TensorBoard builds it from the sessions, marking what differs
+        session = HParamsPluginData.FromString(tags["_hparams_/session_start_info"]).session_start_info.hparams
+        assert set(session) == {"unfreeze", "trainable_params"}  # constant keys (seed, data.root, ...) left out
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert [p.value for p in events.Scalars("best/val/acc")] == pytest.approx([metrics["val/acc"]])
+        assert len(events.Scalars("val/acc")) == 1  # the curve keeps one point per epoch
+
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(sweep),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--load_fast=false",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        experiment = _post_when_up(f"http://127.0.0.1:{port}/data/plugin/hparams/experiment", {"experimentName": ""})
+        runs = _post_when_up(f"http://127.0.0.1:{port}/data/runs", None)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    infos = experiment["hparamInfos"]
+    assert [info["name"] for info in infos] == ["trainable_params", "unfreeze"]
+    assert all(info.get("differs") for info in infos)
+    metrics_shown = [info["name"]["tag"] for info in experiment["metricInfos"]][:5]  # the five the tab ticks
+    assert metrics_shown == ["best/test/acc", "best/test/f1", "best/val/acc", "best/val/f1", "best/val/loss"]
+    assert sorted(runs) == ["0/tensorboard", "1/tensorboard"]  # each run once
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _post_when_up(url: str, body: dict | None, timeout_s: float = 60.0):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            data = json.dumps(body).encode() if body is not None else None
+            request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read())
+        except (urllib.error.URLError, ConnectionError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
