@@ -333,6 +333,37 @@ def test_a_partial_study_reports_over_what_finished_and_lists_what_is_missing(tm
     assert problems.count("not started") == 4
 
 
+def test_the_pareto_plot_labels_never_overlap_however_close_the_points(tmp_path):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.text import Text
+
+    from finetune.study.plots import _plot_pareto
+
+    sweep = tmp_path / "study"
+    depths = (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, "all")  # fourteen nearly equal points, one far off
+    for fold, noise in enumerate(FOLD_NOISE):
+        for depth in depths:
+            close = depth != "all"
+            accuracy = 0.80 + 0.001 * depth if close else 0.9
+            make_fold_run(sweep, depth, fold, accuracy + noise, seconds=20 + 0.2 * depth if close else 300)
+    report = build_report(sweep)
+    figure = Figure(figsize=(8, 5), layout="constrained")
+    _plot_pareto(report, figure)
+    FigureCanvasAgg(figure).draw()
+    labels = figure.axes[0].texts
+    assert sorted(label.get_text() for label in labels) == sorted(p.name for p in report.study.groups[0].points)
+    boxes = [Text.get_window_extent(label) for label in labels]  # the text alone, without its leader line
+    overlapping = [
+        (a.get_text(), b.get_text())
+        for i, a in enumerate(labels)
+        for j, b in enumerate(labels[:i])
+        if boxes[i].overlaps(boxes[j])
+    ]
+    assert not overlapping
+    assert all(figure.bbox.contains(box.x1, box.y1) and figure.bbox.contains(box.x0, box.y0) for box in boxes)
+
+
 # A depth study of two folds on the tiny generated folder, MobileNetV2 at random init, 32 px.
 TINY_STUDY = (
     "experiment=depth_study",
