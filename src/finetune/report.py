@@ -68,7 +68,7 @@ USAGE = """python -m finetune.report [sweep_dir=<folder>] [plots=false]
 
 The verdict, tables and plots of a sweep (python train.py -m ..., e.g. experiment=depth_study), written into its
 folder as report.html (one self-contained page: open it in a browser), report.md, report.csv, report_by_point.csv,
-report_study.csv and PNG plots; the Markdown is printed too.
+report_study.csv, report_comparisons.csv and PNG plots; the Markdown is printed too.
 
   sweep_dir   a sweep folder (multirun/<date>/<time>) or one run's folder; default: the newest sweep under multirun/
   plots       false: the tables only

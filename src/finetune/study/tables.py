@@ -247,7 +247,8 @@ def report_markdown(report) -> str:
 
 
 def write_tables(report, sweep_dir: Path) -> list[Path]:
-    """Writes report.csv (runs), report_by_point.csv and, with a study, report_study.csv; returns the paths."""
+    """Writes report.csv (runs), report_by_point.csv and, with a study, report_study.csv (points) and
+    report_comparisons.csv (paired comparisons); returns the paths."""
     written = [sweep_dir / "report.csv", sweep_dir / "report_by_point.csv"]
     _write_csv(written[0], _RUN_COLUMNS, report.rows)
     _write_csv(written[1], _POINT_CSV_COLUMNS, report.points)
