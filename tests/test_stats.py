@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from finetune.study.stats import bootstrap, corrected_t, images_to_resolve, macro_f1, mcnemar_exact
+from finetune.study.stats import bootstrap, corrected_t, holm, images_to_resolve, macro_f1, mcnemar_exact
 
 
 def test_corrected_t_matches_the_hand_worked_nadeau_bengio_interval():
@@ -34,7 +34,7 @@ def test_corrected_t_is_wider_than_the_plain_t_interval():
     assert corrected.half_width == pytest.approx(1.5 * (plain[1] - plain[0]) / 2)
     # Here the plain interval excludes zero, the corrected one does not: overlapping training sets fool the first.
     assert plain[0] > 0
-    assert not corrected.significant and corrected.p > 0.05
+    assert not corrected.excludes_zero and corrected.p > 0.05
 
 
 def test_mcnemar_exact_is_the_binomial_test_on_discordant_images():
@@ -44,6 +44,14 @@ def test_mcnemar_exact_is_the_binomial_test_on_discordant_images():
     assert mcnemar_exact(a, b) == pytest.approx(0.1796875)
     assert mcnemar_exact(a, b) == pytest.approx(scipy_stats.binomtest(2, 9, 0.5).pvalue)
     assert mcnemar_exact(a, a) == 1.0
+
+
+def test_holm_adjustment_matches_the_hand_computation():
+    # Four tested comparisons (None: one without a p-value, outside the family). Sorted: 0.005, 0.01, 0.03, 0.04,
+    # times 4, 3, 2, 1: 0.02, 0.03, 0.06, 0.04; step-down keeps them non-decreasing, so the last is 0.06 too.
+    assert holm([0.01, 0.04, 0.03, 0.005, None]) == pytest.approx([0.03, 0.06, 0.06, 0.02, None])
+    assert holm([0.5, 0.6]) == [1.0, 1.0]  # capped at 1
+    assert holm([0.02]) == [0.02]  # a family of one is not adjusted
 
 
 def test_bootstrap_interval_of_an_accuracy_is_near_the_normal_approximation():

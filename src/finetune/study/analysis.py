@@ -3,9 +3,13 @@
 Points are compared within a group (one model, the same other settings). Per point: mean test accuracy and macro-F1
 with a 95% interval. Pairs: each point against transfer learning (unfreeze=0) and against the most accurate point,
 on the same folds (corrected resampled t-test) or the same test images (bootstrap interval, McNemar's exact test),
-see `finetune.study.stats`. The recommendation is the cheapest point (by training time) that is not significantly worse
-than the best; where no pair differs significantly, the verdict says the data cannot decide, and roughly how many
-images would.
+see `finetune.study.stats`. The p-values of a group's comparisons (one model's depth study, the comparisons table)
+are Holm-adjusted, and "significant" means an adjusted p below 5% everywhere: table, verdict and recommendation.
+
+The recommendation, among the points not significantly worse than the best: the cheapest, unless a better point
+estimate costs an immaterial amount more (at most IMMATERIAL_FIT_SECONDS of training per run and
+IMMATERIAL_INFERENCE_MS per image more than the cheapest): then the best estimate among those. The words are
+`finetune.study.verdict`'s.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from finetune.study.points import is_depth_only, point_name, point_setting
-from finetune.study.stats import Estimate, bootstrap, corrected_t, macro_f1, mcnemar_exact
+from finetune.study.stats import ALPHA, Estimate, bootstrap, corrected_t, holm, macro_f1, mcnemar_exact
 
 FOLDS, SPLIT = "folds", "split"
 METHODS = {
@@ -26,13 +30,17 @@ METHODS = {
     SPLIT: "percentile bootstrap over test images (2,000 resamples); paired comparisons on the same images, "
     "p-values from McNemar's exact test (one seed) or the paired bootstrap (several seeds)",
 }
+# Below these a cheaper point saves the user nothing worth accuracy: a minute of training per run (what retraining
+# the chosen depth costs once), a millisecond per image at inference. See docs/depth-study.md.
+IMMATERIAL_FIT_SECONDS = 60.0
+IMMATERIAL_INFERENCE_MS = 1.0
 
 
 @dataclass
 class PointStats:
     """One point's accuracy, F1 and cost. `per_unit`: its accuracy per fold, or correctness per test image."""
 
-    point: object  # report.PointRow
+    point: object  # sweep.PointRow
     acc: Estimate
     f1: Estimate | None
     per_unit: dict = field(default_factory=dict)
@@ -52,32 +60,54 @@ class PointStats:
 
 @dataclass(frozen=True)
 class Comparison:
-    """`point` minus `other` on the units both have (folds or images)."""
+    """`point` minus `other` on the units both have (folds or images); `p_holm`: its p-value Holm-adjusted over the
+    group's comparisons (None where it has no p-value)."""
 
     point: PointStats
     other: PointStats
     difference: Estimate
+    p_holm: float | None = None
+
+    @property
+    def significant(self) -> bool:
+        """The two points differ: the Holm-adjusted p-value is below ALPHA (5%)."""
+        return self.p_holm is not None and self.p_holm < ALPHA
 
 
 @dataclass
 class Group:
-    """The points of one model (and other settings), their comparisons and verdict."""
+    """The points of one model (and other settings), their comparisons and verdict.
+
+    Attributes:
+        best: the best point estimate; cheapest: the cheapest point not significantly worse than it;
+        recommended: see the module's docstring. verdict: set by `finetune.study.verdict.judge`.
+    """
 
     title: str
     points: list[PointStats]
     transfer: PointStats | None
     best: PointStats
+    cheapest: PointStats
     recommended: PointStats
     vs_transfer: list[Comparison]
     vs_best: list[Comparison]
     undecided: bool
-    verdict: str
     waiting: list[PointStats] = field(default_factory=list)
+    verdict: str = ""
 
     @property
     def comparisons(self) -> list[Comparison]:
-        """Each point against transfer learning, then against the best (each pair once)."""
+        """Each point against transfer learning, then against the best (each pair once): the Holm family."""
         return self.vs_transfer + [c for c in self.vs_best if self.transfer not in (c.point, c.other)]
+
+    def between(self, a: PointStats, b: PointStats) -> Comparison | None:
+        """The table's comparison of a and b, as a minus b; None where the table does not compare them."""
+        for c in self.comparisons:
+            if (c.point, c.other) == (a, b):
+                return c
+            if (c.point, c.other) == (b, a):
+                return Comparison(a, b, -c.difference, c.p_holm)
+        return None
 
 
 @dataclass
@@ -107,7 +137,7 @@ def analyse(report) -> Study | None:
     for (model, other), points in groups.items():
         stats = [s for s in (_point_stats(point, design) for point in points) if s is not None]
         if stats:
-            result.append(_group(f"{model} {other}".strip(), stats, design, report, len(groups) > 1))
+            result.append(_group(f"{model} {other}".strip(), stats, design))
     return Study(design, METHODS[design], result) if result else None
 
 
@@ -206,7 +236,7 @@ def compare(a: PointStats, b: PointStats, design: str) -> Comparison:
     return Comparison(a, b, estimate)
 
 
-def _group(title: str, points: list[PointStats], design: str, report, titled: bool) -> Group:
+def _group(title: str, points: list[PointStats], design: str) -> Group:
     # A point with one finished fold has no interval: shown in the table, compared once a second fold is in.
     ready = [p for p in points if design == SPLIT or p.acc.n >= 2] or points
     # The reference: the head alone, trained plainly (an LP-FT point at depth 0 is compared with it too).
@@ -215,30 +245,42 @@ def _group(title: str, points: list[PointStats], design: str, report, titled: bo
     best = max(ready, key=lambda p: p.acc.mean)
     vs_transfer = [compare(p, transfer, design) for p in ready if transfer is not None and p is not transfer]
     vs_best = [compare(p, best, design) for p in ready if p is not best]
-    not_worse = [best] + [c.point for c in vs_best if not c.difference.significant]
-    recommended = min(not_worse, key=cost_order)
-    undecided = len(ready) > 1 and not any(c.difference.significant for c in vs_transfer + vs_best)
-    group = Group(
-        title,
-        points,
-        transfer,
-        best,
-        recommended,
-        vs_transfer,
-        vs_best,
-        undecided,
-        "",
-        [p for p in points if p not in ready],
-    )
-    from finetune.study.verdict import verdict_text  # imports this module: here, not at the top
+    vs_transfer, vs_best = _holm_adjusted(vs_transfer, vs_best, transfer)
+    not_worse = [best] + [c.point for c in vs_best if not c.significant]
+    cheapest = min(not_worse, key=cost_order)
+    affordable = [p for p in not_worse if p is cheapest or costs_immaterially_more(p, cheapest)]
+    recommended = max(affordable, key=lambda p: p.acc.mean)
+    undecided = len(ready) > 1 and not any(c.significant for c in vs_transfer + vs_best)
+    waiting = [p for p in points if p not in ready]
+    return Group(title, points, transfer, best, cheapest, recommended, vs_transfer, vs_best, undecided, waiting)
 
-    group.verdict = verdict_text(group, design, report, titled)
-    if group.waiting:
-        names = ", ".join(f"{p.name} ({p.acc.n} fold{'s' if p.acc.n != 1 else ''})" for p in group.waiting)
-        group.verdict += f" Not compared yet, too few finished folds: {names}."
-    return group
+
+def _holm_adjusted(vs_transfer: list[Comparison], vs_best: list[Comparison], transfer) -> tuple[list, list]:
+    """Both lists with Holm-adjusted p-values over the group's comparisons, each pair counted once (the best
+    against transfer learning is in both lists)."""
+    family = vs_transfer + [c for c in vs_best if transfer not in (c.point, c.other)]
+    adjusted = dict(
+        zip(
+            (frozenset((id(c.point), id(c.other))) for c in family), holm([c.difference.p for c in family]), strict=True
+        )
+    )
+
+    def with_p(c: Comparison) -> Comparison:
+        return Comparison(c.point, c.other, c.difference, adjusted[frozenset((id(c.point), id(c.other)))])
+
+    return [with_p(c) for c in vs_transfer], [with_p(c) for c in vs_best]
 
 
 def cost_order(point: PointStats) -> tuple:
     seconds = point.cost("time/fit_seconds")
     return (seconds if seconds is not None else float("inf"), point.cost("params/trainable") or 0)
+
+
+def costs_immaterially_more(point: PointStats, cheapest: PointStats) -> bool:
+    """`point` costs the user at most IMMATERIAL_FIT_SECONDS more training per run than `cheapest`, and at most
+    IMMATERIAL_INFERENCE_MS more per image where both were timed; False where training time is unknown."""
+    seconds, base = point.cost("time/fit_seconds"), cheapest.cost("time/fit_seconds")
+    if seconds is None or base is None or seconds - base > IMMATERIAL_FIT_SECONDS:
+        return False
+    ms, base_ms = point.cost("time/inference_ms_per_image"), cheapest.cost("time/inference_ms_per_image")
+    return ms is None or base_ms is None or ms - base_ms <= IMMATERIAL_INFERENCE_MS

@@ -69,6 +69,7 @@ def _study_section(study) -> list[str]:
         f'<p class="note">Statistics: {html.escape(study.method)}. Accuracy and macro-F1 are in percent, '
         f"means over {unit}, with 95% intervals; n is the number of {unit}. Train s: mean fit time per "
         "run; inference ms/img: the whole network in eval mode (the same network at every depth). "
+        "p (Holm): the p-value adjusted over the table's comparisons; significant means below 0.05. "
         "Converged: runs that stopped because the validation loss stopped improving, not at the epoch "
         "cap.</p>"
     )

@@ -168,12 +168,13 @@ def _error_bars(points: list, ys: list[float], intervals: dict, key: str):
 
 def _plot_pareto(report, figure: Figure) -> None:
     """Test accuracy (95% interval) against mean training seconds per run; the points no other beats on both
-    accuracy and cost (the Pareto front) joined, the recommended one ringed."""
+    accuracy and cost (the Pareto front) joined, the recommended one ringed, every point labelled."""
     axes = figure.subplots()
     study = report.study
     if study is None:
         _no_data(axes, "study (finished runs with a test split)")
         return
+    labels = []  # (x, y, text, colour)
     for index, group in enumerate(study.groups):
         points = [s for s in group.points if s.point.mean("time/fit_seconds") is not None]
         xs = [s.point.mean("time/fit_seconds") for s in points]
@@ -192,7 +193,7 @@ def _plot_pareto(report, figure: Figure) -> None:
         if len(front) > 1:
             axes.plot(*zip(*front, strict=True), color=colour, alpha=0.4, linestyle="--")
         for x, y, s in zip(xs, ys, points, strict=True):
-            axes.annotate(f"unfreeze={s.point.unfreeze}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+            labels.append((x, y, s.name, colour))
             if s is group.recommended:
                 axes.scatter(
                     [x],
@@ -212,6 +213,46 @@ def _plot_pareto(report, figure: Figure) -> None:
         ylabel="test accuracy %",
     )
     axes.grid(alpha=0.3, which="both")
+    _label_column(axes, figure, labels)
+
+
+LABEL_SIZE = 8  # points
+
+
+def _label_column(axes: Axes, figure: Figure, labels: list[tuple[float, float, str, str]]) -> None:
+    """Labels in a column right of the axes, each level with its point where it can be and joined to it by a line.
+
+    Points of a study crowd (close costs, close accuracies), so labels beside them overlap. In one column, a label's
+    height apart from the next, they cannot; the figure grows taller where the column needs it.
+    """
+    if not labels:
+        return
+    gap_points = 1.5 * LABEL_SIZE
+    width, height = figure.get_size_inches()
+    height = max(height, (len(labels) + 1) * gap_points / 72 + 1.5)  # 1.5 in: title, axis label, ticks, margin
+    figure.set_size_inches(width, height)
+    gap = gap_points / ((height - 1.5) * 72)  # in axes fractions; the axes are at least that tall
+    axes.autoscale_view()  # the limits the points will be drawn in, so their positions are known now
+    to_axes = axes.transScale + axes.transLimits
+    heights, ordered = zip(*sorted((float(to_axes.transform(label[:2])[1]), label) for label in labels), strict=True)
+    heights = list(heights)
+    for i in range(1, len(heights)):  # push up from the bottom, then down from the top, a gap apart
+        heights[i] = max(heights[i], heights[i - 1] + gap)
+    heights[-1] = min(heights[-1], 1.0)
+    for i in range(len(heights) - 2, -1, -1):
+        heights[i] = min(heights[i], heights[i + 1] - gap)
+    for (x, y, text, colour), height_at in zip(ordered, heights, strict=True):
+        axes.annotate(
+            text,
+            (x, y),
+            xytext=(1.03, height_at),
+            textcoords="axes fraction",
+            va="center",
+            fontsize=LABEL_SIZE,
+            color=colour,
+            arrowprops={"arrowstyle": "-", "color": colour, "alpha": 0.4, "linewidth": 0.6},
+            annotation_clip=False,
+        )
 
 
 def _plot_confusion(report, figure: Figure) -> None:

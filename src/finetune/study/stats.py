@@ -9,6 +9,9 @@ Two designs, two sets of methods (as in the literature on comparing learners):
 - one fixed split (seeds on the same test images): a percentile bootstrap over test images for intervals, and
   McNemar's exact test (a binomial test on the images exactly one of the two gets right) for paired p-values.
 
+The comparisons of one study are a family: their p-values are Holm-adjusted (`holm`) before any is called
+significant.
+
 Every function is plain numpy/scipy on fixed inputs, checked against scipy and hand-worked values in
 tests/test_stats.py.
 """
@@ -23,6 +26,7 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 CONFIDENCE = 0.95
+ALPHA = 1 - CONFIDENCE  # the level a Holm-adjusted p-value is held to
 RESAMPLES = 2000  # bootstrap resamples: the interval's ends move by well under a point between seeds of the resampler
 
 
@@ -48,9 +52,14 @@ class Estimate:
         return (self.high - self.low) / 2
 
     @property
-    def significant(self) -> bool:
-        """The interval excludes zero (for a difference): the two points differ at the 5% level."""
+    def excludes_zero(self) -> bool:
+        """The interval excludes zero. Unadjusted: a study calls a difference significant by its Holm-adjusted
+        p-value (`finetune.study.analysis.Comparison.significant`)."""
         return self.low > 0 or self.high < 0
+
+    def __neg__(self) -> Estimate:
+        """The same difference the other way round (b - a for a - b)."""
+        return Estimate(-self.mean, -self.high, -self.low, self.p, self.n)
 
 
 def corrected_t(values: Sequence[float], n_train: float, n_test: float, confidence: float = CONFIDENCE) -> Estimate:
@@ -85,7 +94,7 @@ def bootstrap(
     resamples: int = RESAMPLES,
     seed: int = 0,
 ) -> Estimate:
-    """A percentile bootstrap interval of `statistic` over n items (test images) drawn with replacement.
+    """A percentile bootstrap interval (`scipy.stats.bootstrap`) of `statistic` over n items (test images).
 
     Args:
         statistic: maps an index array (which items, with repeats) to a number; the estimate is its value on
@@ -96,28 +105,52 @@ def bootstrap(
         The statistic on all items, the percentile interval, and (for a difference) a two-sided bootstrap p-value:
         twice the share of resamples on the far side of zero.
     """
-    everything = statistic(np.arange(n))
-    if n == 0:
-        return Estimate(everything, -math.inf, math.inf, None, 0)
-    generator = np.random.default_rng(seed)
-    draws = np.array([statistic(generator.integers(0, n, n)) for _ in range(resamples)])
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(draws, [tail, 1 - tail])
+    everything = float(statistic(np.arange(n)))
+    if n < 2:  # scipy needs two items to resample
+        return Estimate(everything, -math.inf, math.inf, None, n)
+    # The items are resampled as their indices, so a statistic can pair them with anything (labels, seeds).
+    result = scipy_stats.bootstrap(
+        (np.arange(n),),
+        statistic,
+        n_resamples=resamples,
+        vectorized=False,
+        confidence_level=confidence,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
+    draws = result.bootstrap_distribution
     p = min(1.0, 2 * min(float(np.mean(draws <= 0)), float(np.mean(draws >= 0))))
-    return Estimate(float(everything), float(low), float(high), p, n)
+    interval = result.confidence_interval
+    return Estimate(everything, float(interval.low), float(interval.high), p, n)
 
 
 def mcnemar_exact(a_correct: Sequence[bool], b_correct: Sequence[bool]) -> float:
     """McNemar's exact test: the two-sided p-value that A and B are equally accurate on the same images.
 
     Only the images exactly one of them gets right count: under "equally accurate" each of those is A's with
-    probability 1/2, so the p-value is a two-sided binomial test on them.
+    probability 1/2, so the p-value is a two-sided binomial test (`scipy.stats.binomtest`) on them.
     """
     a, b = np.asarray(a_correct, dtype=bool), np.asarray(b_correct, dtype=bool)
     only_a, only_b = int(np.sum(a & ~b)), int(np.sum(~a & b))
     if only_a + only_b == 0:
         return 1.0
-    return min(1.0, 2 * float(scipy_stats.binom.cdf(min(only_a, only_b), only_a + only_b, 0.5)))
+    return float(scipy_stats.binomtest(only_a, only_a + only_b, 0.5).pvalue)
+
+
+def holm(p_values: Sequence[float | None]) -> list[float | None]:
+    """Holm's step-down adjustment of a family of p-values (None: not tested, left out of the family).
+
+    The i-th smallest of m p-values becomes max over j <= i of min(1, (m - j + 1) p_(j)): it controls the chance of
+    any false "significant" in the family at the nominal level, without assuming the tests independent. scipy has
+    only the false-discovery-rate adjustments (`scipy.stats.false_discovery_control`).
+    """
+    tested = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(tested):
+        running = max(running, min(1.0, (len(tested) - rank) * p))
+        adjusted[i] = running
+    return adjusted
 
 
 def macro_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> float:

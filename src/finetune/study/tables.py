@@ -177,6 +177,10 @@ def _percent(estimate: Estimate | None) -> str:
     return f"{100 * estimate.mean:.1f} ({100 * estimate.low:.1f} to {100 * estimate.high:.1f})"
 
 
+def _p_value(value: object) -> str:
+    return f"{value:.3g}"
+
+
 def _converged(stats) -> str:
     flags = [run.get("epochs/converged") for run in stats.point.done if run.get("epochs/converged") is not None]
     return f"{int(sum(flags))}/{len(flags)}" if flags else ""
@@ -203,8 +207,9 @@ COMPARISON_COLUMNS = (
     _Column("against", "against", lambda c: c.other.name),
     _Column("difference (points)", "difference", lambda c: points_text(c.difference.mean), numeric=True),
     _Column("95% CI", "interval", lambda c: interval_text(c.difference).removeprefix("95% CI "), numeric=True),
-    _Column("p", "p", lambda c: "" if c.difference.p is None else f"{c.difference.p:.3g}", numeric=True),
-    _Column("significant", "significant", lambda c: "yes" if c.difference.significant else "no"),
+    _Column("p", "p", lambda c: c.difference.p, _p_value, numeric=True),
+    _Column("p (Holm)", "p_holm", lambda c: c.p_holm, _p_value, numeric=True),
+    _Column("significant", "significant", lambda c: "yes" if c.significant else "no"),
 )
 
 
@@ -219,7 +224,8 @@ def study_markdown(study) -> str:
             parts.append(f"## Paired comparisons{title}\n\n" + markdown_table(COMPARISON_COLUMNS, comparisons))
     parts.append(
         f"Statistics: {study.method}. Accuracy and F1 are means over "
-        f"{'folds' if study.design == 'folds' else 'test images'}; train s is the mean fit time per run."
+        f"{'folds' if study.design == 'folds' else 'test images'}; train s is the mean fit time per run. "
+        "p (Holm): adjusted over each table's comparisons; significant: below 0.05."
     )
     return "\n\n".join(parts)
 
@@ -241,50 +247,44 @@ def report_markdown(report) -> str:
 
 
 def write_tables(report, sweep_dir: Path) -> list[Path]:
-    """Writes report.csv (runs), report_by_point.csv and, with a study, report_study.csv; returns the paths."""
+    """Writes report.csv (runs), report_by_point.csv and, with a study, report_study.csv (points) and
+    report_comparisons.csv (paired comparisons); returns the paths."""
     written = [sweep_dir / "report.csv", sweep_dir / "report_by_point.csv"]
     _write_csv(written[0], _RUN_COLUMNS, report.rows)
     _write_csv(written[1], _POINT_CSV_COLUMNS, report.points)
     if report.study is not None:
-        path = sweep_dir / "report_study.csv"
-        rows = [(group, stats) for group in report.study.groups for stats in group.points]
-        with open(path, "w", newline="") as file:
-            writer = csv.writer(file)
-            writer.writerow(
-                [
-                    "group",
-                    "point",
-                    "unfreeze",
-                    "n",
-                    "acc",
-                    "acc_low",
-                    "acc_high",
-                    "f1",
-                    "f1_low",
-                    "f1_high",
-                    "fit_seconds",
-                    "trainable_params",
-                    "recommended",
-                ]
-            )
-            for group, s in rows:
-                f1 = s.f1 or Estimate(float("nan"), float("nan"), float("nan"))
-                writer.writerow(
-                    [
-                        group.title,
-                        s.name,
-                        s.point.unfreeze,
-                        s.acc.n,
-                        s.acc.mean,
-                        s.acc.low,
-                        s.acc.high,
-                        f1.mean,
-                        f1.low,
-                        f1.high,
-                        s.point.mean("time/fit_seconds"),
-                        trainable_params(s.point),
-                        s is group.recommended,
-                    ]
-                )
-        written.append(path)
+        groups = report.study.groups
+        written += [sweep_dir / "report_study.csv", sweep_dir / "report_comparisons.csv"]
+        _write_csv(written[2], _GROUP + _STUDY_CSV_COLUMNS, [(g, s) for g in groups for s in g.points])
+        _write_csv(written[3], _GROUP + _in_group(COMPARISON_COLUMNS), [(g, c) for g in groups for c in g.comparisons])
     return written
+
+
+# The study's CSV rows are (group, item) pairs: the group's title, then the item's columns.
+_GROUP = (_Column("group", "group", lambda pair: pair[0].title),)
+
+
+def _in_group(columns: Iterable[_Column]) -> tuple[_Column, ...]:
+    return tuple(
+        _Column(c.header, c.csv, lambda pair, c=c: c.value(pair[1]), c.shown, c.numeric, c.in_text) for c in columns
+    )
+
+
+_STUDY_CSV_COLUMNS = (
+    *_in_group(
+        (
+            _Column("point", "point", lambda s: s.name),
+            _Column("unfreeze", "unfreeze", lambda s: s.point.unfreeze),
+            _Column("n", "n", lambda s: s.acc.n),
+        )
+    ),
+    *(
+        _Column(name, name, lambda pair, what=what, end=end: getattr(getattr(pair[1], what) or _NONE, end))
+        for what in ("acc", "f1")
+        for end, name in (("mean", what), ("low", f"{what}_low"), ("high", f"{what}_high"))
+    ),
+    _Column("fit_seconds", "fit_seconds", lambda pair: pair[1].point.mean("time/fit_seconds")),
+    _Column("trainable_params", "trainable_params", lambda pair: trainable_params(pair[1].point)),
+    _Column("recommended", "recommended", lambda pair: pair[1] is pair[0].recommended),
+)
+_NONE = Estimate(math.nan, math.nan, math.nan)

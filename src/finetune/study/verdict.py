@@ -1,11 +1,19 @@
-"""The verdict of a study in plain words: what beats what, by how much (with its 95% interval), at what cost, and
-which depth to use; or that the data cannot decide, and roughly how many images would."""
+"""The verdict of a study in plain words, in the order a user acts on it: first the differences that are significant
+(Holm-adjusted, with their 95% intervals), then the recommendation and why, then what the data cannot decide and
+roughly how many images would."""
 
 from __future__ import annotations
 
 import math
 
-from finetune.study.analysis import FOLDS, Group, PointStats, compare, cost_order
+from finetune.study.analysis import (
+    FOLDS,
+    IMMATERIAL_FIT_SECONDS,
+    Comparison,
+    Group,
+    PointStats,
+    Study,
+)
 from finetune.study.stats import Estimate, images_to_resolve
 
 
@@ -19,99 +27,122 @@ def interval_text(estimate: Estimate) -> str:
     return f"95% CI {100 * estimate.low:.1f} to {100 * estimate.high:.1f}"
 
 
-def _times(a: PointStats, b: PointStats) -> str:
-    ta, tb = a.cost("time/fit_seconds"), b.cost("time/fit_seconds")
-    return f" and costs {ta / tb:.1f}x the training time" if ta and tb else ""
+def judge(study: Study | None) -> Study | None:
+    """Sets every group's verdict (the words of `verdict_text`) and returns the study."""
+    for group in study.groups if study is not None else []:
+        group.verdict = verdict_text(group, study.design, titled=len(study.groups) > 1)
+    return study
 
 
-def verdict_text(group: Group, design: str, report, titled: bool) -> str:
+def verdict_text(group: Group, design: str, titled: bool) -> str:
+    """The group's verdict: significant differences, the recommendation, what the data cannot decide."""
     title = f"{group.title}: " if titled else ""
-    recommended, best, transfer = group.recommended, group.best, group.transfer
     if len(group.points) - len(group.waiting) == 1:
-        only = best
+        only = group.best
         return (
             f"{title}Only one point has enough finished runs ({only.name}): {100 * only.acc.mean:.1f}% accuracy "
             f"({interval_text(only.acc)}); nothing to compare it with yet."
         )
-    if group.undecided:
-        reference = transfer or min((p for p in group.points if p not in group.waiting), key=cost_order)
-        widest = compare(best, reference, design) if best is not reference else group.vs_best[0]
-        d = widest.difference
-        target = max(abs(d.mean), 0.02)
-        n_images = _images(report, design, group)
-        needed = images_to_resolve(n_images, d.half_width, target) if n_images else None
-        if design == FOLDS and d.n < 3:
-            needed = None  # the t-quantile at 1 degree of freedom, not the data, makes that interval wide
-        more = (
-            (
-                f" With {d.n} folds compared the interval is wide by construction (t with {d.n - 1} degree of "
-                "freedom); the remaining folds will narrow it."
-            )
-            if design == FOLDS and d.n < 3
-            else ""
-        )
-        more += (
-            (
-                f" To resolve a difference of {100 * target:.1f} points would take roughly {_rounded(needed):,} "
-                f"images instead of the {n_images:,} here (assuming the interval narrows as 1/sqrt(images); more "
-                "folds of the same images narrow it little)."
-            )
-            if needed
-            else ""
-        )
-        return (
-            f"{title}The data cannot decide: no depth is significantly better or worse than another. "
-            f"The largest difference, {widest.point.name} against {widest.other.name}, is "
-            f"{points_text(d.mean)} points ({interval_text(d)}).{more} Until then the cheapest is the safe "
-            f"choice. Recommended: {recommended.setting}."
-        )
-    sentences = []
-    if recommended is transfer:
-        if best is transfer:
-            sentences.append(
-                f"Transfer learning (the head alone) is the most accurate point: "
-                f"{100 * best.acc.mean:.1f}% ({interval_text(best.acc)})."
-            )
-        else:
-            d = next(c for c in group.vs_transfer if c.point is best).difference
-            sentences.append(
-                f"Fine-tuning is not significantly better than transfer learning: the best point, "
-                f"{best.name}, is {points_text(d.mean)} points ({interval_text(d)})"
-                f"{_times(best, transfer)}."
-            )
+    comparisons = group.comparisons
+    significant = [c for c in comparisons if c.significant]
+    family = f"Holm-adjusted p < 0.05 over {len(comparisons)} comparison{'s' if len(comparisons) != 1 else ''}"
+    if significant:
+        lead = f"Significant ({family}): " + "; ".join(_difference(c) for c in significant) + "."
     else:
-        if transfer is not None:
-            d = next(c for c in group.vs_transfer if c.point is recommended).difference
-            verb = "beats" if d.significant and d.mean > 0 else "is not significantly better than"
-            sentences.append(
-                f"Fine-tuning with {recommended.name} {verb} transfer learning by {points_text(d.mean)} "
-                f"points ({interval_text(d)})."
-            )
-        cheaper = [p for p in group.points if p is not transfer and cost_order(p) < cost_order(recommended)]
-        if cheaper:
-            top = max(cheaper, key=lambda p: p.acc.mean)
-            d = compare(top, recommended, design).difference
-            ta, tb = top.cost("time/fit_seconds"), recommended.cost("time/fit_seconds")
-            cost = f" at {ta / tb:.1f}x the training time" if ta and tb else ""
-            verb = "significantly" if d.significant else "not significantly"
-            sentences.append(
-                f"The best cheaper point, {top.name}, is {verb} worse ({points_text(d.mean)} points, "
-                f"{interval_text(d)}){cost}."
-            )
-        costlier = [p for p in group.points if cost_order(p) > cost_order(recommended)]
-        if costlier:
-            top = max(costlier, key=lambda p: p.acc.mean)
-            d = compare(top, recommended, design).difference
-            verb = "significantly" if d.significant else "not significantly"
-            sentences.append(
-                f"Costlier points are {verb} better (the best of them, {top.name}: "
-                f"{points_text(d.mean)} points, {interval_text(d)}){_times(top, recommended)}."
-            )
-    sentences.append(
-        f"Recommended: {recommended.setting}"
-        f" ({100 * recommended.acc.mean:.1f}% accuracy, {interval_text(recommended.acc)})."
+        lead = f"No difference is significant ({family})."
+    recommendation, cited = _recommendation(group)
+    sentences = [lead, recommendation, _undecided(group, design, cited)]
+    if group.waiting:
+        names = ", ".join(f"{p.name} ({p.acc.n} fold{'s' if p.acc.n != 1 else ''})" for p in group.waiting)
+        sentences.append(f"Not compared yet, too few finished folds: {names}.")
+    return title + " ".join(sentence for sentence in sentences if sentence)
+
+
+def _difference(c: Comparison) -> str:
+    """A significant difference, told from the better point's side."""
+    if c.difference.mean < 0:
+        c = Comparison(c.other, c.point, -c.difference, c.p_holm)
+    d = c.difference
+    return f"{c.point.name} beats {c.other.name} by {points_text(d.mean)} points ({interval_text(d)}, {_p(c)})"
+
+
+def _p(c: Comparison) -> str:
+    return f"adjusted p = {c.p_holm:.2g}" if c.p_holm is not None else "no p-value"
+
+
+def _seconds(a: PointStats, b: PointStats) -> float | None:
+    """How many more training seconds per run a costs than b; None where either was not timed."""
+    ta, tb = a.cost("time/fit_seconds"), b.cost("time/fit_seconds")
+    return ta - tb if ta is not None and tb is not None else None
+
+
+def _recommendation(group: Group) -> tuple[str, Comparison | None]:
+    """The recommendation and why, with the comparison it cites (None where it cites none)."""
+    recommended, best, cheapest = group.recommended, group.best, group.cheapest
+    head = (
+        f"Recommended: {recommended.setting} ({100 * recommended.acc.mean:.1f}% accuracy, "
+        f"{interval_text(recommended.acc)})"
     )
-    return title + " ".join(sentences)
+    if recommended is not cheapest:  # the better estimate, for a cost the user does not feel
+        return (
+            f"{head}: the best point estimate among the points not significantly worse than the best. The cheapest "
+            f"of them, {cheapest.name} at {100 * cheapest.acc.mean:.1f}%, would save only "
+            f"{_seconds(recommended, cheapest):.0f} s of training per run, within the {IMMATERIAL_FIT_SECONDS:.0f} s "
+            "counted as immaterial, so the better estimate wins.",
+            None,
+        )
+    if recommended is best:
+        return f"{head}: the best point estimate; every cheaper point is significantly worse.", None
+    cited = group.between(best, recommended)
+    d = cited.difference
+    extra = _seconds(best, recommended)
+    cost = f" costs {extra:.0f} s more training per run{_ratio(best, recommended)} and" if extra is not None else ""
+    return (
+        f"{head}: the cheapest point not significantly worse than the best estimate. {best.name}{cost} is "
+        f"{points_text(d.mean)} points ({interval_text(d)}, {_p(cited)}), which the data cannot tell from zero.",
+        cited,
+    )
+
+
+def _ratio(a: PointStats, b: PointStats) -> str:
+    ta, tb = a.cost("time/fit_seconds"), b.cost("time/fit_seconds")
+    return f" ({ta / tb:.1f}x the training time)" if ta and tb else ""
+
+
+def _undecided(group: Group, design: str, cited: Comparison | None) -> str:
+    """The largest difference the data cannot decide (besides the one the recommendation cited), and what would."""
+    pair = {id(cited.point), id(cited.other)} if cited is not None else set()
+    open_questions = [c for c in group.comparisons if not c.significant and {id(c.point), id(c.other)} != pair]
+    if not open_questions:
+        return ""
+    widest = max(open_questions, key=lambda c: abs(c.difference.mean))
+    d = widest.difference
+    numbers = f"{points_text(d.mean)} points ({interval_text(d)}, {_p(widest)})"
+    if group.undecided:
+        text = f"The data cannot decide: the largest difference, {widest.point.name} against {widest.other.name}, is"
+    elif len(open_questions) == 1:
+        text = f"The data cannot decide {widest.point.name} against {widest.other.name}:"
+    else:
+        other = "other " if cited is not None else ""
+        text = f"The data cannot decide the {len(open_questions)} {other}comparisons; the largest, "
+        text += f"{widest.point.name} against {widest.other.name}, is"
+    text += f" {numbers}."
+    if design == FOLDS and d.n < 3:
+        # The t-quantile at 1 degree of freedom, not the data, makes that interval wide.
+        return text + (
+            f" With {d.n} folds compared the interval is wide by construction (t with {d.n - 1} degree of "
+            "freedom); the remaining folds will narrow it."
+        )
+    target = max(abs(d.mean), 0.02)
+    n_images = _images(design, group)
+    needed = images_to_resolve(n_images, d.half_width, target) if n_images else None
+    if needed and needed > n_images:
+        text += (
+            f" To resolve a difference of {100 * target:.1f} points would take roughly {_rounded(needed):,} "
+            f"images instead of the {n_images:,} here (assuming the interval narrows as 1/sqrt(images); more "
+            "folds of the same images narrow it little)."
+        )
+    return text
 
 
 def _rounded(count: int) -> int:
@@ -119,7 +150,7 @@ def _rounded(count: int) -> int:
     return int(float(f"{count:.2g}"))
 
 
-def _images(report, design: str, group: Group) -> int:
+def _images(design: str, group: Group) -> int:
     """The images the intervals rest on: every image of the folds (k-fold), or the test images (one split)."""
     runs = [run for p in group.points for run in p.point.done]
     if design == FOLDS:
