@@ -1,10 +1,38 @@
 """`python -m finetune.blocks mobilenet_v2 timm:deit_tiny_distilled_patch16_224`: what `unfreeze` means for each model.
 
 A block is defined in `finetune.model.blocks`; this command lists each model's blocks and what every depth trains.
+It is a Hydra app like every command: the model names may be given as bare words (as above) or as
+`models=[mobilenet_v2,resnet18] num_classes=3`.
 """
 
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from finetune import apps
 from finetune.model.backbones import create_backbone, source_of
 from finetune.model.blocks import trainable_parameter_names
+
+USAGE = """\
+python -m finetune.blocks NAME [NAME ...]     e.g. python -m finetune.blocks densenet121 timm:resnet18
+
+A Markdown table per model: its blocks, what unfreeze=1 and 2 train, and the trainable parameters at 0 / 1 / 2 / all.
+NAME is a torchvision or timm model name (a torchvision name wins; timm:<name> forces timm). No weights are loaded.
+
+Keys (Hydra style, instead of bare names):
+  models=[NAME,...]    the models (default: [mobilenet_v2])
+  num_classes=N        the head size the parameter counts use (default: 2)
+"""
+
+
+@dataclass
+class BlocksOptions:
+    """The options of `python -m finetune.blocks` (see USAGE)."""
+
+    models: list[str] = field(default_factory=lambda: ["mobilenet_v2"])
+    num_classes: int = 2
 
 
 def describe_blocks(names: list[str], num_classes: int = 2) -> str:
@@ -34,13 +62,20 @@ def describe_blocks(names: list[str], num_classes: int = 2) -> str:
     return "\n".join(rows)
 
 
+@apps.command("blocks", BlocksOptions, USAGE)
+def _app(options: BlocksOptions) -> None:
+    print(describe_blocks(options.models, options.num_classes))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The command: bare model names become `models=[...]`; everything else goes to Hydra as it is."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    names = [a for a in arguments if "=" not in a and not a.startswith("-")]
+    if names:
+        quoted = ",".join(f"'{name}'" for name in names)
+        arguments = [a for a in arguments if a not in names] + [f"models=[{quoted}]"]
+    return _app(arguments)
+
+
 if __name__ == "__main__":
-    import sys
-
-    from finetune.errors import UsageError
-
-    try:
-        print(describe_blocks(sys.argv[1:] or ["mobilenet_v2"]))
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    sys.exit(main())
