@@ -20,6 +20,7 @@ from pathlib import Path
 from finetune import apps
 from finetune.data.scan import STRONG_IMBALANCE
 from finetune.errors import UsageError
+from finetune.study.leakage import leakage_notes, verdict_caveat
 from finetune.study.plots import PLOTS
 from finetune.study.runs import (
     DONE,
@@ -160,7 +161,7 @@ class Report:
         return lines + [f"- {key}={','.join(values)}: not started" for key, values in grouped.items()]
 
     def data_notes(self) -> list[str]:
-        """Warnings about the data: strong class imbalance, unreadable images left out."""
+        """Warnings about the data: strong class imbalance, unreadable images left out, leakage between splits."""
         notes = []
         imbalanced = [
             row
@@ -181,7 +182,7 @@ class Report:
                 f"{int(max(row.get('data/skipped_files') for row in skipped))} unreadable image(s) were left "
                 f"out of {len(skipped)} run(s): see skipped_files.txt in the run folders."
             )
-        return notes
+        return notes + leakage_notes(self.rows)
 
 
 def build_report(sweep_dir: Path) -> Report:
@@ -206,6 +207,8 @@ def build_report(sweep_dir: Path) -> Report:
         points[row.point].runs.append(row)
     report = Report(Path(sweep_dir), rows, list(points.values()), not_started(Path(sweep_dir), runs))
     report.study = analyse(report)
+    for group in report.study.groups if report.study is not None else []:
+        group.verdict += verdict_caveat([run for point in group.points for run in point.point.done])
     return report
 
 
