@@ -12,14 +12,14 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2 as T
 
 from finetune.config.checks import check_data_settings
-from finetune.data import balance as class_balance
-from finetune.data import image_cache
+from finetune.data import image_cache, samplers
 from finetune.data.augment import CanvasDataset, DeviceAugmentation, RandomSteps
 from finetune.data.demo import default_cache_dir, demo_root
 from finetune.data.folders import SPLITS, Sample, list_and_split
+from finetune.data.groups import Leakage
 from finetune.data.loaders import ImageDataset, default_num_workers, split_loader
 from finetune.data.samplers import FeatureDataset, ViewDataset
-from finetune.data.scan import scan_cache_file, unreadable_images
+from finetune.data.scan import scan_cache_file, scan_images
 from finetune.data.transforms import batch_mixing, eval_transform, train_transform
 from finetune.errors import UsageError
 from finetune.model.preprocessing import Preprocessing
@@ -79,6 +79,8 @@ class ImageFolderDataModule(L.LightningDataModule):
         random_erasing: probability of erasing a random rectangle of each training image (0: off; needs a preset).
         mixup: MixUp alpha for whole training batches (0: off); labels become class probabilities.
         cutmix: CutMix alpha for whole training batches (0: off); with mixup too, one of them per batch.
+        groups, group_by, duplicates, duplicate_distance: which images stay on one side of every split and fold,
+            and the near-duplicates looked for (`finetune.data.groups.Leakage`).
     """
 
     def __init__(
@@ -105,6 +107,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         random_erasing: float = 0.0,
         mixup: float = 0.0,
         cutmix: float = 0.0,
+        groups: str | None = None,
+        group_by: int | None = None,
+        duplicates: str = "report",
+        duplicate_distance: int = 6,
     ) -> None:
         super().__init__()
         preset = check_data_settings(
@@ -143,6 +149,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.cache_images_max_gb = cache_images_max_gb
         self.augment_on = augment_on
         self.folds, self.fold = folds, fold
+        self.leakage = Leakage(groups, group_by, duplicates, duplicate_distance)
         self.images = image_cache.SplitImages(cache_images_max_gb)
         self.device_augmentation: DeviceAugmentation | None = None
         self.preprocessing = preprocessing
@@ -166,15 +173,15 @@ class ImageFolderDataModule(L.LightningDataModule):
                 "sub-folder of images per class>"
             )
         self.class_names, self.splits, self.skipped, source = list_and_split(
-            self.root, self.split, self.split_seed, self.folds, self.fold, self._scan
+            self.root, self.split, self.split_seed, self.folds, self.fold, self._scan, self.leakage
         )
         counts = ", ".join(f"{name} {len(self.splits[name])}" for name in SPLITS)
         log.info("data: %s, %d classes, %s; %s", self.root, len(self.class_names), counts, source)
-        class_balance.log_classes(self.class_names, self.splits, self.balance)
+        samplers.log_classes(self.class_names, self.splits, self.balance)
 
-    def _scan(self, images: list[str]) -> dict[str, str]:
-        """The unreadable images: skipped (each logged once) or, with `strict`, an error."""
-        bad = unreadable_images(images, scan_cache_file(default_cache_dir(), self.root))
+    def _scan(self, images: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+        """The unreadable images, skipped (each logged once) or, with `strict`, an error; the others' hashes."""
+        bad, hashes = scan_images(images, scan_cache_file(default_cache_dir(), self.root), hashes=self.leakage.hashes)
         if bad and self.strict:
             path, reason = next(iter(bad.items()))
             raise UsageError(
@@ -183,20 +190,20 @@ class ImageFolderDataModule(L.LightningDataModule):
             )
         for path, reason in bad.items():
             log.warning("skipping %s: %s", path, reason)
-        return bad
+        return bad, hashes
 
     def class_counts(self, split: str = "train") -> list[int]:
         """Images per class in `split`, in class order."""
-        return class_balance.class_counts(self.splits[split], len(self.class_names))
+        return samplers.class_counts(self.splits[split], len(self.class_names))
 
     @property
     def imbalance(self) -> float:
         """Largest over smallest class count in the training split (1.0: balanced)."""
-        return class_balance.imbalance(self.class_counts())
+        return samplers.imbalance(self.class_counts())
 
     def loss_weights(self) -> list[float] | None:
         """Per-class training loss weights for `balance="loss_weights"` (None otherwise)."""
-        return class_balance.loss_weights(self.class_counts()) if self.balance == "loss_weights" else None
+        return samplers.loss_weights(self.class_counts()) if self.balance == "loss_weights" else None
 
     @property
     def has_test(self) -> bool:
@@ -342,7 +349,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             in_memory=self.serves_features,
             trainer=self.trainer,
             weights=(
-                class_balance.sample_weights(self.splits["train"], self.class_counts())
+                samplers.sample_weights(self.splits["train"], self.class_counts())
                 if shuffle and self.balance == "sampler"
                 else None
             ),

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.data.groups import Leakage, split_grouped
 from finetune.data.images import IMAGE_EXTENSIONS, is_image_file
+from finetune.data.scan import near_duplicates
 from finetune.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -198,7 +200,8 @@ def list_and_split(
     seed: int,
     folds: int | None,
     fold: int,
-    unreadable: Callable[[list[str]], dict[str, str]],
+    scan: Callable[[list[str]], tuple[dict[str, str], dict[str, str]]],
+    leakage: Leakage | None = None,
 ) -> tuple[list[str], dict[str, list[Sample]], dict[str, str], str]:
     """Lists an image folder and splits it: its own train/val(/test) folders, k folds, or a stratified split.
 
@@ -209,7 +212,10 @@ def list_and_split(
         folds: K for k-fold cross-validation (fold `fold` is the test set; validation is carved from the rest in
             the proportion val : train of `fractions`), or None.
         fold: the test fold.
-        unreadable: returns the unreadable images among those it is given, with the reason (`finetune.data.scan`).
+        scan: returns the unreadable images among those it is given, with the reason, and the perceptual hashes of
+            the others (`finetune.data.scan.scan_images`).
+        leakage: the groups to keep together and near-duplicates to look for (`finetune.data.groups`); it receives
+            the pairs found and the number of groups. None: neither.
 
     Returns:
         The class names, the images of each split, the unreadable (skipped) images, and a phrase naming the split.
@@ -219,8 +225,25 @@ def list_and_split(
     else:
         class_names, by_class = read_class_folders(root)
         listed = {"": by_class}
-    skipped = unreadable([path for by_class in listed.values() for paths in by_class.values() for path in paths])
+    leakage = leakage or Leakage(duplicates="ignore")
+    skipped, hashes = scan([path for by_class in listed.values() for paths in by_class.values() for path in paths])
     usable = {split: usable_images(root / split, class_names, by_class, skipped) for split, by_class in listed.items()}
+    leakage.pairs = near_duplicates(hashes, leakage.duplicate_distance) if leakage.hashes else []
+    if "" in usable and leakage.groups_asked:
+        groups = leakage.image_groups(root, class_names, usable[""])
+        leakage.group_count = len(set(groups.values()))
+        if leakage.group_count < len(groups):  # else every image is its own group: the plain split, unchanged
+            splits = split_grouped(usable[""], groups, fractions, seed, folds, fold, class_names)
+            shape = f"fold {fold} of {folds} folds as test" if folds else "/".join(f"{f:g}" for f in fractions)
+            source = f"a stratified group {shape} split ({leakage.group_count} groups, seed {seed})"
+            return class_names, splits, skipped, source
+        leakage.group_count = 0
+    if "" not in usable and leakage.groups_asked:
+        raise UsageError(
+            f"data.groups, data.group_by and data.duplicates=group choose how the run splits a folder, but {root} "
+            "holds train/ and val/ folders (a fixed split): leave them out (data.duplicates=report lists the "
+            "near-duplicates across those folders), or point data.root at a folder of class sub-folders"
+        )
     if "" in usable and folds is not None:
         val_share = fractions[1] / (fractions[0] + fractions[1])
         splits = split_kfold(usable[""], folds, fold, val_share, seed, class_names)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from finetune.data.scan import STRONG_IMBALANCE
 from finetune.study.analysis import analyse
+from finetune.study.leakage import leakage_notes
 from finetune.study.runs import (
     DONE,
     FAILED,
@@ -132,7 +133,7 @@ class Report:
         return lines + [f"- {key}={','.join(values)}: not started" for key, values in grouped.items()]
 
     def data_notes(self) -> list[str]:
-        """Warnings about the data: strong class imbalance, unreadable images left out."""
+        """Warnings about the data: strong class imbalance, unreadable images left out, leakage between splits."""
         notes = []
         imbalanced = [
             row
@@ -153,7 +154,7 @@ class Report:
                 f"{int(max(row.get('data/skipped_files') for row in skipped))} unreadable image(s) were left "
                 f"out of {len(skipped)} run(s): see skipped_files.txt in the run folders."
             )
-        return notes
+        return notes + leakage_notes(self.rows)
 
 
 def build_report(sweep_dir: Path) -> Report:

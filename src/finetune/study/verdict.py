@@ -14,6 +14,7 @@ from finetune.study.analysis import (
     PointStats,
     Study,
 )
+from finetune.study.leakage import verdict_caveat
 from finetune.study.stats import Estimate, images_to_resolve
 
 
@@ -28,9 +29,11 @@ def interval_text(estimate: Estimate) -> str:
 
 
 def judge(study: Study | None) -> Study | None:
-    """Sets every group's verdict (the words of `verdict_text`) and returns the study."""
+    """Sets every group's verdict (the words of `verdict_text`, and what the splits did about related images) and
+    returns the study."""
     for group in study.groups if study is not None else []:
-        group.verdict = verdict_text(group, study.design, titled=len(study.groups) > 1)
+        runs = [run for point in group.points for run in point.point.done]
+        group.verdict = verdict_text(group, study.design, titled=len(study.groups) > 1) + verdict_caveat(runs)
     return study
 
 

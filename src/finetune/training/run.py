@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from finetune.config.checks import check_arguments
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.folders import write_skipped, write_split
+from finetune.data.groups import write_duplicates
 from finetune.errors import UsageError
 from finetune.model.freezing import describe
 from finetune.model.module import ImageClassifier
@@ -92,6 +93,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if writes:
         write_split(output_dir / "split.csv", datamodule.splits, datamodule.class_names, datamodule.root)
         write_skipped(output_dir / "skipped_files.txt", datamodule.skipped)
+        write_duplicates(output_dir / "duplicates.csv", datamodule.leakage, datamodule.splits, datamodule.root)
     status = "failed"
     try:
         if cfg.tune.lr_find:
@@ -140,6 +142,9 @@ def run_facts(
         "params/trainable": trainable,
         "params/total": total,
         "data/skipped_files": len(datamodule.skipped),
+        # What the report's leakage notes read: groups the split kept together, near-duplicates across splits.
+        "data/groups": datamodule.leakage.group_count,
+        "data/cross_split_duplicates": datamodule.leakage.crossing(datamodule.splits),
         "data/imbalance": datamodule.imbalance,
         "data/balanced": float(datamodule.balance is not None),
         "epochs": trainer.current_epoch,
