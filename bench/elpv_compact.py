@@ -1,7 +1,7 @@
 """A compact copy of the ELPV demo data set, small enough to travel to a machine without the elpv-dataset package.
 
 The package's 2,624 grayscale 300x300 PNGs take 86 MiB, over the 64 MiB a device call may carry. Re-encoded as
-grayscale JPEG at quality 92 (the README's H100 study used the same) they take about 36 MB, in the same
+grayscale JPEG at quality 92 (the H100 study in bench/RESULTS.md used the same) they take about 36 MB, in the same
 ImageFolder layout and file stems, so `data.root=<copy>` gives the same stratified split as the demo:
 
     python bench/elpv_compact.py                   # writes .elpv/elpv/{functional,defective}/*.jpg (git-ignored)
