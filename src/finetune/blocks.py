@@ -3,6 +3,10 @@
 A block is defined in `finetune.model.blocks`; this command lists each model's blocks and what every depth trains.
 """
 
+import argparse
+import sys
+
+from finetune.errors import UsageError
 from finetune.model.backbones import create_backbone, source_of
 from finetune.model.blocks import trainable_parameter_names
 
@@ -34,13 +38,22 @@ def describe_blocks(names: list[str], num_classes: int = 2) -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":
-    import sys
-
-    from finetune.errors import UsageError
-
+def main(argv: list[str] | None = None) -> int:
+    """`python -m finetune.blocks [model ...]`: prints the table; an unknown model is one line and exit code 2."""
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune.blocks",
+        description="What unfreeze=1, 2, all train in each model: its blocks and trainable parameter counts.",
+    )
+    parser.add_argument(
+        "models", nargs="*", default=["mobilenet_v2"], help="torchvision or timm names; timm:<name> forces timm"
+    )
     try:
-        print(describe_blocks(sys.argv[1:] or ["mobilenet_v2"]))
+        print(describe_blocks(parser.parse_args(argv).models))
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
