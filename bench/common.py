@@ -14,8 +14,10 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
+from PIL import Image
 
 IDLE_LOAD = 1.5  # 1-minute load average above which the machine counts as busy (this one has 2 cores)
 QUIET_CORES = 0.15  # CPU use of other processes (in cores) above which a measurement is not trusted
@@ -74,6 +76,32 @@ def subset(root: Path, target: Path, per_class: int) -> Path:
     return target
 
 
+def add_smoke_argument(parser) -> None:
+    """--smoke: the script end to end in seconds, on tiny generated images, so that the suite sees it run
+    (tests/test_benches.py); its figures mean nothing."""
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds, on tiny generated images: checks that it runs, measures nothing"
+    )
+
+
+def smoke_images(target: Path, per_class: int = 8, size: int = 48) -> Path:
+    """A tiny image folder, target/{defective,functional}/*.png: noise, with a bright disc in one class and a bright
+    bar in the other (something to learn); the classes are ELPV's, so benches that name them work unchanged."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:size, 0:size]
+    shapes = {
+        "defective": (x - size / 2) ** 2 + (y - size / 2) ** 2 < (size / 4) ** 2,
+        "functional": abs(x - size / 2) < size / 8,
+    }
+    for name, mask in shapes.items():
+        (target / name).mkdir(parents=True, exist_ok=True)
+        for index in range(per_class):
+            pixels = rng.normal(60, 25, size=(size, size, 3))
+            pixels[mask] += 120
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(target / name / f"{name}_{index:03d}.png")
+    return target
+
+
 def load() -> float:
     """The 1-minute load average."""
     return os.getloadavg()[0]
@@ -92,9 +120,12 @@ def wait_until_idle(max_wait_s: float, use_load: bool = True, poll_s: float = 30
     """Waits, up to `max_wait_s`, until other processes use under `QUIET_CORES` and (with `use_load`) the
     1-minute load average is at most `IDLE_LOAD`; returns the load average then.
 
-    The load average lags by a minute or so, and our own previous measurement keeps it high: between two
-    measurements only the other processes' CPU use is checked (`use_load=False`).
+    A negative `max_wait_s` checks nothing (smoke runs). The load average lags by a minute or so, and our own
+    previous measurement keeps it high: between two measurements only the other processes' CPU use is checked
+    (`use_load=False`).
     """
+    if max_wait_s < 0:  # a smoke run (`--smoke`): its figures mean nothing, so the machine's state does not matter
+        return load()
     waited = 0.0
     while True:
         current, others = load(), others_busy()

@@ -44,11 +44,13 @@ from common import (
     QUIET_CORES,
     ResourceSampler,
     add_idle_arguments,
+    add_smoke_argument,
     load,
     machine,
     release_memory,
     resolve_device,
     revision,
+    smoke_images,
     subset,
     today,
     wait_until_idle,
@@ -238,7 +240,11 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=None, help="default: the data module's (cores - 1, <= 8)")
     parser.add_argument("--data-root", default=None, help="an image folder instead of the ELPV demo")
     add_idle_arguments(parser, "variant")
+    add_smoke_argument(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.epochs, args.image_size, args.batch_size, args.num_workers = 1, 32, 8, 0
+        args.repeats, args.max_wait, args.retries = 1, -1, 0
     args.repeats = args.repeats or (2 if args.quick else 1)
     per_class = args.per_class or (150 if args.quick else None)
     device = resolve_device(args.device)
@@ -249,8 +255,11 @@ def main() -> None:
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
 
     with tempfile.TemporaryDirectory(prefix="finetune-data-pipeline-") as work:
-        root = Path(args.data_root).expanduser() if args.data_root else demo_root("elpv")
-        if per_class:
+        if args.smoke:
+            root = smoke_images(Path(work) / "smoke")
+        else:
+            root = Path(args.data_root).expanduser() if args.data_root else demo_root("elpv")
+        if per_class and not args.smoke:
             root = subset(root, Path(work) / "data", per_class)
         start_load = wait_until_idle(args.max_wait)
         print(f"# {' '.join(['python', 'bench/data_pipeline.py', *sys.argv[1:]])}")

@@ -28,6 +28,7 @@ from common import (  # noqa: E402
     QUIET_CORES,
     ResourceSampler,
     add_idle_arguments,
+    add_smoke_argument,
     load,
     machine,
     resolve_device,
@@ -66,7 +67,11 @@ def main() -> None:
     parser.add_argument("--depths", nargs="+", default=list(DEPTHS), help="unfreeze settings; include 'all'")
     parser.add_argument("--no-optimizer-step", action="store_true", help="time forward + backward only")
     add_idle_arguments(parser, "setting")
+    add_smoke_argument(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.batch_size, args.image_size, args.steps, args.warmup, args.min_time = 2, 32, 1, 0, 0.0
+        args.models, args.depths, args.max_wait, args.retries = ["mobilenet_v2"], ["0", "all"], -1, 0
     batch_size = args.batch_size or (8 if args.quick else 32)
     image_size = args.image_size or (128 if args.quick else 224)
     steps = args.steps

@@ -1,12 +1,13 @@
 """A compact copy of the ELPV demo data set, small enough to travel to a machine without the elpv-dataset package.
 
 The package's 2,624 grayscale 300x300 PNGs take 86 MiB, over the 64 MiB a device call may carry. Re-encoded as
-grayscale JPEG at quality 92 (the README's H100 study used the same) they take about 36 MB, in the same
+grayscale JPEG at quality 92 (the H100 study in bench/RESULTS.md used the same) they take about 36 MB, in the same
 ImageFolder layout and file stems, so `data.root=<copy>` gives the same stratified split as the demo:
 
     python bench/elpv_compact.py                   # writes .elpv/elpv/{functional,defective}/*.jpg (git-ignored)
     python bench/elpv_compact.py --quality 95      # ~49 MB, closer to the PNGs
     python train.py data.root=.elpv/elpv ...        # on the other machine
+    python bench/elpv_compact.py --smoke           # tiny generated images, in a temporary folder: that it runs
 
 JPEG is lossy: pixels differ from the PNGs by a few grey levels, so accuracy figures from the copy are close to,
 not identical with, the demo's; decoding a JPEG also costs less than a PNG of the same image. The licence file
@@ -18,11 +19,15 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_smoke_argument, smoke_images  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +69,11 @@ def main() -> None:
     parser.add_argument("--target", default=str(REPO / ".elpv" / "elpv"), help="default: .elpv/elpv in the repo")
     parser.add_argument("--quality", type=int, default=92, help="JPEG quality (default 92)")
     parser.add_argument("--force", action="store_true", help="replace an existing target")
+    add_smoke_argument(parser)
     args = parser.parse_args()
+    if args.smoke:  # tiny generated images into a temporary folder: the repo's .elpv/ stays as it is
+        scratch = Path(tempfile.mkdtemp(prefix="finetune-elpv-compact-"))
+        args.source, args.target = str(smoke_images(scratch / "source")), str(scratch / "target")
     target = Path(args.target).expanduser()
     if target.exists():
         if not args.force:
@@ -82,6 +91,8 @@ def main() -> None:
         f"{count} images from {source} -> {target}: JPEG q{args.quality}, {size / 2**20:.1f} MiB, "
         f"{time.perf_counter() - started:.1f} s"
     )
+    if args.smoke:
+        shutil.rmtree(scratch)
 
 
 if __name__ == "__main__":

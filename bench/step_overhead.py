@@ -43,11 +43,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, resolve_device, revision, today, wait_until_idle  # noqa: E402
+from common import add_smoke_argument, machine, resolve_device, revision, today, wait_until_idle  # noqa: E402
 
 from finetune.data.samplers import EpochShuffler, FeatureDataset, as_batch  # noqa: E402
 from finetune.features.cache import Cut  # noqa: E402
 from finetune.model.module import ImageClassifier  # noqa: E402
+from finetune.training.loggers import instantiate_loggers  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TRAIN, VAL, FEATURES, BATCH, SEED = 1837, 525, 1280, 32, 0
@@ -154,7 +155,7 @@ def run_ours(data: CachedFeatures, epochs: int, out_dir: Path, device: torch.dev
     model = new_model()
     started = time.perf_counter()
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate_loggers(cfg.logger))
     trainer.fit(model, datamodule=data)
     return finished(device) - started, float(trainer.callback_metrics["val/acc"])
 
@@ -171,8 +172,11 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda if available")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-wait", type=float, default=600, help="seconds to wait for an idle machine")
+    add_smoke_argument(parser)
     args = parser.parse_args()
-    epochs = 5 if args.quick else 20
+    epochs = 1 if args.smoke else 5 if args.quick else 20
+    if args.smoke:
+        args.repeats, args.max_wait = 1, -1
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     device = resolve_device(args.device)
     generator = torch.Generator().manual_seed(SEED)

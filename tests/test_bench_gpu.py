@@ -14,11 +14,13 @@ from PIL import Image
 
 sys.path.insert(0, str(REPO / "bench"))
 import elpv_compact  # noqa: E402
-import gpu  # noqa: E402
+from gpu_bench.cells import DEFAULT_CELLS, TINY_CELLS, parse_cell, summarise_timer  # noqa: E402
+from gpu_bench.report import headline  # noqa: E402
+from gpu_bench.timer import HostProfiler, StepTimer  # noqa: E402
 
 
 def test_cells_parse_into_train_overrides():
-    cell = gpu.parse_cell("r50:all:device:128:compile:w4")
+    cell = parse_cell("r50:all:device:128:compile:w4")
     assert cell.model == "resnet50" and cell.batch == 128 and not cell.experiment
     assert cell.overrides() == [
         "model=resnet50",
@@ -30,7 +32,7 @@ def test_cells_parse_into_train_overrides():
         "model.compile=true",
         "data.num_workers=4",
     ]
-    assert gpu.parse_cell("mobilenet_v2:all:device:32:nometrics").experiment
+    assert parse_cell("mobilenet_v2:all:device:32:nometrics").experiment
     for bad in (
         "mobilenet_v2:all:device",
         "vgg:all:device:32",
@@ -38,10 +40,10 @@ def test_cells_parse_into_train_overrides():
         "mobilenet_v2:all:device:32:turbo",
     ):
         with pytest.raises(SystemExit):
-            gpu.parse_cell(bad)
-    for spec in gpu.DEFAULT_CELLS + gpu.TINY_CELLS:
+            parse_cell(bad)
+    for spec in DEFAULT_CELLS + TINY_CELLS:
         if spec != "study":
-            gpu.parse_cell(spec)
+            parse_cell(spec)
 
 
 def test_timer_summary_and_headline():
@@ -72,7 +74,7 @@ def test_timer_summary_and_headline():
         "syncs": {"count": 3, "places": {}},
         "host": {"train/fetch": 0.6, "train/checkpoint": 0.4},
     }
-    summary = gpu.summarise_timer(timer, batch=25)
+    summary = summarise_timer(timer, batch=25)
     assert summary["data_wait"] == pytest.approx(1.1 / 3.0)
     assert summary["steady_data_wait"] == pytest.approx(0.1)
     assert summary["steady_images_per_s"] == pytest.approx(100.0)
@@ -99,7 +101,7 @@ def test_timer_summary_and_headline():
         },
         {"cell": "study"},
     ]
-    line, best = gpu.headline(rows, "cuda")
+    line, best = headline(rows, "cuda")
     assert best["cell"] == "c"
     assert line == "gpu mobilenet_v2 unfreeze=all images_per_second 2000 data_wait 0.250"
 
@@ -192,8 +194,8 @@ def test_step_timer_cuda_path(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda *a: 4 * 2**30)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
-    timer = gpu.StepTimer(str(tmp_path / "timer.json"))
-    trainer = types.SimpleNamespace(current_epoch=0, max_epochs=2, sanity_checking=False, profiler=gpu.HostProfiler())
+    timer = StepTimer(str(tmp_path / "timer.json"))
+    trainer = types.SimpleNamespace(current_epoch=0, max_epochs=2, sanity_checking=False, profiler=HostProfiler())
     module = types.SimpleNamespace(device=torch.device("cuda"))
     batch = (None, [0] * 8)
     timer.on_fit_start(trainer, module)
@@ -218,5 +220,5 @@ def test_step_timer_cuda_path(monkeypatch, tmp_path):
     assert [e["images"] for e in result["epochs"]] == [24, 24]
     assert result["syncs"]["count"] == 1 and modes == ["warn", 0]
     assert result["gpu_peak_gib"] == 3 and len(result["validation_s"]) == 2
-    summary = gpu.summarise_timer(result, batch=8)
+    summary = summarise_timer(result, batch=8)
     assert summary["data_wait"] == pytest.approx(0.25) and summary["steady_images_per_s"] == pytest.approx(8.0)

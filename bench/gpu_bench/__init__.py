@@ -1,0 +1,1 @@
+"""The parts of bench/gpu.py: `timer` (inside each run), `cells` (the runs), `report` (the table)."""

@@ -1,0 +1,48 @@
+"""Every bench/*.py script runs: its `--smoke` mode (tiny generated images, seconds of work) exits 0 and ends with
+its result line. What is not run rots: two benches crashed on main for weeks before this test.
+
+A new bench is found by the glob; it needs a `--smoke` mode (bench/common.py: add_smoke_argument, smoke_images) and
+its result line below.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, offline_env
+
+NUMBER = r"[-+]?\d[\d.]*"
+# The last line each bench prints: its headline (bench/RESULTS.md's table names them).
+RESULT_LINES = {
+    "data_pipeline.py": rf"data_fraction {NUMBER} speedup {NUMBER}",
+    "depth_cost.py": rf"mobilenet_v2 step time unfreeze=0/all = {NUMBER}.*",
+    "elpv_compact.py": r"16 images from \S+ -> \S+: JPEG q92, .*",
+    "feature_cache.py": rf"speedup {NUMBER} accuracy_delta {NUMBER}",
+    "gpu.py": rf"cpu mobilenet_v2 unfreeze=all images_per_second {NUMBER} data_wait {NUMBER}",
+    "parity.py": rf".*; ratio {NUMBER}",
+    "step_overhead.py": rf"overhead {NUMBER} ms a step, ratio {NUMBER}",
+}
+# Smoke runs under about 10 s on 2 idle cores (most of it importing torch and Lightning); the others are slow.
+QUICK = {"elpv_compact.py"}
+BENCHES = sorted(path.name for path in (REPO / "bench").glob("*.py") if path.name != "common.py")
+
+
+@pytest.mark.parametrize(
+    "script", [pytest.param(name, marks=() if name in QUICK else pytest.mark.slow) for name in BENCHES]
+)
+def test_smoke_mode_runs(script, tmp_path):
+    assert script in RESULT_LINES, f"bench/{script}: give it a --smoke mode and its result line in RESULT_LINES"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--smoke"],
+        cwd=tmp_path,
+        env=offline_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, f"exit code {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    lines = result.stdout.strip().splitlines()
+    assert lines and re.fullmatch(RESULT_LINES[script], lines[-1]), result.stdout[-3000:]
