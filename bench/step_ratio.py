@@ -32,7 +32,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from common import machine, revision, today
+from common import add_smoke_argument, machine, revision, smoke_images, today
 from torch.nn import functional as F
 
 # The ELPV-400 subset of docs/depth-study.md: stratified, 275 functional and 125 defective cells.
@@ -143,24 +143,11 @@ def elpv_subset(target: Path, counts: dict[str, int]) -> Path:
     return target
 
 
-def tiny_folder(target: Path, per_class: int = 12, size: int = 40) -> Path:
-    """Two classes of generated images (bright and dark noise) for --smoke."""
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(0)
-    for label, name in enumerate(("dark", "bright")):
-        (target / name).mkdir(parents=True)
-        for index in range(per_class):
-            pixels = torch.randint(0, 128, (size, size, 3), generator=generator, dtype=torch.uint8) + 127 * label
-            Image.fromarray(pixels.numpy()).save(target / name / f"{index:03d}.png")
-    return target
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--smoke", action="store_true", help="tiny generated folder, 32 px, 1 epoch: seconds")
+    add_smoke_argument(parser)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--raw-steps", type=int, default=10, help="timed raw steps (after 2 warm-up steps)")
     parser.add_argument("--override", action="append", default=[], help="a train.py override (repeatable)")
@@ -169,7 +156,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="step_ratio-"))
     try:
         if args.smoke:
-            data = tiny_folder(work / "data")
+            data = smoke_images(work / "data", per_class=12)
             overrides = ["data.image_size=32", "trainer.max_epochs=1", "data.num_workers=0", "data.batch_size=8"]
             raw_steps = 2
         else:

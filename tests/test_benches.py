@@ -24,6 +24,7 @@ RESULT_LINES = {
     "gpu.py": rf"cpu mobilenet_v2 unfreeze=all images_per_second {NUMBER} data_wait {NUMBER}",
     "parity.py": rf".*; ratio {NUMBER}",
     "step_overhead.py": rf"overhead {NUMBER} ms a step, ratio {NUMBER}",
+    "step_ratio.py": rf"step_ratio {NUMBER}",
 }
 # Smoke runs under about 10 s on 2 idle cores (most of it importing torch and Lightning); the others are slow.
 QUICK = {"elpv_compact.py"}
