@@ -49,7 +49,7 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
     assert {"train/loss", "train/acc", "val/loss", "val/acc", "val/f1", "test/acc", "test/f1"} <= scalars
     assert len(events.Scalars("val/acc")) == 2  # one point per epoch: the best checkpoint's re-check is not logged
     assert [len(events.Scalars(name)) for name in ("train/loss", "train/acc", "train/f1")] == [2, 2, 2]
-    assert {f"{stage}/acc_class/{name}" for stage in ("val", "test") for name in CLASSES} <= scalars
+    assert {f"{stage}/recall_class/{name}" for stage in ("val", "test") for name in CLASSES} <= scalars
     assert {"val/confusion_matrix", "test/confusion_matrix"} <= set(events.Tags()["images"])
     # One per epoch, at the step where its validation ran (drawn on another thread, written before the run ended).
     confusion_steps = [image.step for image in events.Images("val/confusion_matrix")]

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import CLASSES, run_module
-from torchmetrics import MetricCollection
 
 from finetune.errors import UsageError
-from finetune.evaluate import class_folder_images, main
-from finetune.model.metrics import classification_metrics, confusion_matrix, per_class
+from finetune.evaluate import main
+from finetune.inference.labelled import class_folder_images
+from finetune.model.metrics import classification_metrics, predicted_confusion, predicted_macro_f1
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -115,20 +115,35 @@ def test_a_subset_of_the_classes_is_fine(tmp_path, image_folder):
 def test_macro_f1_counts_the_classes_in_the_data_or_the_predictions():
     # Class 2 neither occurs nor is predicted: torchmetrics leaves it out of the macro average.
     predictions, targets = torch.tensor([0, 0, 1, 1]), torch.tensor([0, 1, 1, 1])
-    collection = MetricCollection(classification_metrics(3, ["a", "b", "c"]))
+    collection = classification_metrics(3, ["a", "b.x", "c"])
     collection.update(predictions, targets)
     metrics = {key: float(value) for key, value in collection.compute().items()}
-    matrix = confusion_matrix(3)
-    matrix.update(predictions, targets)
-    table = per_class(matrix.compute(), ["a", "b", "c"])
-    assert table["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
     assert metrics["f1"] == pytest.approx((2 / 3 + 0.8) / 2)
-    assert matrix.compute().tolist() == [[1, 0, 0], [1, 2, 0], [0, 0, 0]]
-    # The per-class scalars (what TensorBoard gets) agree with the table (what evaluate writes).
-    for name, row in table.items():
-        for score in ("precision", "recall", "f1"):
-            assert metrics[f"{score}_class/{name}"] == pytest.approx(row[score])
     assert metrics["balanced_acc"] == pytest.approx((1 + 2 / 3) / 2)  # mean recall over the classes seen
+    # Per class (ClasswiseWrapper), keyed by the class name as it is (a dot included); 0 where undefined.
+    assert metrics["precision_class/a"] == pytest.approx(0.5) and metrics["recall_class/a"] == 1.0
+    assert metrics["precision_class/b.x"] == 1.0 and metrics["recall_class/b.x"] == pytest.approx(2 / 3)
+    assert metrics["f1_class/b.x"] == pytest.approx(0.8)
+    assert metrics["precision_class/c"] == metrics["recall_class/c"] == metrics["f1_class/c"] == 0.0
+    assert not any("acc_class" in key for key in metrics)  # recall_class/<name> is each class's accuracy
+    # What the study report computes from test_predictions.csv: the same numbers.
+    assert predicted_macro_f1(targets, predictions, 3) == pytest.approx(metrics["f1"])
+    assert predicted_confusion(targets, predictions, 3).tolist() == [[1, 0, 0], [1, 2, 0], [0, 0, 0]]
+
+
+def test_the_reports_macro_f1_is_the_test_steps_on_any_predictions():
+    generator = torch.Generator().manual_seed(0)
+    for classes in (2, 3, 7):
+        for _ in range(20):
+            targets = torch.randint(
+                0, classes, (int(torch.randint(1, 30, (1,), generator=generator)),), generator=generator
+            )
+            predictions = torch.randint(0, classes, targets.shape, generator=generator)
+            collection = classification_metrics(classes)
+            collection.update(torch.nn.functional.one_hot(predictions, classes).float(), targets)  # as logits
+            assert predicted_macro_f1(targets.numpy(), predictions.numpy(), classes) == pytest.approx(
+                float(collection.compute()["f1"])
+            )
 
 
 def test_split_test_scores_the_runs_own_test_images(tmp_path, trained_run, capsys):
@@ -147,9 +162,14 @@ def test_split_test_scores_the_runs_own_test_images(tmp_path, trained_run, capsy
     metrics = json.loads((tmp_path / "test" / "metrics.json").read_text())
     trained = json.loads((trained_run / "metrics.json").read_text())
     assert metrics["images"] == 3  # one test image per class
-    # One epoch: the best checkpoint is the last; the training run tested it at the same 32 px.
-    assert metrics["test/acc"] == pytest.approx(trained["test/acc"])
-    assert metrics["test/f1"] == pytest.approx(trained["test/f1"])
+    # One epoch: the best checkpoint is the last; the training run tested it at the same 32 px. The same images
+    # and weights: every test score the same, under the same key.
+    tested = {key: value for key, value in trained.items() if key.startswith("test/")}
+    assert {"test/acc", "test/f1", "test/recall_class/circle"} <= set(tested)
+    assert {key: metrics[key] for key in tested} == pytest.approx(tested)
+    for name in CLASSES:  # the per-class table is the test step's per-class scores
+        for score in ("precision", "recall", "f1"):
+            assert metrics["per_class"][name][score] == pytest.approx(tested[f"test/{score}_class/{name}"])
 
 
 def test_results_never_go_inside_the_data_folder(tmp_path, trained_run, image_folder, capsys):

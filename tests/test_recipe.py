@@ -218,9 +218,41 @@ def test_tta_scores_sit_beside_the_plain_ones(tmp_path, image_folder, cached):
     run = tmp_path / "run"
     metrics = metrics_of(run)
     assert ("feature cache on" in result.stdout + result.stderr) == cached
-    assert {"test/acc", "test_tta/acc", "test_tta/f1", "test_tta/acc_class/circle"} <= set(metrics)
+    assert {"test/acc", "test_tta/acc", "test_tta/f1", "test_tta/recall_class/circle"} <= set(metrics)
+    # The test step's metrics, under the same names.
+    assert {key.replace("test_tta/", "test/") for key in metrics if key.startswith("test_tta/")} == {
+        key for key in metrics if key.startswith("test/") and key != "test/loss"
+    }
     assert metrics["test_tta/acc"] == pytest.approx(rescore(run, image_folder, tta="flip5crop")[0])
     assert metrics["test/acc"] == pytest.approx(rescore(run, image_folder)[0])
+
+
+def test_tta_with_one_view_scores_exactly_what_the_test_step_scores(monkeypatch):
+    # One view, the image itself: TTA's scores must be the test step's, key for key (same metrics, same semantics).
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from finetune.training import tta
+
+    monkeypatch.setattr(tta, "views_of", lambda images, kind: [images])
+    torch.manual_seed(0)
+    names = [f"class{label}" for label in range(7)]  # more than 5: top-5 accuracy too
+    model = ImageClassifier("mobilenet_v2", names, weights=None)
+    # A random MobileNetV2 gives every image the same class: a small network of the images gives varied ones.
+    model.network = torch.nn.Sequential(
+        torch.nn.Conv2d(3, len(names), 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()
+    )
+    images, labels = torch.randn(40, 3, 1, 1).expand(-1, -1, 32, 32), torch.arange(40) % len(names)  # a colour each
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[tta.TestTimeAugmentation("flip")],
+    )  # fmt: skip
+    (scores,) = trainer.test(model, DataLoader(TensorDataset(images, labels), batch_size=5), verbose=False)
+    plain = {key.removeprefix("test/"): value for key, value in scores.items() if key.startswith("test/")}
+    augmented = {key.removeprefix("test_tta/"): value for key, value in scores.items() if key.startswith("test_tta/")}
+    assert {"acc", "f1", "balanced_acc", "acc_top5", "recall_class/class3"} <= set(augmented)
+    assert len({round(value, 4) for key, value in augmented.items() if key.startswith("precision_class/")}) > 2
+    assert augmented == pytest.approx({key: value for key, value in plain.items() if key != "loss"})
 
 
 def test_conf_documents_every_recipe_key():

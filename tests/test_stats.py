@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from finetune.study.stats import bootstrap, corrected_t, holm, images_to_resolve, macro_f1, mcnemar_exact
+from finetune.study.stats import bootstrap, corrected_t, holm, images_to_resolve, mcnemar_exact
 
 
 def test_corrected_t_matches_the_hand_worked_nadeau_bengio_interval():
@@ -62,16 +62,6 @@ def test_bootstrap_interval_of_an_accuracy_is_near_the_normal_approximation():
     assert estimate.low == pytest.approx(0.75 - half, abs=0.015)
     assert estimate.high == pytest.approx(0.75 + half, abs=0.015)
     assert estimate.p == 0.0  # no resample of an accuracy is <= 0
-
-
-def test_macro_f1_matches_torchmetrics():
-    import torch
-    from torchmetrics.classification import MulticlassF1Score
-
-    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 0])
-    predicted = np.array([0, 1, 0, 1, 2, 2, 2, 0, 2, 0])
-    expected = MulticlassF1Score(3, average="macro")(torch.tensor(predicted), torch.tensor(labels)).item()
-    assert macro_f1(labels, predicted, 3) == pytest.approx(expected)
 
 
 def test_images_to_resolve_scales_as_the_square_of_the_interval():

@@ -297,6 +297,46 @@ def test_one_split_uses_per_image_predictions_bootstrap_and_mcnemar(tmp_path):
     assert study.groups[0].recommended.point.unfreeze == 2
 
 
+def test_the_reports_f1_and_confusion_are_the_test_steps_on_the_saved_predictions(tmp_path):
+    import torch
+    from matplotlib.figure import Figure
+
+    from finetune.model.metrics import classification_metrics
+    from finetune.study.plots import _plot_confusion
+
+    # Two seeds of one point; "c" is predicted but never the label: the test step counts it as a class (F1 0).
+    images = [f"img{i:02d}.png" for i in range(30)]
+    labels = ["a" if i % 3 else "b" for i in range(30)]
+    runs = [
+        [
+            (path, label, "c" if i % 7 == seed else label if i % 4 else "a")
+            for i, (path, label) in enumerate(zip(images, labels, strict=True))
+        ]
+        for seed in (0, 1)
+    ]
+    for seed, predictions in enumerate(runs):
+        make_fold_run(tmp_path / "study", 0, None, 0.8, 10, seed=seed, predictions=predictions)
+    report = build_report(tmp_path / "study")
+
+    index = {"a": 0, "b": 1, "c": 2}
+    pooled = [row for run in runs for row in run]
+    metrics = classification_metrics(3, list(index))
+    metrics.update(
+        torch.tensor([index[p] for _, _, p in pooled]), torch.tensor([index[label] for _, label, _ in pooled])
+    )
+    expected = metrics.compute()
+    assert report.study.groups[0].points[0].f1.mean == pytest.approx(float(expected["f1"]))
+
+    figure = Figure()
+    _plot_confusion(report, figure)
+    axes = figure.axes[0]
+    assert [label.get_text() for label in axes.get_xticklabels()] == list(index)
+    counts = [[0] * 3 for _ in range(3)]
+    for _, label, predicted in pooled:
+        counts[index[label]][index[predicted]] += 1
+    assert [int(text.get_text()) for text in axes.texts] == [count for row in counts for count in row]
+
+
 def test_a_partial_study_reports_over_what_finished_and_lists_what_is_missing(tmp_path):
     sweep = tmp_path / "study"
     OmegaConf.save(

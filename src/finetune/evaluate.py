@@ -19,11 +19,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import lightning as L
 import torch
 
 from finetune import apps
-from finetune.data.folders import class_folders, list_images
+from finetune.data.loaders import default_num_workers
+from finetune.data.scan import unreadable_images
 from finetune.errors import UsageError
 from finetune.inference.checkpoint import (
     InferenceOptions,
@@ -36,7 +36,8 @@ from finetune.inference.checkpoint import (
     run_dir,
     trainer,
 )
-from finetune.model.metrics import confusion_matrix, per_class
+from finetune.inference.labelled import LabelledImages, class_folder_images, split_images
+from finetune.model.metrics import PER_CLASS, class_key
 from finetune.model.plots import confusion_matrix_figure
 
 USAGE = """\
@@ -53,7 +54,6 @@ usage: python -m finetune.evaluate checkpoint=<ckpt> data.root=<labelled folder>
   num_workers  image-decoding processes (default: one per CPU core this process may use but one, at most 8)"""
 
 FILES = ("metrics.json", "per_class.csv", "confusion_matrix.png")
-SPLIT_FOLDERS = {"train", "val", "test"}
 SUMMARY = ("test/acc", "test/f1", "test/balanced_acc", "test/loss")  # the line printed under the table
 
 
@@ -125,9 +125,6 @@ def score(loaded: LoadedModel, samples: Sequence[tuple[str, int]], options: Infe
     Raises:
         UsageError: not one image could be read.
     """
-    from finetune.data.loaders import default_num_workers
-    from finetune.data.scan import unreadable_images
-
     unreadable = unreadable_images([path for path, _ in samples], None)
     if len(unreadable) == len(samples):
         path, reason = next(iter(unreadable.items()))
@@ -140,65 +137,28 @@ def score(loaded: LoadedModel, samples: Sequence[tuple[str, int]], options: Infe
         options.batch_size,
         default_num_workers() if options.num_workers is None else options.num_workers,
     )
-    confusion = TestConfusion(len(class_names))
     with quiet_lightning():
-        (results,) = trainer(loaded.device, callbacks=[confusion]).test(loaded.model, datamodule=data, verbose=False)
-    matrix = confusion.matrix.compute()
+        (results,) = trainer(loaded.device).test(loaded.model, datamodule=data, verbose=False)
+    matrix = loaded.model.confusion_matrices["test"]  # the model's own, of this test
     return {
         "unreadable": unreadable,
         **results,
         "images": len(kept),
         "classes": list(class_names),
-        "per_class": per_class(matrix, class_names),
+        "per_class": per_class_table(results, matrix, class_names),
         "confusion_matrix": matrix.tolist(),
     }
 
 
-class LabelledImages(L.LightningDataModule):
-    """Labelled images (path, label) served for `Trainer.test`, prepared as the weights expect (no augmentation).
-
-    Args:
-        samples: the images and their labels.
-        preprocessing: the checkpoint's, at the size to evaluate at.
-        batch_size: images per batch.
-        num_workers: decoding processes.
-    """
-
-    def __init__(self, samples: Sequence[tuple[str, int]], preprocessing, batch_size: int, num_workers: int) -> None:
-        super().__init__()
-        self.samples, self.preprocessing = list(samples), preprocessing
-        self.batch_size, self.num_workers = batch_size, num_workers
-
-    def test_dataloader(self):
-        from torch.utils.data import DataLoader
-
-        from finetune.data.loaders import ImageDataset
-        from finetune.data.transforms import eval_transform
-
-        return DataLoader(
-            ImageDataset(self.samples, eval_transform(self.preprocessing)),
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-
-class TestConfusion(L.Callback):
-    """The confusion matrix of `Trainer.test`, from the logits the model's forward returns at each test step (a
-    forward hook: the model's own test step is left as it is)."""
-
-    def __init__(self, num_classes: int) -> None:
-        self.matrix = confusion_matrix(num_classes)
-        self.logits: torch.Tensor | None = None
-
-    def on_test_start(self, trainer, pl_module) -> None:
-        self.hook = pl_module.register_forward_hook(lambda module, inputs, output: setattr(self, "logits", output))
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self.matrix.update(self.logits.detach().cpu(), batch[1].cpu())
-
-    def on_test_end(self, trainer, pl_module) -> None:
-        self.hook.remove()
+def per_class_table(
+    results: dict[str, float], confusion: torch.Tensor, class_names: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """Every class's precision, recall and F1 (the test's `test/<score>_class/<name>`) and support (its images)."""
+    return {
+        name: {score: results[f"test/{class_key(score, name)}"] for score in PER_CLASS}
+        | {"support": int(confusion[label].sum())}
+        for label, name in enumerate(class_names)
+    }
 
 
 def data_root(root: str | None, split: str | None, checkpoint: Path) -> Path:
@@ -250,57 +210,6 @@ def output_folder(output: str | None, checkpoint: Path, root: Path, split: str |
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"output={folder} is a file: pass a folder")
     return folder
-
-
-def class_folder_images(root: Path, class_names: Sequence[str]) -> list[tuple[str, int]]:
-    """(path, label) of every image in the class sub-folders of `root` (recursive, hidden entries skipped).
-
-    Raises:
-        UsageError: no class folder, a folder the checkpoint has no class for, or no image at all.
-    """
-    folders = class_folders(root)
-    if not folders:
-        raise UsageError(f"{root} holds no class folders: data.root needs one sub-folder of images per class")
-    _check_known(folders, class_names, f"{root}")
-    samples = [(path, class_names.index(name)) for name in folders for path in list_images(root / name)]
-    if not samples:
-        raise UsageError(f"the class folders of {root} hold no image files")
-    return samples
-
-
-def split_images(root: Path, split: str, checkpoint: Path, class_names: Sequence[str]) -> list[tuple[str, int]]:
-    """(path, label) of the images the run put in `split`, from its split.csv, relative to `root`.
-
-    Raises:
-        UsageError: no split.csv, no such split in it, or classes the checkpoint does not know.
-    """
-    path = run_dir(checkpoint) / "split.csv"
-    if not path.is_file():
-        raise UsageError(
-            f"split={split} reads the run's split.csv, and {path} does not exist; "
-            "pass data.root=<labelled folder> without split="
-        )
-    with open(path, newline="") as file:
-        rows = list(csv.DictReader(file))
-    chosen = [row for row in rows if row["split"] == split]
-    if not chosen:
-        available = sorted({row["split"] for row in rows})
-        raise UsageError(f"{path} has no {split!r} images; its splits: {', '.join(available)}")
-    _check_known(sorted({row["class"] for row in chosen}), class_names, str(path))
-    return [(str(root / row["path"]), class_names.index(row["class"])) for row in chosen]
-
-
-def _check_known(found: Sequence[str], class_names: Sequence[str], where: str) -> None:
-    unknown = [name for name in found if name not in class_names]
-    if not unknown:
-        return
-    hint = ""
-    if set(found) & SPLIT_FOLDERS:
-        hint = "; a folder of train/val/test sub-folders: pass data.root=<it>/test, or split=test"
-    raise UsageError(
-        f"{where} has classes the checkpoint does not know: {', '.join(unknown)}; it knows "
-        f"{', '.join(class_names)} (a subset of them is fine){hint}"
-    )
 
 
 def write_results(output: Path, metrics: dict, title: str) -> None:

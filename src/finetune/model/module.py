@@ -9,8 +9,7 @@ import math
 import lightning as L
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
-from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics import MeanMetric
 
 from finetune.errors import UsageError
 from finetune.features.cache import Cut, classify_features
@@ -24,7 +23,7 @@ from finetune.model.freezing import (
     unfreeze_schedule,
 )
 from finetune.model.heads import dropout_before_head
-from finetune.model.metrics import classification_metrics
+from finetune.model.metrics import classification_metrics, confusion_matrix
 from finetune.model.preprocessing import Preprocessing
 from finetune.model.schedules import SCHEDULERS, FixScheduleLength, lr_scheduler
 from finetune.training.callbacks import MemoryFormatAndCompile, ResumeRandomState, check_compile_setting
@@ -140,16 +139,14 @@ class ImageClassifier(L.LightningModule):
             weight=torch.tensor(class_weights, dtype=torch.float32) if class_weights else None,
             label_smoothing=label_smoothing,
         )
-        metrics = MetricCollection(classification_metrics(len(class_names), class_names))
         self.train_metrics, self.val_metrics, self.test_metrics = (
-            metrics.clone(prefix=f"{stage}/") for stage in ("train", "val", "test")
+            classification_metrics(len(class_names), class_names, prefix=f"{stage}/")
+            for stage in ("train", "val", "test")
         )
         # The mean loss per image as a metric: under DDP it sums every process's losses and image counts exactly
         # (self.log(sync_dist=True) would average the count as an integer). nan_strategy=nan: a NaN loss shows.
         self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy=math.nan) for _ in range(3))
-        self.confusion = nn.ModuleDict(
-            {stage: MulticlassConfusionMatrix(len(class_names)) for stage in ("val", "test")}
-        )
+        self.confusion = nn.ModuleDict({stage: confusion_matrix(len(class_names)) for stage in ("val", "test")})
         self.confusion_matrices: dict[str, torch.Tensor] = {}  # the last epoch's, per stage
 
     @classmethod
@@ -222,23 +219,22 @@ class ImageClassifier(L.LightningModule):
         if mean_loss.update_count:  # else no batch in this stage (limit_*_batches=0): nothing to report
             self.log(f"{stage}/loss", mean_loss, prog_bar=stage != "test")
             metrics = getattr(self, f"{stage}_metrics")
+            # Computed here, not by Lightning: a per-class metric computes a dict, and Lightning logs a Metric
+            # object only where it computes one scalar. compute() already sums every process's counts: sync_dist
+            # averages equal values, and spares a warning per key under DDP.
+            scores = metrics.compute()
+            metrics.reset()
             # The progress bar shows the headline scores; the per-class ones go to the loggers only.
-            self.log_dict(
-                {key: metric for key, metric in metrics.items() if "_class/" not in key}, prog_bar=stage == "val"
-            )
-            self.log_dict({key: metric for key, metric in metrics.items() if "_class/" in key})
+            headline = {key: value for key, value in scores.items() if "_class/" not in key}
+            self.log_dict(headline, prog_bar=stage == "val", sync_dist=True)
+            self.log_dict({key: value for key, value in scores.items() if key not in headline}, sync_dist=True)
         if stage not in self.confusion:
             return
-        # Per-class accuracy (recall) as scalars; the matrix stays in `confusion_matrices` for the figures.
+        # The matrix stays in `confusion_matrices` for the figures and `finetune.evaluate`.
         confusion = self.confusion[stage].compute().cpu()
         self.confusion[stage].reset()
-        if self.trainer.sanity_checking:
-            return
-        self.confusion_matrices[stage] = confusion
-        per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
-        for name, accuracy in zip(self.class_names, per_class.tolist(), strict=True):
-            # Already over every process's images (torchmetrics syncs the matrix): the mean of equal values.
-            self.log(f"{stage}/acc_class/{name}", accuracy, sync_dist=True)
+        if not self.trainer.sanity_checking:
+            self.confusion_matrices[stage] = confusion
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+if TYPE_CHECKING:  # torch takes seconds to import: `python -m finetune.report` imports this module at start
+    import torch
 
 # Past this many classes the counts no longer fit in the cells; the colours still tell the story.
 MAX_ANNOTATED_CLASSES = 30
@@ -19,27 +23,36 @@ def confusion_matrix_figure(
 ) -> Figure:
     """The confusion matrix (rows: true class, columns: predicted) with the count in every cell."""
     # A Figure without pyplot: no global backend is switched, and savefig renders with Agg.
-    n = len(class_names)
-    side = min(4 + 0.5 * n, 40)
+    side = min(4 + 0.5 * len(class_names), 40)
     figure = Figure(figsize=(side + 1, side), layout="constrained")
-    axes = figure.subplots()
-    counts = torch.as_tensor(confusion)
-    image = axes.imshow(counts.numpy(), cmap="Blues", vmin=0)
+    draw_confusion_matrix(figure.subplots(), confusion, class_names, title)
+    return figure
+
+
+def draw_confusion_matrix(
+    axes: Axes,
+    confusion: Sequence[Sequence[int]] | torch.Tensor,
+    class_names: Sequence[str],
+    title: str,
+    fontsize: float | None = None,
+) -> None:
+    """Draws the confusion matrix into `axes` (`confusion_matrix_figure`, or one panel of several); `fontsize`: of
+    the counts and class names (None: matplotlib's)."""
+    n = len(class_names)
+    counts = np.asarray(confusion)
+    image = axes.imshow(counts, cmap="Blues", vmin=0)
     annotated = n <= MAX_ANNOTATED_CLASSES
     if not annotated:  # with the counts in the cells a colour scale says nothing more (and doubles the drawing time)
-        figure.colorbar(image, ax=axes, shrink=0.8)
-    axes.set_xticks(range(n), labels=class_names, rotation=45, ha="right", rotation_mode="anchor")
-    axes.set_yticks(range(n), labels=class_names)
-    axes.set(xlabel="predicted class", ylabel="true class", title=title)
+        axes.figure.colorbar(image, ax=axes, shrink=0.8)
+    axes.set_xticks(range(n), labels=class_names, rotation=45, ha="right", rotation_mode="anchor", fontsize=fontsize)
+    axes.set_yticks(range(n), labels=class_names, fontsize=fontsize)
+    axes.set(xlabel="predicted class", ylabel="true class")
+    axes.set_title(title, fontsize=fontsize)
     if annotated:
-        threshold = counts.max().item() / 2
-        for row in range(n):
-            for column in range(n):
-                value = counts[row, column].item()
-                axes.text(
-                    column, row, str(value), ha="center", va="center", color="white" if value > threshold else "black"
-                )
-    return figure
+        threshold = counts.max() / 2
+        for (row, column), value in np.ndenumerate(counts):
+            colour = "white" if value > threshold else "black"
+            axes.text(column, row, str(value), ha="center", va="center", color=colour, fontsize=fontsize)
 
 
 def image_grid_figure(images: Sequence[torch.Tensor], captions: Sequence[str], columns: int = 4) -> Figure:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from finetune.study.points import is_depth_only, point_name, point_setting
-from finetune.study.stats import ALPHA, Estimate, bootstrap, corrected_t, holm, macro_f1, mcnemar_exact
+from finetune.study.stats import ALPHA, Estimate, bootstrap, corrected_t, holm, mcnemar_exact
 
 FOLDS, SPLIT = "folds", "split"
 METHODS = {
@@ -187,21 +187,21 @@ def _clipped(estimate: Estimate) -> Estimate:
 
 
 def _bootstrap_f1(predictions: list[list[tuple[str, str, str]]], images: list[str]) -> Estimate:
-    classes = sorted({label for run in predictions for _, label, _ in run})
+    # Here, not at the top: torch takes seconds to import, and `python -m finetune.report` imports this module at start.
+    from finetune.model.metrics import predicted_macro_f1
+
+    # The classes of any label or prediction, as the test step counts them (its `test/f1`).
+    classes = sorted({name for run in predictions for _, label, predicted in run for name in (label, predicted)})
     index = {name: i for i, name in enumerate(classes)}
     position = {path: i for i, path in enumerate(images)}
     # One row per (image, seed): a resample draws images, each with every seed's prediction.
-    rows = [
-        (position[path], index[label], index.get(predicted, -1))
-        for run in predictions
-        for path, label, predicted in run
-    ]
+    rows = [(position[path], index[label], index[predicted]) for run in predictions for path, label, predicted in run]
     image_of, labels, predicted = (np.array(column) for column in zip(*rows, strict=True))
     by_image = [np.flatnonzero(image_of == i) for i in range(len(images))]
 
     def f1(idx: np.ndarray) -> float:
         chosen = np.concatenate([by_image[i] for i in idx])
-        return macro_f1(labels[chosen], predicted[chosen], len(classes))
+        return predicted_macro_f1(labels[chosen], predicted[chosen], len(classes))
 
     return bootstrap(f1, len(images), resamples=500)
 

@@ -13,6 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from finetune.model.plots import draw_confusion_matrix
 from finetune.study.tables import trainable_params
 
 PLOTS = (
@@ -257,41 +258,32 @@ def _label_column(axes: Axes, figure: Figure, labels: list[tuple[float, float, s
 
 def _plot_confusion(report, figure: Figure) -> None:
     """One confusion matrix per point, pooled over its runs' test predictions (out-of-fold for k-fold)."""
+    # Here, not at the top: torch takes seconds to import, and `python -m finetune.report` imports this module at start.
+    from finetune.model.metrics import predicted_confusion
+
     study = report.study
     points = [s for g in study.groups for s in g.points if s.predictions] if study is not None else []
     if not points:
         _no_data(figure.subplots(), "test predictions (test_predictions.csv)")
         return
-    classes = sorted({label for s in points for _, label, _ in s.predictions})
+    # The classes of any label or prediction, as the test step counts them.
+    classes = sorted({name for s in points for _, label, predicted in s.predictions for name in (label, predicted)})
     index = {name: i for i, name in enumerate(classes)}
     columns = min(len(points), 3)
     rows = -(-len(points) // columns)
     figure.set_size_inches(3.2 * columns + 1, 3.0 * rows + 0.6)
     all_axes = np.atleast_1d(figure.subplots(rows, columns)).ravel()
     for axes, stats in zip(all_axes, points, strict=False):
-        matrix = np.zeros((len(classes), len(classes)), dtype=int)
-        for _, label, predicted in stats.predictions:
-            if predicted in index:
-                matrix[index[label], index[predicted]] += 1
-        axes.imshow(matrix, cmap="Blues")
-        for (i, j), count in np.ndenumerate(matrix):
-            axes.text(
-                j,
-                i,
-                str(count),
-                ha="center",
-                va="center",
-                fontsize=8,
-                color="white" if count > matrix.max() / 2 else "black",
-            )
-        axes.set_xticks(range(len(classes)), classes, rotation=45, ha="right", fontsize=7)
-        axes.set_yticks(range(len(classes)), classes, fontsize=7)
-        axes.set_title(
-            f"unfreeze={stats.point.unfreeze}"
-            + (" (recommended)" if any(stats is g.recommended for g in study.groups) else ""),
-            fontsize=9,
+        labels = [index[label] for _, label, _ in stats.predictions]
+        predicted = [index[guess] for _, _, guess in stats.predictions]
+        recommended = " (recommended)" if any(stats is g.recommended for g in study.groups) else ""
+        draw_confusion_matrix(
+            axes,
+            predicted_confusion(labels, predicted, len(classes)),
+            classes,
+            f"unfreeze={stats.point.unfreeze}{recommended}",
+            fontsize=7,
         )
-        axes.set(xlabel="predicted", ylabel="true")
     for axes in all_axes[len(points) :]:
         axes.axis("off")
     figure.suptitle("Confusion matrices, every test prediction pooled (out-of-fold for k-fold)", fontsize=10)

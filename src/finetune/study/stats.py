@@ -153,18 +153,6 @@ def holm(p_values: Sequence[float | None]) -> list[float | None]:
     return adjusted
 
 
-def macro_f1(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> float:
-    """The unweighted mean over classes of F1 (2 TP / (2 TP + FP + FN)), classes with no image and no prediction
-    left out, as torchmetrics' macro F1 counts them."""
-    scores = []
-    for label in range(num_classes):
-        tp = np.sum((predicted == label) & (labels == label))
-        wrong = np.sum((predicted == label) != (labels == label))
-        if tp + wrong:
-            scores.append(2 * tp / (2 * tp + wrong))
-    return float(np.mean(scores)) if scores else math.nan
-
-
 def images_to_resolve(n_images: int, half_width: float, difference: float) -> int | None:
     """Roughly how many images would make an interval of `half_width` narrow enough to exclude zero for a true
     difference of `difference`, assuming the half-width shrinks as 1/sqrt(images); None for no difference."""

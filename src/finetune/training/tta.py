@@ -23,10 +23,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from torchvision.transforms.v2 import functional as F
 
 from finetune.errors import UsageError
+from finetune.model.metrics import classification_metrics
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ def views_of(images: torch.Tensor, kind: str) -> list[torch.Tensor]:
 
 
 class TestTimeAugmentation(L.Callback):
-    """Scores the test images' mean class probabilities over several views as `test_tta/acc`, `test_tta/f1` and
-    `test_tta/acc_class/<class>`.
+    """Scores the test images' mean class probabilities over several views with the test step's metrics
+    (`finetune.model.metrics`), as `test_tta/acc`, `test_tta/f1`, `test_tta/recall_class/<class>`, ...
 
     Args:
         views: "none" (off), "flip" or "flip5crop" (see the table in this module's docstring).
@@ -61,14 +61,8 @@ class TestTimeAugmentation(L.Callback):
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.views == "none":
             return
-        classes = len(pl_module.class_names)
-        self.metrics = MetricCollection(
-            {
-                "acc": MulticlassAccuracy(classes, average="micro"),
-                "f1": MulticlassF1Score(classes, average="macro"),
-                "confusion": MulticlassConfusionMatrix(classes),
-            }
-        ).to(pl_module.device)
+        names = pl_module.class_names
+        self.metrics = classification_metrics(len(names), names, prefix="test_tta/").to(pl_module.device)
 
     @torch.no_grad()
     def probabilities(self, pl_module: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
@@ -90,18 +84,14 @@ class TestTimeAugmentation(L.Callback):
             self._classify_images_itself(trainer, pl_module)
         scores = self.metrics.compute()
         self.metrics = None
-        confusion = scores.pop("confusion").float()
-        per_class = confusion.diag() / confusion.sum(dim=1).clamp(min=1)
-        logged = {f"test_tta/{name}": value for name, value in scores.items()}
-        logged |= {
-            f"test_tta/acc_class/{name}": value for name, value in zip(pl_module.class_names, per_class, strict=True)
-        }
-        pl_module.log_dict(logged, sync_dist=False)  # torchmetrics already summed every process's images
+        # torchmetrics already summed every process's images: sync_dist averages equal values, and spares a
+        # warning per key under DDP.
+        pl_module.log_dict(scores, sync_dist=True)
         log.info(
             "test-time augmentation (tta=%s, %d views): test_tta/acc %.4f",
             self.views,
             len(views_of(torch.zeros(1, 1, 8, 8), self.views)),
-            float(scores["acc"]),
+            float(scores["test_tta/acc"]),
         )
 
     def _classify_images_itself(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
