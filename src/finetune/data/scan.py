@@ -20,11 +20,26 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data.images import load_rgb
+from finetune.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 # From this ratio of the largest to the smallest training class on, the log and the sweep report warn.
 STRONG_IMBALANCE = 3.0
+
+
+def skip_unreadable(images: Sequence[str], root: Path, cache_file: Path | None, strict: bool) -> dict[str, str]:
+    """The unreadable images among `images` (under `root`): skipped, each logged once; with `strict`, an error."""
+    bad = unreadable_images(images, cache_file)
+    if bad and strict:
+        path, reason = next(iter(bad.items()))
+        raise UsageError(
+            f"{len(bad)} unreadable image(s) under {root}, e.g. {path}: {reason}; fix or "
+            "remove them, or leave out data.strict=true to skip them"
+        )
+    for path, reason in bad.items():
+        log.warning("skipping %s: %s", path, reason)
+    return bad
 
 
 def unreadable_images(paths: Sequence[str], cache_file: Path | None, threads: int | None = None) -> dict[str, str]:
