@@ -14,9 +14,8 @@ from finetune.config.checks import check_data_settings
 from finetune.data import balance as class_balance
 from finetune.data import image_cache
 from finetune.data.augment import DeviceAugmentation
-from finetune.data.datasets import feature_datasets, image_dataset, ordered_loader
 from finetune.data.folders import SPLITS, Sample
-from finetune.data.loaders import default_num_workers, split_loader
+from finetune.data.loaders import default_num_workers, feature_datasets, image_dataset, ordered_loader, split_loader
 from finetune.data.split_folder import SplitFolder
 from finetune.data.transforms import batch_mixing, eval_transform
 from finetune.errors import UsageError
