@@ -10,14 +10,18 @@ import sys
 from omegaconf import DictConfig
 
 from finetune import apps
+from finetune.features.store import SharedFeatures
 from finetune.training.run import run
 from finetune.training.scaling import ddp_processes_run_this_job
+
+# This process's runs (a multirun's jobs: a depth study's folds and seeds) run the frozen part once between them.
+FEATURES = SharedFeatures()
 
 
 @apps.command("train", config_path="conf")
 def main(cfg: DictConfig) -> float | None:
     with ddp_processes_run_this_job():
-        metrics = run(cfg)
+        metrics = run(cfg, FEATURES)
     return metrics.get(cfg.optimized_metric)  # what a sweeper (hparams_search=optuna) optimizes
 
 

@@ -52,6 +52,7 @@ from finetune.training.loggers import instantiate_loggers  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 TRAIN, VAL, FEATURES, BATCH, SEED = 1837, 525, 1280, 32, 0
+HEAD = "classifier"  # tf_efficientnet_lite0's head, where its features are cached
 LR, WEIGHT_DECAY = 1e-3, 1e-4
 
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
@@ -69,6 +70,7 @@ class CachedFeatures(L.LightningDataModule):
     def __init__(self, train, val) -> None:
         super().__init__()
         self.train, self.val = FeatureDataset(*train), FeatureDataset(*val)
+        self.features_cut = Cut(HEAD, (), (FEATURES,))  # what the model reads in its setup: features at the head
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(
@@ -95,7 +97,7 @@ def new_model() -> ImageClassifier:
         weight_decay=WEIGHT_DECAY,
         scheduler="constant",
     )
-    model.features_cut = Cut(model.head_name, (), (FEATURES,))
+    assert model.head_name == HEAD
     return model
 
 

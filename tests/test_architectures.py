@@ -10,9 +10,17 @@ initialisation (VGG, RegNetY-128GF, ViT-H and the like take 10-80 s each), so th
 device (no memory, no initialisation) and not the forward/backward pass; every family still gets the whole
 contract through its smallest member, whatever its size. Images are 64 px where the model takes them, else the
 smallest size it does.
+
+The default path (`test_default_path_trains_one_step`): what `python train.py model=torchvision model.name=<name>
+data.root=...` runs, in-process through `finetune.train`: unfreeze=2, the feature cache on where it applies (or
+declined with its reason in one line), the class-weighted loss; one training step, one validation and one test
+batch. Every torchvision family's smallest model and every timm family's under FULL_CONTRACT_CAP.
 """
 
 from __future__ import annotations
+
+import logging
+import math
 
 import pytest
 import timm
@@ -20,6 +28,8 @@ from conftest import run_cli
 from contract import check_contract, check_structure, parameter_count
 from timm.models import _registry
 from torchvision import models
+
+import finetune
 
 FULL_CONTRACT_CAP = 30_000_000
 
@@ -183,6 +193,45 @@ def test_timm_contract(family):
         check_structure("timm", name)  # the family's smallest is over the cap: see the module docstring
         return
     check_contract("timm", name, size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("source", "name", "size"),
+    [("torchvision", name, TORCHVISION_SIZES.get(name, 64)) for name in TORCHVISION_FAMILIES.values()]
+    + [("timm", *TIMM_FAMILIES[family]) for family in sorted(TIMM_FAMILIES)],
+)
+def test_default_path_trains_one_step(tmp_path, image_folder, caplog, monkeypatch, source, name, size):
+    if source == "timm" and parameter_count("timm", name) > FULL_CONTRACT_CAP:
+        pytest.skip("over FULL_CONTRACT_CAP: block checks only (test_timm_contract)")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    caplog.set_level(logging.INFO)
+    metrics = finetune.train(
+        [
+            f"model={source}",
+            f"model.name={name}",
+            "model.weights=null",
+            f"data.root={image_folder}",
+            f"data.image_size={size}",
+            "data.batch_size=4",  # BatchNorm of a trained block needs two values per channel
+            "data.num_workers=0",
+            "trainer.max_steps=1",
+            "trainer.limit_val_batches=1",
+            "trainer.limit_test_batches=1",
+            "trainer.num_sanity_val_steps=0",
+            "trainer.enable_progress_bar=false",
+            "logger=csv",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ]
+    )
+    assert math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["test/loss"]), metrics
+    assert metrics["params/trainable"] < metrics["params/total"]
+    assert metrics["data/balanced"] == 1.0  # data.balance=loss_weights, the default
+    decisions = [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith(("feature cache on", "feature cache off"))
+    ]
+    assert len(decisions) == 1, decisions  # cached, or declined with one reason
+    assert "Traceback" not in caplog.text
 
 
 @pytest.mark.parametrize(

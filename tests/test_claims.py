@@ -185,9 +185,12 @@ def test_lr_find_trains_at_the_suggested_rate_and_records_it(tmp_path, image_fol
     assert suggestion == pytest.approx(found, rel=1e-2)  # the log shows 3 significant digits
     assert rates["head"] == suggestion
     assert rates["backbone"] == pytest.approx(suggestion * 1e-4 / 1e-3)  # gradual's backbone:head ratio kept
+    # The rates it chose are in metrics.json; Hydra's record keeps what the user asked for.
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["lr_find/lr"] == suggestion
+    assert metrics["lr_find/backbone_lr"] == pytest.approx(suggestion * 0.1)
     config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
-    assert config["strategy"]["lr"] == suggestion
-    assert config["strategy"]["backbone_lr"] == pytest.approx(suggestion * 0.1)
+    assert (config["strategy"]["lr"], config["strategy"]["backbone_lr"]) == (1e-3, 1e-4)
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     session = HParamsPluginData.FromString(events.PluginTagToContent("hparams")["_hparams_/session_start_info"])
     assert session.session_start_info.hparams["lr"].number_value == pytest.approx(suggestion)

@@ -11,8 +11,9 @@ from torch import nn
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.samplers import ViewDataset, ViewSampler
 from finetune.errors import UsageError
-from finetune.features.cache import build_cache, classify_features, find_cut, should_cache, train_on_cache
-from finetune.features.store import SHARED
+from finetune.features.cache import build_cache, classify_features, should_cache
+from finetune.features.cut import find_cut
+from finetune.features.store import SharedFeatures
 from finetune.model.blocks import Block
 from finetune.model.module import ImageClassifier
 
@@ -24,7 +25,7 @@ def prepared(image_folder, model, **options) -> ImageFolderDataModule:
     datamodule = ImageFolderDataModule(
         str(image_folder), batch_size=8, num_workers=0, image_size=32, preprocessing=model.preprocessing, **options
     )
-    datamodule.prepare_data()
+    datamodule.setup("fit")  # without a Trainer: images, every split
     return datamodule
 
 
@@ -42,20 +43,19 @@ def test_head_on_cached_features_equals_the_whole_network(image_folder):
 
 def test_a_later_run_in_the_process_reuses_the_features_of_the_same_frozen_weights(image_folder):
     """The next fold of a study runs no frozen forward pass, and gets what a fresh computation gives."""
-    SHARED.key = None
+    store = SharedFeatures()  # what train.py keeps for the runs of its process
     torch.manual_seed(0)
     model = ImageClassifier("resnet18", CLASSES, weights=None, image_size=32, unfreeze=1).eval()
     first = prepared(image_folder, model, augment=False, folds=3, fold=0)
     cut, _ = should_cache("auto", model, first)
-    build_cache(model, first, cut, views=1, device=torch.device("cpu"))
+    build_cache(model, first, cut, views=1, device=torch.device("cpu"), store=store)
     passes = []
     model.network.register_forward_pre_hook(lambda *_: passes.append(1))
     model.network.get_submodule(model.head_name).reset_parameters()  # a new seed redraws the head only
     second = prepared(image_folder, model, augment=False, folds=3, fold=1)
-    reused = build_cache(model, second, cut, views=1, device=torch.device("cpu"))
+    reused = build_cache(model, second, cut, views=1, device=torch.device("cpu"), store=store)
     assert not passes
-    SHARED.key = None
-    fresh = build_cache(model, second, cut, views=1, device=torch.device("cpu"))
+    fresh = build_cache(model, second, cut, views=1, device=torch.device("cpu"))  # no store: computed afresh
     assert passes
     for split in ("train", "val", "test"):
         assert torch.equal(reused[split][0], fresh[split][0]) and torch.equal(reused[split][1], fresh[split][1])
@@ -64,7 +64,7 @@ def test_a_later_run_in_the_process_reuses_the_features_of_the_same_frozen_weigh
     passes.clear()
     with torch.no_grad():
         next(model.network.parameters()).add_(1.0)  # other frozen weights: nothing reused
-    build_cache(model, second, cut, views=1, device=torch.device("cpu"))
+    build_cache(model, second, cut, views=1, device=torch.device("cpu"), store=store)
     assert passes
 
 
@@ -134,11 +134,7 @@ def trained_on(image_folder, cached: bool, epochs: int = 3, **options) -> dict[s
     model = ImageClassifier(
         "mobilenet_v2", CLASSES, weights=None, image_size=32, scheduler="constant", lr=0.01, **options
     )
-    datamodule = prepared(image_folder, model, augment=False)
-    if cached:
-        cut, reason = should_cache("auto", model, datamodule)
-        assert cut is not None, reason
-        train_on_cache(model, datamodule, cut, views=1, device=torch.device("cpu"))
+    datamodule = prepared(image_folder, model, augment=False, cache_features="auto" if cached else False)
     trainer = L.Trainer(
         max_epochs=epochs,
         logger=False,
@@ -149,6 +145,7 @@ def trained_on(image_folder, cached: bool, epochs: int = 3, **options) -> dict[s
         accelerator="cpu",
     )
     trainer.fit(model, datamodule=datamodule)
+    assert (model.features_cut is not None) == cached  # the DataModule's setup chose, the model read it
     trained = {
         name
         for group in model.parameter_groups()

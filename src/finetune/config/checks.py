@@ -19,9 +19,8 @@ from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.data import image_cache
-from finetune.data.augment import PLACES
 from finetune.data.demo import DEMO_NAMES
-from finetune.data.transforms import augment_preset, batch_mixing
+from finetune.data.transforms import PLACES, augment_preset, batch_mixing
 from finetune.errors import UsageError
 
 BALANCES = (None, "sampler", "loss_weights")  # data.balance

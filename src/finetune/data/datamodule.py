@@ -9,19 +9,18 @@ from pathlib import Path
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.transforms import v2 as T
 
 from finetune.config.checks import check_data_settings
 from finetune.data import image_cache, samplers
-from finetune.data.augment import CanvasDataset, DeviceAugmentation, RandomSteps
-from finetune.data.demo import default_cache_dir, demo_root
-from finetune.data.folders import SPLITS, Sample, list_and_split
+from finetune.data.folders import SPLITS, Sample
 from finetune.data.groups import Leakage
-from finetune.data.loaders import ImageDataset, default_num_workers, split_loader
-from finetune.data.samplers import FeatureDataset, ViewDataset
-from finetune.data.scan import scan_cache_file, scan_images
-from finetune.data.transforms import batch_mixing, eval_transform, train_transform
+from finetune.data.loaders import default_num_workers, feature_datasets, image_dataset, ordered_loader, split_loader
+from finetune.data.split_folder import SplitFolder
+from finetune.data.transforms import DeviceAugmentation, batch_mixing, eval_transform
 from finetune.errors import UsageError
+from finetune.features.cache import cached_features
+from finetune.features.cut import Cut
+from finetune.features.store import SharedFeatures
 from finetune.model.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -29,7 +28,7 @@ log = logging.getLogger(__name__)
 STAGE_SPLITS = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}
 
 
-class ImageFolderDataModule(L.LightningDataModule):
+class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
     """Serves an image folder to training: split, transformed as the pretrained weights expect, batched.
 
     The folder holds one sub-folder per class. If it holds `train/` and `val/` (and optionally `test/`) with
@@ -71,7 +70,7 @@ class ImageFolderDataModule(L.LightningDataModule):
         cache_images_max_gb: the most memory the decoded images may take, in GB; None: half of the memory
             available when the first split is cached.
         augment_on: where training-time augmentation runs: "loader" (each worker, image by image) or "device"
-            (whole batches on the training device, `finetune.data.augment`; needs the training images cached).
+            (whole batches on the training device, `finetune.data.transforms`; needs the training images cached).
         folds: k-fold cross-validation (`finetune.data.folders.split_kfold`): None splits by `split`; K makes fold
             `fold` of K stratified folds (seeded by `split_seed`) the test set, and carves the validation set from
             the rest in the proportion `split[1] : split[0]`. The K runs fold=0..K-1 test every image once.
@@ -79,6 +78,12 @@ class ImageFolderDataModule(L.LightningDataModule):
         random_erasing: probability of erasing a random rectangle of each training image (0: off; needs a preset).
         mixup: MixUp alpha for whole training batches (0: off); labels become class probabilities.
         cutmix: CutMix alpha for whole training batches (0: off); with mixup too, one of them per batch.
+        cache_features, cache_views: strategy.cache_features and strategy.cache_views: whether a fit's `setup`
+            serves the frozen part's features instead of images (`finetune.features.cache.should_cache`, which
+            reads the model being fitted); off by default outside train.py.
+        feature_store: features kept between the runs of one process (`finetune.features.store`); None: none.
+        output_dir: where process 0 writes `split.csv`, `skipped_files.txt` and `duplicates.csv` under a Trainer
+            (None: nowhere).
         groups, group_by, duplicates, duplicate_distance: which images stay on one side of every split and fold,
             and the near-duplicates looked for (`finetune.data.groups.Leakage`).
     """
@@ -107,6 +112,10 @@ class ImageFolderDataModule(L.LightningDataModule):
         random_erasing: float = 0.0,
         mixup: float = 0.0,
         cutmix: float = 0.0,
+        cache_features: str | bool = False,
+        cache_views: int = 1,
+        feature_store: SharedFeatures | None = None,
+        output_dir: str | None = None,
         groups: str | None = None,
         group_by: int | None = None,
         duplicates: str = "report",
@@ -127,10 +136,7 @@ class ImageFolderDataModule(L.LightningDataModule):
             cutmix=cutmix,
         )
         self.root = Path(root).expanduser() if root is not None else None
-        self.demo = demo
-        self.split = tuple(split)
-        self.split_seed = split_seed
-        self.batch_size = batch_size
+        self.demo, self.split, self.split_seed, self.batch_size = demo, tuple(split), split_seed, batch_size
         self.num_workers = default_num_workers() if num_workers is None else num_workers
         self.image_size = image_size
         self.augment = preset
@@ -139,78 +145,32 @@ class ImageFolderDataModule(L.LightningDataModule):
         self.mixing = None  # MixUp/CutMix of training batches, built in setup (it needs the class count)
         # Training batches differ from epoch to epoch (what feature caching and the image cache ask).
         self.augments = preset != "none" or bool(mixup or cutmix)
-        self.crop_scale = tuple(crop_scale)
-        self.rotation_degrees = rotation_degrees
+        self.crop_scale, self.rotation_degrees = tuple(crop_scale), rotation_degrees
         self.horizontal_flip = horizontal_flip
-        self.strict = strict
-        self.balance = balance
+        self.strict, self.balance = strict, balance
         self.skipped: dict[str, str] = {}
-        self.cache_images = cache_images
-        self.cache_images_max_gb = cache_images_max_gb
+        self.cache_images, self.cache_images_max_gb = cache_images, cache_images_max_gb
         self.augment_on = augment_on
         self.folds, self.fold = folds, fold
-        self.leakage = Leakage(groups, group_by, duplicates, duplicate_distance)
         self.images = image_cache.SplitImages(cache_images_max_gb)
         self.device_augmentation: DeviceAugmentation | None = None
         self.preprocessing = preprocessing
         self.splits: dict[str, list[Sample]] | None = None
         self.class_names: list[str] = []
         self.datasets: dict[str, Dataset] = {}
-        self.serves_features = False
-
-    def prepare_data(self) -> None:
-        """Finds the images and splits them (materialising the demo data set first if no root was given)."""
-        if self.splits is not None:
-            return
-        if self.root is None:
-            self.root = demo_root(self.demo)
-            log.info(
-                "data.root not set: using the %s demo data set at %s (licence CC BY-NC-SA 4.0)", self.demo, self.root
-            )
-        if not self.root.is_dir():
-            raise UsageError(
-                f"data.root {self.root} is not a folder; pass data.root=<folder with one "
-                "sub-folder of images per class>"
-            )
-        self.class_names, self.splits, self.skipped, source = list_and_split(
-            self.root, self.split, self.split_seed, self.folds, self.fold, self._scan, self.leakage
-        )
-        counts = ", ".join(f"{name} {len(self.splits[name])}" for name in SPLITS)
-        log.info("data: %s, %d classes, %s; %s", self.root, len(self.class_names), counts, source)
-        samplers.log_classes(self.class_names, self.splits, self.balance)
-
-    def _scan(self, images: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-        """The unreadable images, skipped (each logged once) or, with `strict`, an error; the others' hashes."""
-        bad, hashes = scan_images(images, scan_cache_file(default_cache_dir(), self.root), hashes=self.leakage.hashes)
-        if bad and self.strict:
-            path, reason = next(iter(bad.items()))
-            raise UsageError(
-                f"{len(bad)} unreadable image(s) under {self.root}, e.g. {path}: {reason}; fix or "
-                "remove them, or leave out data.strict=true to skip them"
-            )
-        for path, reason in bad.items():
-            log.warning("skipping %s: %s", path, reason)
-        return bad, hashes
-
-    def class_counts(self, split: str = "train") -> list[int]:
-        """Images per class in `split`, in class order."""
-        return samplers.class_counts(self.splits[split], len(self.class_names))
+        self.cache_features, self.cache_views, self.feature_store = cache_features, cache_views, feature_store
+        self.features_cut: Cut | None = None  # where the model is cut, while the splits serve cached features
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.leakage = Leakage(groups, group_by, duplicates, duplicate_distance)
+        self.recorded = False  # split.csv and skipped_files.txt written
 
     @property
-    def imbalance(self) -> float:
-        """Largest over smallest class count in the training split (1.0: balanced)."""
-        return samplers.imbalance(self.class_counts())
-
-    def loss_weights(self) -> list[float] | None:
-        """Per-class training loss weights for `balance="loss_weights"` (None otherwise)."""
-        return samplers.loss_weights(self.class_counts()) if self.balance == "loss_weights" else None
-
-    @property
-    def has_test(self) -> bool:
-        return bool(self.splits and self.splits["test"])
+    def serves_features(self) -> bool:
+        return self.features_cut is not None
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare_data()
+        self._record()
         if self.serves_features:
             return
         preprocessing = self._model_preprocessing()
@@ -226,6 +186,19 @@ class ImageFolderDataModule(L.LightningDataModule):
                 rotates=bool(self.rotation_degrees),
             )
         self.datasets = {split: self._dataset(split, preprocessing, self.augment_on) for split in SPLITS}
+        if stage == "fit" and self.trainer is not None:
+            self._serve_features(self.trainer)
+
+    def _serve_features(self, trainer: L.Trainer) -> None:
+        """Serves the frozen part's features from now on, if `cache_features` and the model allow it."""
+        model, device = trainer.lightning_module, trainer.strategy.root_device
+        cut, cache = cached_features(self.cache_features, model, self, self.cache_views, device, self.feature_store)
+        if cut is None:
+            return
+        if trainer.world_size > 1:
+            log.info("feature cache under DDP: every process runs the frozen part once, then trains on its share")
+        self.images.decoded.clear()  # the images are not needed any more
+        self.datasets, self.features_cut = feature_datasets(cache), cut
 
     def _model_preprocessing(self) -> Preprocessing:
         """The model's preprocessing, already at the size it is fed: read from the model the Trainer runs with this
@@ -246,28 +219,20 @@ class ImageFolderDataModule(L.LightningDataModule):
         return self.preprocessing
 
     def _dataset(self, split: str, preprocessing: Preprocessing, augment_on: str) -> Dataset:
-        """The split's dataset: from the decoded images if cached, else from the files; finished in the loader
-        (normalised float images) or, with augment_on="device", as uint8 images for `on_after_batch_transfer`."""
-        images, samples = self.images.decoded.get(split), self.splits[split]
-        seed = self.split_seed if split == "train" else 0
-        if split == "train" and self.augment != "none":
-            training = train_transform(
-                preprocessing,
-                self.crop_scale,
-                self.rotation_degrees,
-                self.horizontal_flip,
-                self.augment,
-                self.random_erasing,
-            )
-            # Without decoded images (a stage that does not train, such as test, set up before fit) the loader
-            # prepares them: its float batches pass through on_after_batch_transfer.
-            if augment_on == "device" and images is not None:
-                return CanvasDataset(images, [label for _, label in samples], RandomSteps(training), seed)
-            return ImageDataset(samples, training, seed, images)
-        evaluation = eval_transform(preprocessing)
-        if augment_on == "device":  # normalised on the device, by the same kernels
-            evaluation = T.Compose([*evaluation.transforms[:2], T.PILToTensor()])
-        return ImageDataset(samples, evaluation, seed, images)
+        """The split's images (`finetune.data.datasets.image_dataset`), from memory where decoded."""
+        training = split == "train"
+        return image_dataset(
+            self.splits[split],
+            preprocessing,
+            self.split_seed if training else 0,
+            self.images.decoded.get(split),
+            self.augment if training else "none",
+            augment_on,
+            self.crop_scale,
+            self.rotation_degrees,
+            self.horizontal_flip,
+            self.random_erasing,
+        )
 
     def _cache(self, split: str, preprocessing: Preprocessing) -> None:
         """Decodes the split into memory where `cache_images` and the memory limit allow it (once)."""
@@ -292,38 +257,13 @@ class ImageFolderDataModule(L.LightningDataModule):
             batch = self.mixing(*batch)  # labels become class probabilities
         return batch
 
-    def use_features(self, cache: dict[str, tuple[torch.Tensor, ...]]) -> None:
-        """Serves cached backbone features (see `finetune.features.cache`) instead of images from now on."""
-        if self.mixup or self.cutmix:
-            raise UsageError(
-                "data.mixup and data.cutmix mix images, not cached features: set strategy.cache_features=auto or false"
-            )
-        self.images.decoded.clear()  # the images are not needed any more
-        train = ViewDataset(*cache["train"])
-        self.datasets = {
-            "train": train,
-            **{split: FeatureDataset(*cache[split]) for split in ("val", "test") if split in cache},
-        }
-        self.serves_features = True
-
     def ordered_dataloader(self, split: str, view: int = 0, indices: Sequence[int] | None = None) -> DataLoader:
         """The split's images (or those at `indices`) in a fixed order, with the split's own transform; training
         images get the augmentation of epoch `view`."""
         dataset = self.datasets[split]
         if self.augment_on == "device":  # whatever the training loop gets, these batches come ready
             dataset = self._dataset(split, self.preprocessing, "loader")
-        indices = range(len(dataset)) if indices is None else indices
-        keys = [(index, view) for index in indices] if split == "train" else list(indices)
-        # Its own generator: otherwise each pass draws its workers' base seed from the global one, and a run that
-        # builds a feature cache would draw different dropout masks from one that does not.
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=keys,
-            generator=torch.Generator(),
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-        )
+        return ordered_loader(dataset, self.batch_size, self.num_workers, split == "train", view, indices)
 
     def evaluation_images(self, split: str, rank: int = 0, world_size: int = 1) -> Dataset:
         """The split's images as evaluated, `rank`'s share as its loader serves it (batches may hold features)."""

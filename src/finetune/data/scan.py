@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from finetune.data.images import load_rgb
+from finetune.errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,23 @@ STRONG_IMBALANCE = 3.0
 # 16x16 DCT bits (256): the 8x8 default calls distinct but alike images equal (neighbouring solar cells of ELPV
 # hash identically), while a resized or JPEG-recompressed copy stays within 6 bits of its original at 16x16.
 HASH_SIZE = 16
+
+
+def skip_unreadable(
+    images: Sequence[str], root: Path, cache_file: Path | None, strict: bool, hashes: bool = False
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The unreadable images among `images` (under `root`): skipped, each logged once, or with `strict` an error;
+    and with `hashes` the perceptual hash of every other image (`scan_images`)."""
+    bad, image_hashes = scan_images(images, cache_file, hashes=hashes)
+    if bad and strict:
+        path, reason = next(iter(bad.items()))
+        raise UsageError(
+            f"{len(bad)} unreadable image(s) under {root}, e.g. {path}: {reason}; fix or "
+            "remove them, or leave out data.strict=true to skip them"
+        )
+    for path, reason in bad.items():
+        log.warning("skipping %s: %s", path, reason)
+    return bad, image_hashes
 
 
 def unreadable_images(paths: Sequence[str], cache_file: Path | None, threads: int | None = None) -> dict[str, str]:

@@ -1,12 +1,31 @@
-"""Image transforms (torchvision.transforms.v2): what the pretrained weights expect, and training-time augmentation."""
+"""Image transforms (torchvision.transforms.v2): what the pretrained weights expect, training-time augmentation of
+each image (in the loader's workers), and of whole batches on the training device (data.augment_on=device).
+
+With `augment_on=loader` (the default) every loader worker crops, rotates, flips and normalises each image on
+the CPU. With `augment_on=device` the workers only hand over the decoded images (see `finetune.data.image_cache`) as
+uint8 tensors of one fixed size, with each image's random parameters, and the device does the rest for the
+whole batch at once: one `affine_grid` + `grid_sample` covers the random resized crop, the rotation and the
+flip, then the batch is normalised. A GPU then gets a third of the bytes over PCIe (uint8 at the resize size, not
+float32 at the crop size) and no per-image work waits on the CPU.
+
+The random parameters are drawn exactly as the loader-side transform draws them (the same torchvision
+`make_params` calls, in the same order, from a generator seeded by (seed, epoch, index)), so both places train
+on the same crops, angles and flips, and a resumed run draws what an uninterrupted one would. The pixels differ
+slightly: the loader resamples twice (crop-resize, then rotate) and rounds to uint8 in between; the device
+resamples once, in float.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+from torch.nn import functional as nnF
+from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as F
 
 from finetune.errors import UsageError
 from finetune.model.preprocessing import Preprocessing
@@ -118,3 +137,145 @@ def _to_normalised_tensor(preprocessing: Preprocessing) -> list:
         T.ToDtype(torch.float32, scale=True),
         T.Normalize(mean=list(preprocessing.mean), std=list(preprocessing.std)),
     ]
+
+
+# Whole batches on the training device (data.augment_on=device).
+
+PLACES = ("loader", "device")
+# Integer micro-degrees: batches then hold no floating-point tensor for a `*-true` precision plugin to cast.
+ANGLE_SCALE = 1_000_000
+
+
+def augmentation_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of one training image's augmentation in one epoch: the same in any worker and after a resume."""
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63
+
+
+class RandomSteps:
+    """The random steps of a training transform (`finetune.data.transforms.train_transform`), to draw their parameters.
+
+    Args:
+        transform: the loader-side training transform; its RandomResizedCrop, RandomRotation and
+            RandomHorizontalFlip steps are used as they are.
+    """
+
+    def __init__(self, transform: T.Compose) -> None:
+        steps = transform.transforms
+        self.crop = next(s for s in steps if isinstance(s, T.RandomResizedCrop))
+        self.rotation = next((s for s in steps if isinstance(s, T.RandomRotation)), None)
+        self.flip = next((s for s in steps if isinstance(s, T.RandomHorizontalFlip)), None)
+
+    def draw(self, image: torch.Tensor, seed: int) -> torch.Tensor:
+        """The parameters the loader-side transform would draw for `image` under `seed`, as 6 integers:
+        crop top, left, height, width (pixels of `image`), angle (micro-degrees), flip (0 or 1)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            box = self.crop.make_params([image])
+            angle = self.rotation.make_params([image])["angle"] if self.rotation else 0.0
+            flip = bool(torch.rand(1) < self.flip.p) if self.flip else False  # as RandomHorizontalFlip decides
+        return torch.tensor(
+            [box["top"], box["left"], box["height"], box["width"], round(angle * ANGLE_SCALE), int(flip)]
+        )
+
+
+class CanvasDataset(Dataset):
+    """Training images for device-side augmentation: each decoded image on a canvas of one fixed size, its label,
+    and its random parameters for the epoch.
+
+    Indexed by `(index, epoch)` keys (`EpochShuffler(keyed=True)`). An image smaller than the canvas sits in its
+    top-left corner, its last row and column repeated into the rest, so interpolation at its edges sees its own
+    pixels; the crop box never leaves the image.
+    """
+
+    def __init__(self, images: Sequence[torch.Tensor], labels: Sequence[int], steps: RandomSteps, seed: int) -> None:
+        self.images, self.labels, self.steps, self.seed = images, list(labels), steps, seed
+        self.canvas = (max(t.shape[1] for t in images), max(t.shape[2] for t in images))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, epoch = key
+        image = self.images[index]
+        params = self.steps.draw(image, augmentation_seed(self.seed, epoch, index))
+        return on_canvas(image, self.canvas), self.labels[index], params
+
+
+def on_canvas(image: torch.Tensor, canvas: tuple[int, int]) -> torch.Tensor:
+    """`image` (C, h, w) in the top-left corner of a (C, *canvas) tensor, its edges repeated outwards."""
+    height, width = image.shape[1:]
+    if (height, width) == canvas:
+        return image
+    out = image.new_empty(image.shape[0], *canvas)
+    out[:, :height, :width] = image
+    out[:, :height, width:] = image[:, :, -1:]
+    out[:, height:, :] = out[:, height - 1 : height, :]
+    return out
+
+
+class DeviceAugmentation:
+    """Crop-resize, rotation, flip and normalisation of a whole batch, where the batch is (a GPU, or the CPU).
+
+    Args:
+        crop_size: side of the square the network sees.
+        mean: per-channel mean of the normalisation.
+        std: per-channel standard deviation of the normalisation.
+        interpolation: "bilinear" or "bicubic" (the weights' resize interpolation; others fall back to bilinear).
+        rotates: whether the training transform rotates (then the corners outside the rotated crop are black, as
+            torchvision's RandomRotation leaves them).
+    """
+
+    def __init__(
+        self,
+        crop_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        interpolation: str = "bilinear",
+        rotates: bool = True,
+    ) -> None:
+        self.crop_size = crop_size
+        self.mean, self.std = list(mean), list(std)
+        self.mode = interpolation if interpolation in ("bilinear", "bicubic") else "bilinear"
+        self.rotates = rotates
+
+    def normalise(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 images to normalised float32, with the same torchvision kernels as the evaluation transform."""
+        return F.normalize(F.to_dtype(images, torch.float32, scale=True), self.mean, self.std)
+
+    def __call__(self, canvas: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        """Augments a batch.
+
+        Args:
+            canvas: (B, C, H, W) uint8 images (`CanvasDataset`).
+            params: (B, 6) integers from `RandomSteps.draw`.
+
+        Returns:
+            (B, C, crop_size, crop_size) float32, normalised.
+        """
+        batch, channels, height, width = canvas.shape
+        size = (batch, channels, self.crop_size, self.crop_size)
+        params = params.to(torch.float64)
+        top, left, box_h, box_w, angle, flip = params.unbind(1)
+        radians = angle / ANGLE_SCALE * (math.pi / 180)
+        cos, sin = radians.cos(), radians.sin()
+        sign = 1 - 2 * flip  # -1 flips: the loader flips last, so the inverse map flips first
+        # Output pixel (normalised, -1..1) -> unflipped -> unrotated (torchvision rotates counterclockwise about
+        # the centre) -> inside the crop box -> normalised canvas coordinates (align_corners=False throughout).
+        rotation = torch.stack([torch.stack([sign * cos, -sin], 1), torch.stack([sign * sin, cos], 1)], 1)
+        scale = torch.stack([box_w / width, box_h / height], 1).unsqueeze(2)
+        offset = torch.stack([(2 * left + box_w) / width - 1, (2 * top + box_h) / height - 1], 1).unsqueeze(2)
+        theta = torch.cat([rotation * scale, offset], 2).float()
+        grid = nnF.affine_grid(theta, size, align_corners=False)
+        images = nnF.grid_sample(canvas.float(), grid, mode=self.mode, padding_mode="border", align_corners=False)
+        if self.mode == "bicubic":
+            images = images.clamp_(0, 255)
+        if self.rotates:
+            # Where the unrotated point falls outside the crop, torchvision's rotation fills black. Its mask fades
+            # over half a pixel either side of the crop's edge, and it applies to a sample that already faded into
+            # its zero padding: the edge fades by the mask squared, here too.
+            inside = nnF.affine_grid(
+                torch.cat([rotation, torch.zeros_like(offset)], 2).float(), size, align_corners=False
+            )
+            fade = ((1 - inside.abs()) * (self.crop_size / 2) + 0.5).clamp_(0, 1)
+            images = images * (fade[..., 0] * fade[..., 1]).square().unsqueeze(1)
+        return F.normalize(images.div_(255), self.mean, self.std)

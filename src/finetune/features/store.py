@@ -1,17 +1,17 @@
-"""Features shared between the runs of one process: a depth study's folds and seeds run the frozen part once."""
+"""Features shared between the runs of one process: a depth study's folds and seeds run the frozen part once.
+
+One store per process that runs several runs (`finetune.training.run.run` is handed it by its caller); the
+DataModule takes it as `feature_store`."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 
+from finetune.features.cut import Cut
 from finetune.features.partial_forward import module_inputs
-
-if TYPE_CHECKING:
-    from finetune.features.cache import Cut
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +59,6 @@ class SharedFeatures:
             )
         features = torch.stack([self.by_path[path] for path, _ in samples])
         return features, torch.tensor([label for _, label in samples])
-
-
-SHARED = SharedFeatures()
 
 
 def _weights_digest(model) -> str:

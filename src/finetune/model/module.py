@@ -1,5 +1,6 @@
 """The LightningModule: a pretrained backbone, a new head, its steps, metrics and optimizer groups. What a fit does
-around them is in callbacks: `freezing.Unfreezing`, `callbacks`, `features.FeatureCache`, `figures.Figures`."""
+around them is in callbacks: `freezing.Unfreezing`, `callbacks`, `figures.Figures`; the DataModule decides whether it
+trains on cached features (`finetune.features.cache`)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from finetune.errors import UsageError
-from finetune.features.cache import Cut, classify_features
+from finetune.features.cache import classify_features
+from finetune.features.cut import Cut
 from finetune.model.backbones import create_backbone
 from finetune.model.freezing import (
     Unfreezing,
@@ -131,7 +133,11 @@ class ImageClassifier(L.LightningModule):
         self.schedule = unfreeze_schedule(self.blocks, name, unfreeze, unfreeze_epoch, unfreeze_every, unfreeze_limit)
         self.depth, self.frozen_blocks = -1, []
         set_depth(self, self.schedule.depth_at(0))  # the first epoch's, until a fit's Unfreezing takes over
-        self.features_cut: Cut | None = None  # set by features.FeatureCache
+        # Where the network is cut when batches hold cached features: the DataModule's choice, read in `setup`.
+        self.features_cut: Cut | None = None
+        # Set at fit start by callbacks.MemoryFormatAndCompile, once the device is known.
+        self.uses_channels_last = False  # the network is NHWC: batches are laid out to match
+        self.compiled = False  # the network is torch.compile'd (in place)
         self.head_input_dropout = dropout_before_head(self.network, self.head_name)
 
         self.loss = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -156,6 +162,10 @@ class ImageClassifier(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:  # what its settings ask of every fit, in any Trainer
         return [Unfreezing(), MemoryFormatAndCompile(), ResumeRandomState(), FixScheduleLength()]
+
+    def setup(self, stage: str) -> None:
+        # After the DataModule's setup: it serves cached features, cut where it says, or images.
+        self.features_cut = getattr(self.trainer.datamodule, "features_cut", None)  # any DataModule may train it
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A checkpoint says how to feed the model, whatever weights it started from.
@@ -201,7 +211,7 @@ class ImageClassifier(L.LightningModule):
     def _step(self, batch, stage: str) -> dict[str, torch.Tensor]:
         """The loss, and the logits for callbacks (`finetune.training.figures` keeps the misclassified test images)."""
         inputs, labels = batch
-        if getattr(self, "uses_channels_last", False) and inputs.dim() == 4:  # images, or cached feature maps
+        if self.uses_channels_last and inputs.dim() == 4:  # images, or cached feature maps
             inputs = inputs.contiguous(memory_format=torch.channels_last)
         logits = classify_features(self, inputs) if self.trains_on_features else self(inputs)
         loss = (self.training_loss_fn if stage == "train" else self.loss)(logits, labels)

@@ -1,13 +1,15 @@
 """Callbacks a fit of an `ImageClassifier` needs besides freezing: memory layout and compiling, and the random state
-a resumed run continues from (the model returns them from `configure_callbacks`, so every Trainer runs them); and
-the count of training images train.py reports (conf/callbacks)."""
+a resumed run continues from (the model returns them from `configure_callbacks`, so every Trainer runs them); the
+count of training images train.py reports (conf/callbacks); and the learning-rate finder (tune.lr_find)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateFinder
 from torch import nn
 
 from finetune.errors import UsageError
@@ -37,15 +39,18 @@ def prefers_channels_last(network: nn.Module, device: torch.device, compiled: bo
     return convolutions > 1 and (device.type == "cuda" or (device.type == "cpu" and not compiled))
 
 
+def wants_channels_last(model, device: torch.device, on_features: bool) -> bool:
+    """Whether the model's network runs NHWC on `device` (`model.channels_last`: True, False or "auto"); a network
+    that trains on cached features is never compiled."""
+    setting = model.hparams.channels_last
+    compiles = bool(model.hparams.get("compile")) and not on_features
+    return prefers_channels_last(model.network, device, compiles) if setting == "auto" else bool(setting)
+
+
 def use_memory_format(model, device: torch.device) -> None:
     """Lays the model's network out NHWC where that is faster (`channels_last`); its steps lay out the batches to
-    match (`uses_channels_last`). Called where the device is known: at fit start, and before a feature cache runs
-    the frozen part."""
-    setting = model.hparams.channels_last
-    compiles = bool(model.hparams.get("compile")) and not model.trains_on_features
-    model.uses_channels_last = (
-        prefers_channels_last(model.network, device, compiles) if setting == "auto" else bool(setting)
-    )
+    match (`uses_channels_last`). Called at fit start, where the device is known."""
+    model.uses_channels_last = wants_channels_last(model, device, model.trains_on_features)
     if model.uses_channels_last:
         model.network.to(memory_format=torch.channels_last)
 
@@ -57,7 +62,7 @@ class MemoryFormatAndCompile(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module) -> None:
         use_memory_format(pl_module, pl_module.device)
         setting = pl_module.hparams.get("compile", False)
-        if not setting or getattr(pl_module, "compiled", False):
+        if not setting or pl_module.compiled:
             return
         if pl_module.trains_on_features:
             # Training from the cut swaps the skipped modules' forward for the duration of each step, which a
@@ -111,3 +116,46 @@ class ImagesSeen(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_index: int) -> None:
         self.images += len(batch[1])
+
+
+class FindLearningRate(LearningRateFinder):
+    """Lightning's learning-rate range test at fit start (`tune.lr_find`), then training at its suggestion.
+
+    The suggestion becomes the head's rate (`model.hparams.lr`, so checkpoints and HPARAMS hold the rate that
+    trained); the unfrozen blocks' rate keeps its ratio to the head's; the optimizers are built again at those
+    rates. `chosen` holds them for metrics.json (`lr_find/lr`, `lr_find/backbone_lr`); the plot goes to
+    `plot_path`. No suggestion (too few steps): the configured rates stay, and `chosen` stays empty.
+
+    Args:
+        num_training_steps: learning rates tried (tune.num_training).
+        plot_path: where process 0 saves the loss-against-rate plot; None: no plot.
+    """
+
+    def __init__(self, num_training_steps: int = 100, plot_path: str | Path | None = None) -> None:
+        super().__init__(num_training_steps=num_training_steps, update_attr=False)
+        self.plot_path = Path(plot_path) if plot_path is not None else None
+        self.chosen: dict[str, float] = {}
+
+    def lr_find(self, trainer: L.Trainer, pl_module) -> None:
+        super().lr_find(trainer, pl_module)
+        finder, before = self.optimal_lr, pl_module.hparams.lr
+        # Lightning skips the first 10 points by default; a short search (few batches, early divergence) has fewer.
+        steps = len(finder.results["lr"]) if finder else 0
+        suggestion = finder.suggestion(skip_begin=min(10, steps // 4), skip_end=1) if steps >= 4 else None
+        if suggestion is None:
+            log.info("learning-rate finder: no suggestion (%d steps); keeping lr %.3g", steps, before)
+            return
+        pl_module.hparams.lr = suggestion
+        if pl_module.hparams.backbone_lr:
+            pl_module.hparams.backbone_lr *= suggestion / before
+        trainer.strategy.setup_optimizers(trainer)  # the optimizer groups and schedule, at the new rates
+        self.chosen = {"lr_find/lr": suggestion}
+        if pl_module.hparams.backbone_lr:
+            self.chosen["lr_find/backbone_lr"] = pl_module.hparams.backbone_lr
+        if self.plot_path is not None and trainer.is_global_zero:  # under DDP: process 0's results, broadcast
+            import matplotlib.pyplot as plt  # only runs that ask for the finder pay for matplotlib
+
+            figure = finder.plot(suggest=True)
+            figure.savefig(self.plot_path)
+            plt.close(figure)
+        log.info("learning-rate finder: lr %.3g (was %.3g); plot in %s", suggestion, before, self.plot_path)

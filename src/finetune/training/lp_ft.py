@@ -93,7 +93,7 @@ class LinearProbeFirst(L.Callback):
         if cut.module == head_name:
             return features.to(device).float(), labels.to(device)
         loader = DataLoader(TensorDataset(features, labels), batch_size=datamodule.batch_size)
-        layout = torch.channels_last if getattr(pl_module, "uses_channels_last", False) else torch.contiguous_format
+        layout = torch.channels_last if pl_module.uses_channels_last else torch.contiguous_format
         with skipping(network, cut.skipped):
             inputs, labels = module_inputs(network, head_name, loader, device, layout)
         return inputs.to(device), labels.to(device)

@@ -86,7 +86,7 @@ def inference_latency(pl_module, batch_size: int, repeats: int) -> dict[str, flo
     """Milliseconds per image of the whole network in eval mode on its device, on a batch of the trained size."""
     size = pl_module.preprocessing.crop_size
     images = torch.rand(batch_size, 3, size, size, device=pl_module.device)
-    if getattr(pl_module, "uses_channels_last", False):
+    if pl_module.uses_channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     network, was_training = pl_module.network, pl_module.network.training
     network.eval()

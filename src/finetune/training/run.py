@@ -18,12 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from finetune.config.checks import check_arguments
 from finetune.data.datamodule import ImageFolderDataModule
-from finetune.data.folders import write_skipped, write_split
-from finetune.data.groups import write_duplicates
 from finetune.errors import UsageError
+from finetune.features.store import SharedFeatures
 from finetune.model.freezing import describe
 from finetune.model.module import ImageClassifier
-from finetune.training.callbacks import ImagesSeen
+from finetune.training.callbacks import FindLearningRate, ImagesSeen
 from finetune.training.loggers import instantiate_loggers, log_hyperparameters
 from finetune.training.run_dir import SaveOnInterrupt, resume_from
 from finetune.training.scaling import check_distributed
@@ -55,11 +54,16 @@ for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utiliti
     logging.getLogger(_name).addFilter(_LightningNoise())
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
+def run(cfg: DictConfig, feature_store: SharedFeatures | None = None) -> dict[str, float]:
     """Trains, picks the best checkpoint by `monitor` (val/acc by default), tests it, writes `metrics.json`.
 
     Under DDP every process runs this function (Lightning starts the others at `trainer.fit`, or the cluster
     starts them all); each computes the same metrics, and process 0 alone writes files.
+
+    Args:
+        cfg: the composed configuration (conf/train.yaml); read, never changed.
+        feature_store: cached features kept between the runs of one process (a sweep's folds and seeds), owned
+            by the caller that runs them; None: this run's features are its own.
 
     Returns:
         The final metrics: `val/*` and `test/*` of the best checkpoint, its epoch, parameter counts, fit time.
@@ -79,29 +83,20 @@ def run(cfg: DictConfig) -> dict[str, float]:
         check_arguments(cfg, section)
     L.seed_everything(cfg.seed, workers=True)
 
-    datamodule: ImageFolderDataModule = instantiate(cfg.data)
+    datamodule: ImageFolderDataModule = instantiate(cfg.data, feature_store=feature_store)
     datamodule.prepare_data()  # the same split in every process: a function of the files and data.split_seed
     model: ImageClassifier = instantiate(
         cfg.model, class_names=datamodule.class_names, class_weights=datamodule.loss_weights()
     )
     log.info("model: %s", describe(model))
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
+    if cfg.tune.lr_find:  # Lightning's range test at fit start, on the data the fit serves (cached features too)
+        callbacks.append(FindLearningRate(cfg.tune.num_training, output_dir / "lr_find.png"))
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     check_distributed(trainer, datamodule.splits, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
-    writes = trainer.is_global_zero  # known from the environment as soon as the Trainer exists
-    if writes:
-        write_split(output_dir / "split.csv", datamodule.splits, datamodule.class_names, datamodule.root)
-        write_skipped(output_dir / "skipped_files.txt", datamodule.skipped)
-        write_duplicates(output_dir / "duplicates.csv", datamodule.leakage, datamodule.splits, datamodule.root)
     status = "failed"
     try:
-        if cfg.tune.lr_find:
-            find_learning_rate(trainer, model, datamodule, output_dir, cfg.tune.num_training)
-            # The run's record holds the rates it trains at, not the ones the finder replaced.
-            cfg.strategy.lr, cfg.strategy.backbone_lr = model.hparams.lr, model.hparams.backbone_lr
-            if writes and (output_dir / ".hydra" / "config.yaml").is_file():
-                OmegaConf.save(cfg, output_dir / ".hydra" / "config.yaml")
         started = time.perf_counter()
         with memory_hint(cfg):
             fit(trainer, model, datamodule, resume, output_dir)
@@ -117,7 +112,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         with memory_hint(cfg):
             metrics = _evaluate(cfg, trainer, model, datamodule, best or None) | last_epoch
         metrics |= run_facts(trainer, model, datamodule, fit_seconds, best)
-        if writes:
+        if trainer.is_global_zero:
             log_hyperparameters(trainer.loggers, cfg, model, metrics)
             (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
             log.info("final metrics (%s):\n%s", output_dir / "metrics.json", format_table(metrics))
@@ -131,7 +126,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
 def run_facts(
     trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule, fit_seconds: float, best: str
 ) -> dict[str, float]:
-    """What the metrics file records besides scores: parameters, data, epochs, time, throughput."""
+    """What the metrics file records besides scores: parameters, data, epochs, time, throughput, and the learning
+    rates the finder chose (`lr_find/lr`, `lr_find/backbone_lr`)."""
     # Under DDP, the images every process trained on.
     seen = sum(callback.images for callback in trainer.callbacks if isinstance(callback, ImagesSeen))
     images_seen = float(
@@ -156,6 +152,9 @@ def run_facts(
         facts["best_epoch"] = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
     if trainer.world_size > 1:
         facts["processes"] = trainer.world_size
+    for callback in trainer.callbacks:  # the rates the learning-rate finder chose, which trained
+        if isinstance(callback, FindLearningRate):
+            facts |= callback.chosen
     return facts
 
 
@@ -237,35 +236,6 @@ def memory_hint(cfg: DictConfig):
             f"{', or use trainer.precision=bf16-mixed' if bf16 else ''}; the checkpoints saved so far are in "
             f"{cfg.paths.output_dir}/checkpoints"
         ) from error
-
-
-def find_learning_rate(
-    trainer: L.Trainer, model: ImageClassifier, datamodule: ImageFolderDataModule, output_dir: Path, num_training: int
-) -> None:
-    """Runs Lightning's learning-rate finder, saves its plot, and trains with its suggestion.
-
-    The unfrozen blocks' learning rate keeps its ratio to the head's.
-    """
-    from lightning.pytorch.tuner import Tuner
-
-    before = model.hparams.lr
-    finder = Tuner(trainer).lr_find(model, datamodule=datamodule, num_training=num_training, update_attr=False)
-    # Lightning skips the first 10 points by default; a short search (few batches, early divergence) has fewer.
-    steps = len(finder.results["lr"]) if finder else 0
-    suggestion = finder.suggestion(skip_begin=min(10, steps // 4), skip_end=1) if steps >= 4 else None
-    if suggestion is None:
-        log.info("learning-rate finder: no suggestion (%d steps); keeping lr %.3g", steps, before)
-        return
-    import matplotlib.pyplot as plt
-
-    figure = finder.plot(suggest=True)
-    if trainer.is_global_zero:  # under DDP the finder's results and suggestion are process 0's, broadcast
-        figure.savefig(output_dir / "lr_find.png")
-    plt.close(figure)
-    model.hparams.lr = suggestion
-    if model.hparams.backbone_lr:
-        model.hparams.backbone_lr *= suggestion / before
-    log.info("learning-rate finder: lr %.3g (was %.3g); plot in %s", suggestion, before, output_dir / "lr_find.png")
 
 
 def format_table(metrics: dict[str, float]) -> str:

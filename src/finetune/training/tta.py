@@ -67,12 +67,12 @@ class TestTimeAugmentation(L.Callback):
     @torch.no_grad()
     def probabilities(self, pl_module: L.LightningModule, images: torch.Tensor) -> torch.Tensor:
         """The mean of the views' class probabilities for a batch of evaluation images."""
-        if getattr(pl_module, "uses_channels_last", False):
+        if pl_module.uses_channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return torch.stack([pl_module(view).softmax(dim=1) for view in views_of(images, self.views)]).mean(0)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        if self.metrics is None or getattr(pl_module, "trains_on_features", False):
+        if self.metrics is None or pl_module.trains_on_features:
             return
         images, labels = batch[0], batch[1]
         self.metrics.update(self.probabilities(pl_module, images), labels)
@@ -80,7 +80,7 @@ class TestTimeAugmentation(L.Callback):
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.metrics is None:
             return
-        if getattr(pl_module, "trains_on_features", False):
+        if pl_module.trains_on_features:
             self._classify_images_itself(trainer, pl_module)
         scores = self.metrics.compute()
         self.metrics = None
