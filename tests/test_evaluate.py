@@ -191,3 +191,23 @@ def test_an_unknown_split_is_one_line_naming_the_choices(tmp_path, trained_run):
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown split 'testing': choose split=train or split=val or split=test"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reset_collection_scores_the_next_epoch_as_a_fresh_one_would():
+    # Every epoch resets the collection; the per-class metrics share their compute group's state (the warning
+    # torchmetrics gives about their update count is silenced in finetune.model.metrics).
+    generator = torch.Generator().manual_seed(0)
+    epochs = [
+        (torch.randn(n, 3, generator=generator), torch.randint(0, 3, (n,), generator=generator)) for n in (50, 40)
+    ]
+    reused = classification_metrics(3, ["a", "b", "c"], prefix="val/")
+    for logits, labels in epochs:
+        reused.update(logits, labels)
+        scores = reused.compute()
+        reused.reset()
+    fresh = classification_metrics(3, ["a", "b", "c"], prefix="val/")
+    fresh.update(*epochs[-1])
+    expected = fresh.compute()
+    assert scores.keys() == expected.keys()
+    for key in expected:
+        assert torch.allclose(scores[key], expected[key]), key
