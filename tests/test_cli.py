@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 from conftest import CLASSES, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
@@ -43,6 +44,11 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
 
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(name.startswith("epoch") for name in checkpoints)
+    # best.ckpt: the checkpoint metrics.json scores, under a name that stays (the epoch's own file beside it).
+    (scored,) = (run / "checkpoints").glob("epoch*.ckpt")  # ModelCheckpoint's best (save_top_k=1)
+    best = run / "checkpoints" / "best.ckpt"
+    assert best.read_bytes() == scored.read_bytes()
+    assert torch.load(best, map_location="cpu", weights_only=True)["epoch"] == metrics["best_epoch"]
 
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     scalars = set(events.Tags()["scalars"])
