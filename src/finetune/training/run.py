@@ -23,6 +23,7 @@ from finetune.errors import UsageError
 from finetune.model.freezing import describe
 from finetune.model.module import ImageClassifier
 from finetune.training.callbacks import ImagesSeen
+from finetune.training.console import format_table, quiet_lightning
 from finetune.training.loggers import instantiate_loggers, log_hyperparameters
 from finetune.training.run_dir import SaveOnInterrupt, resume_from
 from finetune.training.scaling import check_distributed
@@ -40,18 +41,7 @@ warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
-class _LightningNoise(logging.Filter):
-    """Drops Lightning info lines that tell the user nothing: its "Tip: ... litlogger" advertisement (every fit), and
-    the note that the model's own callbacks (`configure_callbacks`) replace those of the fit when the same Trainer
-    tests the best checkpoint (as intended)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return "litlogger" not in message and "will override existing callbacks passed to Trainer" not in message
-
-
-for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):  # rank_zero_info's
-    logging.getLogger(_name).addFilter(_LightningNoise())
+quiet_lightning()
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -261,14 +251,3 @@ def find_learning_rate(
     if model.hparams.backbone_lr:
         model.hparams.backbone_lr *= suggestion / before
     log.info("learning-rate finder: lr %.3g (was %.3g); plot in %s", suggestion, before, output_dir / "lr_find.png")
-
-
-def format_table(metrics: dict[str, float]) -> str:
-    """The metrics as a two-column text table."""
-    width = max(len(name) for name in metrics)
-    lines = []
-    for name in sorted(metrics):
-        value = metrics[name]
-        shown = f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
-        lines.append(f"  {name:<{width}}  {shown:>12}")
-    return "\n".join(lines)
