@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config.checks import check_arguments
+from finetune.config.schema import check_resolved
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.data.folders import write_skipped, write_split
 from finetune.errors import UsageError
@@ -64,8 +64,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("monitor", "val/acc") not in MONITORS:
         raise UsageError(f"monitor={cfg.monitor}: choose one of {', '.join(MONITORS)} (the best checkpoint's score)")
     resume = resume_from(cfg.ckpt_path, output_dir)
-    for section in ("data", "model", "trainer"):
-        check_arguments(cfg, section)
+    check_resolved(cfg)  # the types themselves Hydra checked while composing (finetune.config.schema)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule: ImageFolderDataModule = instantiate(cfg.data)
