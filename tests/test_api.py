@@ -37,7 +37,8 @@ def test_train_then_load_and_predict(tmp_path, image_folder, monkeypatch):
     assert "unfreeze: 2" in (run / ".hydra" / "config.yaml").read_text()
     assert (run / ".hydra" / "overrides.yaml").exists() and (run / "tensorboard").is_dir()
 
-    classifier = finetune.load(run / "checkpoints" / "last.ckpt", device="cpu")
+    classifier = finetune.load(run, device="cpu")  # a run folder: its best model, the one metrics.json scores
+    assert classifier.loaded.checkpoint == run / "checkpoints" / "best.ckpt"
     assert classifier.class_names == list(CLASSES)
     paths = sorted(str(path) for path in image_folder.rglob("*.png"))[:5]
     from_paths = classifier.predict(paths)

@@ -6,6 +6,7 @@ import csv
 import json
 
 import pytest
+import torch
 from conftest import CLASSES, run_cli
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
@@ -37,12 +38,28 @@ def test_fine_tunes_an_image_folder_end_to_end(tmp_path, image_folder):
         assert 0.0 <= metrics[key] <= (1.0 if "loss" not in key else 100.0), key
     assert metrics["params/trainable"] == 889_923
     assert metrics["best_epoch"] in (0, 1)
-    assert "test/acc" in output and "final metrics" in output  # the table is printed
+    # The console: the final table holds validation and test scores and test per class (metrics.json has the
+    # rest); the summary lists the network, not the loss and metric modules; the restored checkpoint is named once.
+    table = output.split("final metrics")[1].splitlines()[1:]
+    shown = {line.split()[0] for line in table if line.startswith("  ")}
+    assert {"val/acc", "val/f1", "test/acc", "test/f1", *(f"test/f1_class/{name}" for name in CLASSES)} <= shown
+    assert all(name.startswith(("val/", "test/")) for name in shown)
+    assert not any(name.startswith("val/") and "_class/" in name for name in shown)
+    assert not any(name.startswith("train/") for name in shown) and "train/acc" in metrics
+    summary = output.split("the network:")[1][:500]
+    assert "MobileNetV2" in summary and "889 K" in summary
+    assert "CrossEntropyLoss" not in output and "MetricCollection" not in output and "FLOPs" not in output
+    assert output.count("Restoring states from the checkpoint") == 1
     # Lightning's noise stays out of the terminal.
     assert "litlogger" not in output and "LeafSpec" not in output and "will override existing callbacks" not in output
 
     checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert "last.ckpt" in checkpoints and any(name.startswith("epoch") for name in checkpoints)
+    # best.ckpt: the checkpoint metrics.json scores, under a name that stays (the epoch's own file beside it).
+    (scored,) = (run / "checkpoints").glob("epoch*.ckpt")  # ModelCheckpoint's best (save_top_k=1)
+    best = run / "checkpoints" / "best.ckpt"
+    assert best.read_bytes() == scored.read_bytes()
+    assert torch.load(best, map_location="cpu", weights_only=True)["epoch"] == metrics["best_epoch"]
 
     events = EventAccumulator(str(run / "tensorboard")).Reload()
     scalars = set(events.Tags()["scalars"])

@@ -1,21 +1,27 @@
-"""Loggers by config: TensorBoard (default), CSV and MLflow, several at once; each gets the hyperparameters and the
-best checkpoint's metrics, and the figures where it takes images."""
+"""Loggers by config: TensorBoard (default), CSV, MLflow and W&B, several at once; each gets the hyperparameters and
+the best checkpoint's metrics, and the figures where it takes images."""
 
 from __future__ import annotations
 
 import json
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import run_cli, run_multirun
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+from finetune.errors import UsageError
+from finetune.training import loggers
 
 TINY = (
     "model=mobilenet_v2",
@@ -61,7 +67,7 @@ def test_csv_and_mlflow_loggers_together(tmp_path, image_folder, monkeypatch):
 
 @pytest.mark.slow
 def test_an_unknown_logger_names_the_choices(tmp_path, image_folder):
-    result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", "logger=wandb", check=False)
+    result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", "logger=neptune", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "logger" in result.stderr and "tensorboard" in result.stderr
 
@@ -132,3 +138,75 @@ def _post_when_up(url: str, body: dict | None, timeout_s: float = 60.0):
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
+
+
+def wandb_records(path: Path):
+    """The records of a W&B run file (run-<id>.wandb): after a 7-byte header, LevelDB's log format, 32 KiB blocks
+    of chunks (checksum, length, type, data) where a record is one FULL chunk or FIRST, MIDDLE..., LAST."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, position, pending = path.read_bytes(), 32768, 7, b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # too short for a chunk header: the block's padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position : position + 7])
+        if kind == 0:
+            return
+        pending += data[position + 7 : position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+@pytest.mark.slow
+def test_wandb_logs_offline_into_the_run_dir(tmp_path, image_folder, monkeypatch):
+    pytest.importorskip("wandb")
+    # Any attempt to reach W&B's servers would fail, and show in its logs.
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_cache"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    run_cli(tmp_path, *TINY, f"data.root={image_folder}", "unfreeze=1", "logger=wandb")
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    [offline] = (run / "wandb").glob("offline-run-*")  # offline by default, in the run dir
+    history, config, summary = [], {}, {}
+    for record in wandb_records(next(offline.glob("run-*.wandb"))):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append(
+                {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
+        elif kind == "config":
+            config |= {item.key: json.loads(item.value_json) for item in record.config.update}
+        elif kind == "summary":
+            summary |= {
+                item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.summary.update
+            }
+    # The scalars TensorBoard gets: one val/acc per epoch, the train curves, the test scores.
+    assert len([row for row in history if "val/acc" in row]) == 2
+    assert {"train/loss", "val/loss", "val/f1", "test/acc", "test/f1_class/circle"} <= {
+        key for row in history for key in row
+    }
+    # The hyperparameters, and the best checkpoint's metrics beside them.
+    assert (config["strategy"], config["unfreeze"], config["seed"]) == ("finetune", "1", 42)
+    assert config["trainable_params"] == metrics["params/trainable"]
+    assert summary["best/val/acc"] == pytest.approx(metrics["val/acc"])
+    assert summary["best/test/acc"] == pytest.approx(metrics["test/acc"])
+    # The figures: a confusion matrix per validation epoch and the test's.
+    images = offline / "files" / "media" / "images"
+    assert len(list((images / "val").glob("confusion_matrix_*.png"))) == 2
+    assert len(list((images / "test").glob("confusion_matrix_*.png"))) == 1
+    assert "127.0.0.1:9" not in "".join(log.read_text() for log in run.rglob("debug*.log"))
+
+
+def test_a_logger_without_its_package_says_which_extra_to_install(monkeypatch):
+    find_spec = loggers.importlib.util.find_spec
+    monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name: None if name == "wandb" else find_spec(name))
+    config = OmegaConf.create({"wandb": {"_target_": "finetune.training.loggers.WandbLogger"}})
+    with pytest.raises(UsageError, match=r"logger=wandb needs the wandb package: pip install -e '\.\[wandb\]'"):
+        loggers.instantiate_loggers(config)

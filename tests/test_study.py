@@ -404,17 +404,33 @@ def test_the_pareto_plot_labels_never_overlap_however_close_the_points(tmp_path)
     assert all(figure.bbox.contains(box.x1, box.y1) and figure.bbox.contains(box.x0, box.y0) for box in boxes)
 
 
-# A depth study of two folds on the tiny generated folder, MobileNetV2 at random init, 32 px.
+# A depth study of two folds on the tiny generated folder, MobileNetV2 at random init, 32 px. data.folds=2 alone
+# makes the sweep run folds 0 and 1.
 TINY_STUDY = (
     "experiment=depth_study",
     "data.folds=2",
-    "data.fold=0,1",
     "model=mobilenet_v2",
     "model.weights=null",
     "data.image_size=32",
     "data.num_workers=0",
     "data.batch_size=8",
 )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (("data.folds=3", "data.fold=0,1,2,3"), "error: data.fold=0,1,2,3 is swept but data.folds=3 has folds 0..2"),
+        (("data.folds=2", "data.fold=range(0,5)"), "error: data.fold=0,1,2,3,4 is swept but data.folds=2"),
+        (("data.folds=null",), "is swept but data.folds=null (one fixed split, no folds)"),
+    ],
+)
+def test_a_sweep_whose_folds_contradict_data_folds_stops_before_its_first_run(tmp_path, overrides, message):
+    sweep = tmp_path / "study"
+    result = run_multirun(tmp_path, sweep, *TINY_STUDY, "data.root=/nowhere", *overrides, check=False)
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not sweep.exists()  # no run started
 
 
 @pytest.mark.slow

@@ -5,7 +5,12 @@ would make it; `finetune.load(checkpoint).predict(images)` classifies images. Im
 `import finetune.<module>` stays light.
 """
 
+from finetune.config import schema as _schema
+
 __all__ = ["load", "train"]
+
+# conf/train.yaml's structured configs, before any command or notebook composes it (Hydra's compose API included).
+_schema.register()
 
 
 def __getattr__(name: str):

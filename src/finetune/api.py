@@ -1,4 +1,4 @@
-"""The Python API, for notebooks: `finetune.train([...overrides])` and `finetune.load(checkpoint).predict(images)`.
+"""The Python API, for notebooks: `finetune.train([...overrides])` and `finetune.load(run_dir).predict(images)`.
 
 `train` composes the same configuration as `python train.py` (conf/train.yaml, Hydra's compose API), runs the same
 `finetune.training.run.run` in the same run dir layout (`.hydra/`, checkpoints, loggers, metrics.json) and returns the
@@ -104,10 +104,11 @@ def _prediction(row: torch.Tensor, class_names: list[str]) -> dict:
 
 
 def load(checkpoint: str | Path, device: str = "auto", image_size: int | None = None) -> Classifier:
-    """Loads a checkpoint written by training, for predictions.
+    """Loads a trained model for predictions: `load("outputs/<date>/<run>")` loads the run's best model.
 
     Args:
-        checkpoint: a .ckpt file written by training, as `python -m finetune.predict checkpoint=...` takes it.
+        checkpoint: a run folder (its `checkpoints/best.ckpt`, the model metrics.json scores), or a .ckpt file
+            written by training, as `python -m finetune.predict checkpoint=...` takes either.
         device: "auto", "cpu", "cuda", ...
         image_size: crop size; None: the size the run trained at.
     """

@@ -47,6 +47,7 @@ from hydra.errors import CompactHydraException, MissingConfigException, Override
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from finetune.config.schema import type_error
 from finetune.errors import UsageError, close_matches, find_usage_error, first_line
 from finetune.study.points import run_folder
 
@@ -249,6 +250,8 @@ def _config_error(error: BaseException, keys_of: type | None) -> str | None:
             "e.g. unfreeze=2 or data.split=[0.7,0.2,0.1]"
         )
     cause = error.__cause__ if isinstance(error, CompactHydraException) else error
+    if keys_of is None and (typed := type_error(cause)) is not None:  # train.py's data, model, trainer, strategy
+        return typed
     if isinstance(cause, OmegaConfBaseException) and cause.full_key:
         if type(cause).__name__ in ("ConfigKeyError", "ConfigAttributeError"):  # a key the config does not have
             return _unknown_key(error, cause, keys_of)

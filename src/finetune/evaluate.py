@@ -43,7 +43,7 @@ from finetune.model.plots import confusion_matrix_figure
 USAGE = """\
 usage: python -m finetune.evaluate checkpoint=<ckpt> data.root=<labelled folder> [key=value ...]
 
-  checkpoint   a checkpoint written by train.py, e.g. <run dir>/checkpoints/last.ckpt
+  checkpoint   a checkpoint written by train.py, e.g. <run dir>/checkpoints/best.ckpt
   data.root    one sub-folder of images per class (class names as in training; a subset is fine)
   split        train, val or test: score that part of the run's own split (its split.csv) instead of a whole
                folder; data.root then defaults to the run's

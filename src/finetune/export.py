@@ -1,7 +1,7 @@
 """Export a trained checkpoint to ONNX or TorchScript, normalisation included, and check it against PyTorch.
 
-    python -m finetune.export checkpoint=<run>/checkpoints/last.ckpt format=onnx output=model.onnx
-    python -m finetune.export checkpoint=<run>/checkpoints/last.ckpt format=torchscript output=model.pt
+    python -m finetune.export checkpoint=<run>/checkpoints/best.ckpt format=onnx output=model.onnx
+    python -m finetune.export checkpoint=<run>/checkpoints/best.ckpt format=torchscript output=model.pt
 
 The exported model takes a float32 RGB image batch in [0, 1], NCHW, at the training crop size (any batch size),
 and returns logits (softmax gives probabilities). Resizing and centre-cropping stay the caller's job; the
@@ -48,7 +48,7 @@ CHECK_SEED = 0
 USAGE = """\
 usage: python -m finetune.export checkpoint=<ckpt> format=onnx|torchscript output=<file> [key=value ...]
 
-  checkpoint   a checkpoint written by train.py, e.g. <run dir>/checkpoints/last.ckpt
+  checkpoint   a checkpoint written by train.py, e.g. <run dir>/checkpoints/best.ckpt
   format       onnx (checked with ONNX Runtime) or torchscript (torch.jit.trace, checked with torch.jit.load)
   output       the model file to write (its folder is created); <output>.classes.json is written beside it
   image_size   side of the square input (default: the size the run trained at, where recorded)

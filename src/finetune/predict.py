@@ -28,7 +28,7 @@ from finetune.inference.checkpoint import InferenceOptions, LoadedModel, load_mo
 USAGE = """\
 usage: python -m finetune.predict checkpoint=<ckpt> input=<image file or folder> output=<csv> [key=value ...]
 
-  checkpoint   a checkpoint written by train.py, e.g. <run dir>/checkpoints/last.ckpt
+  checkpoint   a checkpoint written by train.py, e.g. <run dir>/checkpoints/best.ckpt
   input        an image file, or a folder searched recursively for images (hidden files ignored)
   output       the CSV to write (its folder is created); an existing file is kept unless overwrite=true
   top_k        classes per image in the CSV (default 3; at most the number of classes)

@@ -27,7 +27,8 @@ class InferenceOptions:
     """The options of every command that runs a trained checkpoint over images.
 
     Attributes:
-        checkpoint: a checkpoint written by train.py (`<run dir>/checkpoints/last.ckpt` or the best epoch's).
+        checkpoint: a checkpoint written by train.py (`<run dir>/checkpoints/best.ckpt`, the one metrics.json
+            scores, or `last.ckpt`), or the run folder (its `checkpoints/best.ckpt`).
         batch_size: images per forward pass.
         device: "auto" (a CUDA GPU when there is one), "cpu", "cuda" or "cuda:N".
         image_size: crop size fed to the network; None: the size the run trained at, where it is recorded,
@@ -126,18 +127,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def checkpoint_file(text: str) -> Path:
-    """The checkpoint file named by the user, checked to exist.
+    """The checkpoint file named by the user, checked to exist; a run folder names its best model,
+    `checkpoints/best.ckpt`.
 
     Raises:
-        UsageError: it does not exist, or it is a folder (the message lists the checkpoints inside it).
+        UsageError: it does not exist, or it is a folder without `checkpoints/best.ckpt` (the message lists the
+            checkpoints inside it).
     """
     path = Path(text).expanduser()
+    if (path / "checkpoints" / "best.ckpt").is_file():
+        return path / "checkpoints" / "best.ckpt"
     if path.is_dir():
         found = sorted(str(p) for p in path.rglob("*.ckpt"))[:5]
         listed = f"; found: {', '.join(found)}" if found else "; it holds no .ckpt file"
-        raise UsageError(f"checkpoint={path} is a folder: pass a .ckpt file{listed}")
+        raise UsageError(f"checkpoint={path} is a folder without checkpoints/best.ckpt: pass a .ckpt file{listed}")
     if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist; pass checkpoint=<run dir>/checkpoints/last.ckpt")
+        raise UsageError(f"checkpoint {path} does not exist; pass checkpoint=<run dir>/checkpoints/best.ckpt")
     return path
 
 

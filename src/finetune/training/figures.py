@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import lightning as L
 import torch
-from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from finetune.model.plots import BackgroundFigures, confusion_matrix_figure, image_grid_figure
 
@@ -20,15 +20,28 @@ class _MLflowImages:
         self.experiment.log_image(self.run_id, image, artifact_file=f"figures/{tag}/step_{step:06d}.png")
 
 
+class _WandbImages:
+    """A W&B run as `BackgroundFigures` writes to it: `add_image(tag, image, step)` -> an image under `tag`, at
+    the step (trainer/global_step) the TensorBoard image has."""
+
+    def __init__(self, logger: WandbLogger) -> None:
+        self.logger = logger
+
+    def add_image(self, tag: str, image, step: int, dataformats: str = "HWC") -> None:
+        self.logger.log_image(key=tag, images=[image], step=step)
+
+
 def image_writers(trainer: L.Trainer) -> list:
     """What each logger that takes images writes them with (public APIs: TensorBoard's SummaryWriter.add_image,
-    MLflow's log_image); loggers without images (CSV) are left out."""
+    MLflow's log_image, Lightning's WandbLogger.log_image); loggers without images (CSV) are left out."""
     writers = []
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger):
             writers.append(logger.experiment)
         elif isinstance(logger, MLFlowLogger):
             writers.append(_MLflowImages(logger))
+        elif isinstance(logger, WandbLogger):
+            writers.append(_WandbImages(logger))
     return writers
 
 

@@ -1,27 +1,50 @@
-"""Loggers chosen by config (`logger=tensorboard`, `logger=csv`, `logger=mlflow`, or several at once:
+"""Loggers chosen by config (`logger=tensorboard`, `logger=csv`, `logger=mlflow`, `logger=wandb`, or several at once:
 `logger=[tensorboard,csv]`), and the hyperparameters each one records, with the best checkpoint's metrics."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from pathlib import Path
 
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
 from omegaconf import DictConfig
 from torch.utils.tensorboard.summary import hparams
+
+from finetune.errors import UsageError
 
 log = logging.getLogger(__name__)
 
 # The metrics runs are compared by (TensorBoard's HPARAMS tab shows five by default: these five).
 HPARAM_METRICS = ("val/acc", "val/f1", "val/loss", "test/acc", "test/f1")
 
+# The optional extras a logger needs: its option name in conf/logger -> (module, pyproject extra).
+EXTRAS = {"mlflow": ("mlflow", "mlflow"), "wandb": ("wandb", "wandb")}
+
+
+class WandbLogger(LightningWandbLogger):
+    """Lightning's W&B logger, with a W&B run of its own for every run: Lightning's would carry on logging into
+    the W&B run still open in the process (a sweep runs its jobs one after another in one process)."""
+
+    @property
+    def experiment(self):
+        import wandb
+
+        if self._experiment is None and wandb.run is not None:
+            wandb.finish()  # the previous run's: finished, its offline files complete
+        return super().experiment
+
 
 def instantiate_loggers(config: DictConfig | None) -> list[Logger]:
     """Every logger of the `logger` group selection (each option holds one `name: {_target_: ...}` entry)."""
     if not config:
         return []
+    for name, (module, extra) in EXTRAS.items():
+        if name in config and importlib.util.find_spec(module) is None:
+            raise UsageError(f"logger={name} needs the {module} package: pip install -e '.[{extra}]'")
     entries = [entry for entry in config.values() if entry and "_target_" in entry]
     if any(str(entry.get("tracking_uri", "")).startswith("file:") for entry in entries):
         # A file store in the run dir, as configured: MLflow 3 asks for this opt-in (it favours a database).
@@ -66,7 +89,8 @@ def log_hyperparameters(loggers: list[Logger], cfg: DictConfig, model, metrics: 
     and the best checkpoint's metrics as `best/<name>` scalars of one point each (new tags: the curves keep one point
     per epoch; sorted first, they are the five metric columns the tab shows). No experiment summary is written:
     TensorBoard then builds it from all the runs' sessions and marks the hyperparameters that differ.
-    CSV: `hparams.yaml`. MLflow: parameters, and the metrics as `best/<name>`.
+    CSV: `hparams.yaml`. MLflow: parameters, and the metrics as `best/<name>`. W&B: the run's config, and the
+    metrics as `best/<name>` in its summary (what its runs table compares).
     """
     params = hyperparameters(cfg, model)
     chosen = {name: metrics[name] for name in HPARAM_METRICS if name in metrics}
@@ -76,6 +100,9 @@ def log_hyperparameters(loggers: list[Logger], cfg: DictConfig, model, metrics: 
         elif isinstance(logger, MLFlowLogger):
             logger.log_hyperparams(params)
             logger.log_metrics({f"best/{name}": value for name, value in chosen.items()})
+        elif isinstance(logger, LightningWandbLogger):
+            logger.log_hyperparams(params)
+            logger.experiment.summary.update({f"best/{name}": value for name, value in chosen.items()})
         elif isinstance(logger, CSVLogger):
             logger.log_hyperparams(params)
             logger.save()

@@ -16,13 +16,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from finetune.config.checks import check_arguments
+from finetune.config.schema import check_resolved
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.errors import UsageError
 from finetune.features.store import SharedFeatures
 from finetune.model.freezing import describe
 from finetune.model.module import ImageClassifier
 from finetune.training.callbacks import FindLearningRate, ImagesSeen
+from finetune.training.console import format_table, quiet_lightning
 from finetune.training.loggers import instantiate_loggers, log_hyperparameters
 from finetune.training.run_dir import SaveOnInterrupt, resume_from
 from finetune.training.scaling import check_distributed
@@ -40,18 +41,7 @@ warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`
 warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
 
 
-class _LightningNoise(logging.Filter):
-    """Drops Lightning info lines that tell the user nothing: its "Tip: ... litlogger" advertisement (every fit), and
-    the note that the model's own callbacks (`configure_callbacks`) replace those of the fit when the same Trainer
-    tests the best checkpoint (as intended)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return "litlogger" not in message and "will override existing callbacks passed to Trainer" not in message
-
-
-for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):  # rank_zero_info's
-    logging.getLogger(_name).addFilter(_LightningNoise())
+quiet_lightning()
 
 
 def run(cfg: DictConfig, feature_store: SharedFeatures | None = None) -> dict[str, float]:
@@ -79,8 +69,7 @@ def run(cfg: DictConfig, feature_store: SharedFeatures | None = None) -> dict[st
     if cfg.get("monitor", "val/acc") not in MONITORS:
         raise UsageError(f"monitor={cfg.monitor}: choose one of {', '.join(MONITORS)} (the best checkpoint's score)")
     resume = resume_from(cfg.ckpt_path, output_dir)
-    for section in ("data", "model", "trainer"):
-        check_arguments(cfg, section)
+    check_resolved(cfg)  # the types themselves Hydra checked while composing (finetune.config.schema)
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule: ImageFolderDataModule = instantiate(cfg.data, feature_store=feature_store)
@@ -236,14 +225,3 @@ def memory_hint(cfg: DictConfig):
             f"{', or use trainer.precision=bf16-mixed' if bf16 else ''}; the checkpoints saved so far are in "
             f"{cfg.paths.output_dir}/checkpoints"
         ) from error
-
-
-def format_table(metrics: dict[str, float]) -> str:
-    """The metrics as a two-column text table."""
-    width = max(len(name) for name in metrics)
-    lines = []
-    for name in sorted(metrics):
-        value = metrics[name]
-        shown = f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
-        lines.append(f"  {name:<{width}}  {shown:>12}")
-    return "\n".join(lines)

@@ -5,17 +5,21 @@
 - `SaveOnInterrupt` (a Lightning callback) saves `checkpoints/last.ckpt` on Ctrl-C or SIGTERM, mid-epoch
   included, and `resume_from` finds it again: `python train.py <same overrides> hydra.run.dir=<run> ckpt_path=last`
   continues where training stopped.
+- `BestCheckpoint` (Lightning's ModelCheckpoint) keeps `checkpoints/best.ckpt`: the best epoch's checkpoint, the one
+  metrics.json scores, under a name predict, evaluate and export examples can use.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 from pathlib import Path
 
 import lightning as L
 from hydra.experimental.callback import Callback as HydraCallback
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
@@ -94,6 +98,39 @@ class SaveOnInterrupt(L.Callback):
             return  # nothing trained yet: there is nothing to keep
         self.saved = self.dirpath / "last.ckpt"
         trainer.save_checkpoint(self.saved)
+
+
+class BestCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also keeps `best.ckpt` beside its best file (e.g. `epoch07-0.8712.ckpt`): a hard link,
+    or a copy where the file system has none. The epoch's own file keeps its telling name; `best.ckpt` is the name
+    nobody has to guess. `ckpt_path=last` resumes from `last.ckpt` as before.
+
+    Args:
+        best_name: the file name of the stable copy, in `dirpath`.
+        **kwargs: ModelCheckpoint's (monitor, mode, save_top_k=1, ...).
+    """
+
+    def __init__(self, best_name: str = "best.ckpt", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.best_name = best_name
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        # With a monitor, this callback saves only new bests (and removes the previous one).
+        if trainer.is_global_zero and self.monitor is not None:
+            link_or_copy(Path(filepath), Path(filepath).with_name(self.best_name))
+
+
+def link_or_copy(source: Path, target: Path) -> None:
+    """Makes `target` the same file as `source` (a hard link, else a copy), replacing it in one step: a reader never
+    sees a half-written `target`."""
+    partial = target.with_name(f".{target.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        os.link(source, partial)
+    except OSError:  # no hard links here (some network and FAT file systems)
+        shutil.copyfile(source, partial)
+    os.replace(partial, target)
 
 
 def resume_from(ckpt_path: str | None, output_dir: Path) -> str | None:
