@@ -82,8 +82,7 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
             serves the frozen part's features instead of images (`finetune.features.cache.should_cache`, which
             reads the model being fitted); off by default outside train.py.
         feature_store: features kept between the runs of one process (`finetune.features.store`); None: none.
-        output_dir: where process 0 writes `split.csv`, `skipped_files.txt` and `duplicates.csv` under a Trainer
-            (None: nowhere).
+        output_dir: where process 0 writes split.csv, skipped_files.txt, duplicates.csv under a Trainer (or None).
         groups, group_by, duplicates, duplicate_distance: which images stay on one side of every split and fold,
             and the near-duplicates looked for (`finetune.data.groups.Leakage`).
     """
