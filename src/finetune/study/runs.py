@@ -68,6 +68,14 @@ class RunRow:
         return value if isinstance(value, int | float) else None
 
     @property
+    def rate(self) -> str | None:
+        """The pretrained layers' rate the run chose (`rate_search`): "0.1x" the head's, or "decay 0.7"; or None."""
+        if self.get("rate/backbone_factor") is None:
+            return None
+        decay = self.get("rate/layer_decay")
+        return f"decay {decay:g}" if decay else f"{self.get('rate/backbone_factor'):g}x"
+
+    @property
     def label(self) -> str:
         """model/strategy/unfreeze=N/seed=S (and /fold=F), for legends."""
         fold = f"/fold={self.fold}" if self.fold is not None else ""

@@ -43,6 +43,11 @@ def _metric(
     return _Column(header, csv_name, lambda row: row.get(key), shown, numeric=True, in_text=in_text)
 
 
+def _rates(stats) -> str:
+    labels = [run.rate for run in stats.point.done]
+    return " ".join(label or "-" for label in labels) if any(labels) else ""
+
+
 _RUN_COLUMNS = (
     _Column("job", "job", lambda row: row.job),
     _Column("status", "status", lambda row: row.status),
@@ -52,6 +57,7 @@ _RUN_COLUMNS = (
     _Column("seed", "seed", lambda row: row.seed),
     _Column("fold", "fold", lambda row: row.fold, optional=True),
     _Column("other", "other", lambda row: row.other, optional=True),
+    _Column("rate", "rate", lambda row: row.rate, optional=True),
     _metric("trainable params", "trainable_params", "params/trainable", _count),
     _metric("total params", "total_params", "params/total", _count, in_text=False),
     _metric("train acc", "train_acc", "train/acc"),
@@ -197,6 +203,8 @@ STUDY_COLUMNS = (
     _Column("macro-F1 % (95% CI)", "macro_f1", lambda s: _percent(s.f1), numeric=True),
     _Column("epochs", "epochs", _mean("epochs/used", _one_decimal), numeric=True),
     _Column("converged", "converged", _converged, numeric=True),
+    _Column("rate by run", "rates", _rates, optional=True),
+    _Column("rate search s", "rate_search_seconds", _mean("rate/search_seconds", _one_decimal), optional=True),
     _Column("train s", "fit_seconds", _mean("time/fit_seconds", _one_decimal), numeric=True),
     _Column("trainable params", "trainable_params", lambda s: trainable_params(s.point), _count, numeric=True),
     _Column("train img/s", "images_per_second", _mean("time/train_images_per_second", _one_decimal), numeric=True),

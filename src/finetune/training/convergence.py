@@ -1,19 +1,34 @@
-"""Training each point to its own convergence: early stopping that records how many epochs a run used.
+"""Each point of a study at its best: trained to its own convergence, at its own learning rate.
 
 A study that gives every depth the same epoch count favours whichever converges faster: a head on cached features
 needs many cheap epochs, a fine-tuned network fewer expensive ones. `experiment=depth_study` therefore trains every
 point until the validation loss has not improved for `patience` epochs (under a generous `trainer.max_epochs`),
-and this callback writes `convergence.json` into the run folder, which the report shows next to the accuracy.
+and `StopWhenConverged` writes `convergence.json` into the run folder, which the report shows next to the accuracy.
+
+One learning rate for every depth favours the depths it suits: 2 blocks and 17 need not want the same. With
+`rate_search` (on in the depth studies), `choose_rate` gives each run the pretrained layers' rate that does best on
+that run's own validation split, from a small grid (shares of the head's rate, and layer-wise decay), each candidate
+trained for a few epochs from the same start. The test split is never read, so a fold's choice cannot see the images
+it is scored on.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
+from omegaconf import DictConfig
+
+from finetune.features.cache import should_cache
+
+log = logging.getLogger(__name__)
 
 
 class StopWhenConverged(EarlyStopping):
@@ -42,3 +57,68 @@ class StopWhenConverged(EarlyStopping):
             "epochs/best_monitored": best if math.isfinite(best) else None,
         }
         (self.dirpath / "convergence.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def choose_rate(cfg: DictConfig, datamodule, build_model: Callable[..., L.LightningModule]) -> tuple[dict, dict]:
+    """The pretrained layers' learning rate for this run, chosen on its validation split (`rate_search`).
+
+    Every candidate of the grid trains a model built by `build_model` from the same seed for a few epochs on the
+    training split; the one with the lowest validation loss wins. Off (no overrides) when `rate_search` is null,
+    for strategies other than plain fine-tuning (`finetune`, `full`), and where only the head trains.
+
+    Args:
+        cfg: the run's configuration (`rate_search`, `strategy`, `trainer`, `seed`).
+        datamodule: the run's DataModule, prepared; its features are cached once and shared by the candidates.
+        build_model: makes the run's model, given overrides of `backbone_lr` and `layer_decay`.
+
+    Returns:
+        The model overrides to train with, and what metrics.json records of the choice (`rate/*`).
+    """
+    search = cfg.get("rate_search")
+    if not search or cfg.strategy.name not in ("finetune", "full") or str(cfg.unfreeze) == "0":
+        return {}, {}
+    lr = cfg.strategy.lr
+    candidates = {f"{factor:g}x": {"backbone_lr": lr * factor, "layer_decay": None} for factor in search.factors}
+    candidates |= {f"decay {decay:g}": {"backbone_lr": None, "layer_decay": decay} for decay in search.layer_decays}
+    started, losses = time.perf_counter(), {}
+    for label, overrides in candidates.items():
+        L.seed_everything(cfg.seed, workers=True)  # every candidate from the same head and the same batches
+        model = build_model(**overrides)
+        cached = should_cache(datamodule.cache_features, model, datamodule, datamodule.cache_views)[0] is not None
+        lowest = _LowestValidationLoss()
+        trainer: L.Trainer = instantiate(
+            cfg.trainer,
+            max_epochs=search.probe_epochs if cached else search.probe_epochs_uncached,
+            logger=False,
+            callbacks=[lowest],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+        trainer.fit(model, datamodule=datamodule)  # the training and validation splits only
+        losses[label] = lowest.value
+    chosen = min(losses, key=losses.get)
+    log.info(
+        "pretrained layers' rate, chosen on the validation split: %s (val/loss %s)",
+        chosen,
+        ", ".join(f"{label} {loss:.4f}" for label, loss in losses.items()),
+    )
+    overrides = candidates[chosen]
+    facts = {
+        "rate/backbone_factor": (overrides["backbone_lr"] or lr) / lr,
+        "rate/layer_decay": overrides["layer_decay"] or 0.0,
+        "rate/search_seconds": time.perf_counter() - started,
+    }
+    return overrides, facts | {f"rate/val_loss/{label}": loss for label, loss in losses.items()}
+
+
+class _LowestValidationLoss(L.Callback):
+    """The lowest `val/loss` over a fit's epochs (read after each validation, once the module has logged it)."""
+
+    def __init__(self) -> None:
+        self.value = math.inf
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
+            self.value = min(self.value, float(trainer.callback_metrics["val/loss"]))

@@ -9,6 +9,7 @@ import sys
 import time
 import warnings
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +25,7 @@ from finetune.model.freezing import describe
 from finetune.model.module import ImageClassifier
 from finetune.training.callbacks import FindLearningRate, ImagesSeen
 from finetune.training.console import format_table, quiet_lightning
+from finetune.training.convergence import choose_rate
 from finetune.training.loggers import instantiate_loggers, log_hyperparameters
 from finetune.training.run_dir import SaveOnInterrupt, resume_from
 from finetune.training.scaling import check_distributed
@@ -74,9 +76,12 @@ def run(cfg: DictConfig, feature_store: SharedFeatures | None = None) -> dict[st
 
     datamodule: ImageFolderDataModule = instantiate(cfg.data, feature_store=feature_store)
     datamodule.prepare_data()  # the same split in every process: a function of the files and data.split_seed
-    model: ImageClassifier = instantiate(
-        cfg.model, class_names=datamodule.class_names, class_weights=datamodule.loss_weights()
+    build_model = partial(
+        instantiate, cfg.model, class_names=datamodule.class_names, class_weights=datamodule.loss_weights()
     )
+    rate, rate_facts = choose_rate(cfg, datamodule, build_model)  # rate_search: this run's pretrained layers' rate
+    L.seed_everything(cfg.seed, workers=True)  # the model starts as it would without the search
+    model: ImageClassifier = build_model(**rate)
     log.info("model: %s", describe(model))
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
     if cfg.tune.lr_find:  # Lightning's range test at fit start, on the data the fit serves (cached features too)
@@ -100,7 +105,7 @@ def run(cfg: DictConfig, feature_store: SharedFeatures | None = None) -> dict[st
         }
         with memory_hint(cfg):
             metrics = _evaluate(cfg, trainer, model, datamodule, best or None) | last_epoch
-        metrics |= run_facts(trainer, model, datamodule, fit_seconds, best)
+        metrics |= run_facts(trainer, model, datamodule, fit_seconds, best) | rate_facts
         if trainer.is_global_zero:
             log_hyperparameters(trainer.loggers, cfg, model, metrics)
             (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
