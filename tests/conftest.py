@@ -14,6 +14,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("circle", "square", "stripes")
 
+# The smallest real run: MobileNetV2 at random init (nothing to download) on 32 px images, in this process.
+TINY = ("model=mobilenet_v2", "model.weights=null", "data.image_size=32", "data.batch_size=8", "data.num_workers=0")
+
 # A tiny run whose resumption is exact: deterministic kernels, a constant rate, one loader worker.
 RESUME = (
     "model=mobilenet_v2",

@@ -13,13 +13,11 @@ from collections import Counter
 import pytest
 import torch
 import yaml
-from conftest import REPO, make_image_folder, run_cli
+from conftest import REPO, TINY, make_image_folder, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-
-TINY = ("model=mobilenet_v2", "model.weights=null", "data.image_size=32", "data.batch_size=8", "data.num_workers=0")
 
 
 def assert_one_line_error(result, *expected: str) -> None:

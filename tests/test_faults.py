@@ -13,16 +13,10 @@ import numpy as np
 import pytest
 import torch
 from conftest import CLASSES, REPO, RESUME, draw, make_image_folder, offline_env, run_cli
+from conftest import TINY as TINY_RUN
 from PIL import Image
 
-TINY = (
-    "model=mobilenet_v2",
-    "model.weights=null",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "trainer.max_epochs=1",
-)
+TINY = (*TINY_RUN, "trainer.max_epochs=1")
 
 
 def make_messy_folder(root):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import TINY as TINY_RUN
 from conftest import run_cli, run_multirun
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -23,14 +24,7 @@ from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 from finetune.errors import UsageError
 from finetune.training import loggers
 
-TINY = (
-    "model=mobilenet_v2",
-    "model.weights=null",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.num_workers=0",
-    "trainer.max_epochs=2",
-)
+TINY = (*TINY_RUN, "trainer.max_epochs=2")
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from functools import partial
 
 import pytest
 import torch
-from conftest import REPO, run_multirun
+from conftest import REPO, TINY, run_multirun
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
@@ -15,13 +15,6 @@ from finetune.study.sweep import build_report
 from finetune.training.convergence import choose_rate
 
 SEARCH = "+rate_search={factors:[1.0,0.1],layer_decays:[0.7],probe_epochs:2,probe_epochs_uncached:1}"
-TINY = (
-    "model=mobilenet_v2",
-    "model.weights=null",
-    "data.image_size=32",
-    "data.batch_size=8",
-    "data.num_workers=0",
-)
 
 
 def _choose(cfg, relabel_test: bool):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, TINY, run_cli
 from torch.nn import functional as nnF
 from torchvision.transforms import v2 as T
 
@@ -19,8 +19,6 @@ from finetune.data.transforms import batch_mixing, eval_transform, train_transfo
 from finetune.errors import UsageError
 from finetune.model.module import ImageClassifier
 from finetune.training.tta import views_of
-
-TINY = ("model=mobilenet_v2", "model.weights=null", "data.image_size=32", "data.batch_size=8", "data.num_workers=0")
 
 
 def metrics_of(run: Path) -> dict:

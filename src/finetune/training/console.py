@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import lightning as L
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.utilities.model_summary import get_human_readable_count, summarize
 
@@ -14,6 +15,20 @@ log = logging.getLogger(__name__)
 # The final table: the best checkpoint's validation and test scores, and the test scores of each class.
 SHOWN_PREFIXES = ("val/", "test/", "test_tta/")
 PER_CLASS = "_class/"
+
+
+def quiet_trainer(trainer_config, callbacks=(), **overrides) -> L.Trainer:
+    """The run's Trainer for a side job (the best checkpoint's re-check, a rate probe): no logger, checkpoint,
+    progress bar or summary of its own; `overrides` on top (e.g. max_epochs)."""
+    return instantiate(
+        trainer_config,
+        logger=False,
+        callbacks=list(callbacks),
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        **overrides,
+    )
 
 
 def shown_metrics(metrics: dict[str, float]) -> dict[str, float]:

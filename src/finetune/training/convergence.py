@@ -22,11 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping
 from omegaconf import DictConfig
 
 from finetune.features.cache import should_cache
+from finetune.training.console import quiet_trainer
 
 log = logging.getLogger(__name__)
 
@@ -86,16 +86,8 @@ def choose_rate(cfg: DictConfig, datamodule, build_model: Callable[..., L.Lightn
         model = build_model(**overrides)
         cached = should_cache(datamodule.cache_features, model, datamodule, datamodule.cache_views)[0] is not None
         lowest = _LowestValidationLoss()
-        trainer: L.Trainer = instantiate(
-            cfg.trainer,
-            max_epochs=search.probe_epochs if cached else search.probe_epochs_uncached,
-            logger=False,
-            callbacks=[lowest],
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-        )
+        epochs = search.probe_epochs if cached else search.probe_epochs_uncached
+        trainer = quiet_trainer(cfg.trainer, [lowest], max_epochs=epochs, num_sanity_val_steps=0)
         trainer.fit(model, datamodule=datamodule)  # the training and validation splits only
         losses[label] = lowest.value
     chosen = min(losses, key=losses.get)

@@ -24,7 +24,7 @@ from finetune.features.store import SharedFeatures
 from finetune.model.freezing import describe
 from finetune.model.module import ImageClassifier
 from finetune.training.callbacks import FindLearningRate, ImagesSeen
-from finetune.training.console import format_table, quiet_lightning
+from finetune.training.console import format_table, quiet_lightning, quiet_trainer
 from finetune.training.convergence import choose_rate
 from finetune.training.loggers import instantiate_loggers, log_hyperparameters
 from finetune.training.run_dir import SaveOnInterrupt, resume_from
@@ -161,14 +161,7 @@ def _evaluate(
 ) -> dict[str, float]:
     # The best checkpoint's validation scores come from a trainer without a logger, so TensorBoard's val/*
     # curves keep one point per epoch; its test scores go to TensorBoard.
-    evaluator: L.Trainer = instantiate(
-        cfg.trainer,
-        logger=False,
-        callbacks=[],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
+    evaluator = quiet_trainer(cfg.trainer)
     results = evaluator.validate(model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True, verbose=False)[
         0
     ]
