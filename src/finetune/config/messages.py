@@ -87,6 +87,8 @@ def _unknown_key(error: BaseException, cause, keys_of: type | None) -> str:
     parent = cause.full_key.rpartition(".")[0]
     close = close_matches(str(cause.key), keys, prefix=f"{parent}." if parent else "")
     append = next((line.strip() for line in str(error).splitlines() if line.strip().startswith("To append")), "")
+    if cause.parent_node is not None and OmegaConf.get_type(cause.parent_node) not in (dict, None):
+        append = ""  # a structured section (finetune.config.schema): its constructor would refuse the new key
     return f"unknown key {cause.full_key}{close}" + (f"; {append[0].lower()}{append[1:]}" if append else "")
 
 
