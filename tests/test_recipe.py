@@ -186,7 +186,9 @@ def test_monitor_picks_the_checkpoint_metric_and_early_stopping_uses_it(tmp_path
     run = tmp_path / "run"
     checkpoint = torch.load(best_checkpoint(run), map_location="cpu", weights_only=False)
     monitors = {
-        key for key in checkpoint["callbacks"] if key.startswith("ModelCheckpoint") and "'monitor': 'val/f1'" in key
+        key
+        for key in checkpoint["callbacks"]
+        if key.startswith(("ModelCheckpoint", "BestCheckpoint")) and "'monitor': 'val/f1'" in key
     }
     assert monitors
     assert best_checkpoint(run).stem.endswith(f"{metrics_of(run)['val/f1']:.4f}")
