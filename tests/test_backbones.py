@@ -124,6 +124,7 @@ def test_crop_pct_one_keeps_the_border_of_the_image_the_weights_own_ratio_crops_
         ImageClassifier("mobilenet_v2", ["a", "b"], weights=None, crop_pct=1.5)
 
 
+@pytest.mark.slow  # a subprocess per case: about 6 s each
 def test_the_blocks_command_lists_the_blocks_of_bare_names_and_answers_a_mistake_in_one_line():
     command = [sys.executable, "-m", "finetune.blocks"]
     listed = subprocess.run([*command, "resnet18", "timm:resnet18"], capture_output=True, text=True, timeout=300)

@@ -143,6 +143,7 @@ def test_the_report_and_its_verdict_say_when_groups_were_used_and_warn_of_crossi
     assert report.study.verdict.endswith("may be too high (see duplicates.csv; data.duplicates=group).")
 
 
+@pytest.mark.slow  # a subprocess per case: about 6 s each
 @pytest.mark.parametrize("case", ["missing", "wrong columns", "path not in the folder", "both keys"])
 def test_a_bad_groups_setting_stops_with_one_line(tmp_path, image_folder, case):
     groups = tmp_path / "groups.csv"

@@ -103,6 +103,7 @@ def test_randaugment_erasing_mixup_cutmix_and_label_smoothing_train_through_the_
     assert checkpoint["hyper_parameters"]["label_smoothing"] == 0.1
 
 
+@pytest.mark.slow  # a subprocess per case: about 6 s each
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [

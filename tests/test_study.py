@@ -417,6 +417,7 @@ TINY_STUDY = (
 )
 
 
+@pytest.mark.slow  # a subprocess per case: about 6 s each
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
