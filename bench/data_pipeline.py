@@ -24,6 +24,7 @@ its images/s over the first's.
     python bench/data_pipeline.py --quick            # ~2 min on a 2-core CPU: 300 ELPV images, 224 px, 2 repeats
     python bench/data_pipeline.py                    # the whole ELPV set, 224 px, 3 epochs, 1 repeat
     python bench/data_pipeline.py --device cuda      # a GPU: bf16-mixed, channels-last (trainer=gpu's settings)
+    python bench/data_pipeline.py --smoke            # seconds, tiny generated images: the suite runs it
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ requires grad, i.e. backward never runs through the frozen prefix.
 
     python bench/depth_cost.py --quick      # ~2 min on a 2-core CPU: batch 8 at 128 px
     python bench/depth_cost.py              # batch 32 at 224 px (meant for a GPU)
+    python bench/depth_cost.py --smoke      # one step, batch 2 at 32 px: the suite runs it
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ travels is limited to 64 MiB):
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 -d .whl hydra-core==1.3.8 omegaconf==2.3.1
     python3 -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3   # sdist only on PyPI: a pure-Python wheel
     python bench/gpu.py --device cpu --tiny          # the same code path on the CPU (~8 min on 2 busy cores)
+    python bench/gpu.py --smoke                      # one tiny cell through train.py on the CPU: the suite runs it
 
 Then one device call, carry [".whl", ".elpv"], timeout_s 600 (the 480 s budget leaves two minutes spare):
 

@@ -18,6 +18,7 @@ per-epoch order (`EpochShuffler`, seed 0) and the same dropout masks (seeded ali
     python bench/step_overhead.py            # 20 epochs (1,160 steps), 3 repeats: about 30 s on 2 cores
     python bench/step_overhead.py --quick    # 5 epochs
     python bench/step_overhead.py --device cuda
+    python bench/step_overhead.py --smoke    # 1 epoch, 1 repeat: the suite runs it
 
 The last line is `overhead X ms a step, ratio Y`: (ours - plain) / training steps, and ours / plain.
 """
