@@ -64,11 +64,16 @@ def revision() -> str:
         return "unknown"
 
 
-def subset(root: Path, target: Path, per_class: int) -> Path:
-    """The first `per_class` images of each class folder (sorted by name), hard-linked (or copied) to target."""
+def subset(root: Path, target: Path, per_class: int | dict[str, int]) -> Path:
+    """The first `per_class` images of each class folder (sorted by name), hard-linked (or copied) to target;
+    `per_class` a dict: that many of each class it names, the other classes left out."""
+    counts = per_class if isinstance(per_class, dict) else None
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        if counts is not None and class_dir.name not in counts:
+            continue
         (target / class_dir.name).mkdir(parents=True)
-        for image in sorted(p for p in class_dir.iterdir() if p.is_file())[:per_class]:
+        count = counts[class_dir.name] if counts is not None else per_class
+        for image in sorted(p for p in class_dir.iterdir() if p.is_file())[:count]:
             try:
                 os.link(image, target / class_dir.name / image.name)
             except OSError:

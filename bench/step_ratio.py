@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -32,8 +31,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from common import add_smoke_argument, machine, revision, smoke_images, today
+from common import add_smoke_argument, machine, revision, smoke_images, subset, today
 from torch.nn import functional as F
+
+from finetune.data.demo import demo_root
 
 # The ELPV-400 subset of docs/depth-study.md: stratified, 275 functional and 125 defective cells.
 ELPV_400 = {"functional": 275, "defective": 125}
@@ -131,18 +132,6 @@ class FitTimer(L.Callback):
         return self.raw_steps * len(labels) / seconds
 
 
-def elpv_subset(target: Path, counts: dict[str, int]) -> Path:
-    """The first `counts[class]` images of each ELPV class (sorted by name), hard-linked into target."""
-    from finetune.data.demo import demo_root
-
-    root = demo_root("elpv")
-    for name, count in counts.items():
-        (target / name).mkdir(parents=True)
-        for image in sorted((root / name).iterdir())[:count]:
-            os.link(image, target / name / image.name)
-    return target
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
@@ -160,7 +149,7 @@ def main() -> None:
             overrides = ["data.image_size=32", "trainer.max_epochs=1", "data.num_workers=0", "data.batch_size=8"]
             raw_steps = 2
         else:
-            data = elpv_subset(work / "data", ELPV_400)
+            data = subset(demo_root("elpv"), work / "data", ELPV_400)
             overrides = ["data.image_size=224", f"trainer.max_epochs={args.epochs}"]
             raw_steps = args.raw_steps
         overrides = [
