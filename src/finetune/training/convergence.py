@@ -81,12 +81,14 @@ def choose_rate(cfg: DictConfig, datamodule, build_model: Callable[..., L.Lightn
     candidates = {f"{factor:g}x": {"backbone_lr": lr * factor, "layer_decay": None} for factor in search.factors}
     candidates |= {f"decay {decay:g}": {"backbone_lr": None, "layer_decay": decay} for decay in search.layer_decays}
     started, losses = time.perf_counter(), {}
+    epochs = None
     for label, overrides in candidates.items():
         L.seed_everything(cfg.seed, workers=True)  # every candidate from the same head and the same batches
         model = build_model(**overrides)
-        cached = should_cache(datamodule.cache_features, model, datamodule, datamodule.cache_views)[0] is not None
+        if epochs is None:  # the candidates differ in rates only: one cut decides for all
+            cut = should_cache(datamodule.cache_features, model, datamodule, datamodule.cache_views)[0]
+            epochs = search.probe_epochs if cut is not None else search.probe_epochs_uncached
         lowest = _LowestValidationLoss()
-        epochs = search.probe_epochs if cached else search.probe_epochs_uncached
         trainer = quiet_trainer(cfg.trainer, [lowest], max_epochs=epochs, num_sanity_val_steps=0)
         trainer.fit(model, datamodule=datamodule)  # the training and validation splits only
         losses[label] = lowest.value

@@ -8,10 +8,14 @@ import logging
 import os
 from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import OverrideParseException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import CSVLogger, Logger, MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.loggers import WandbLogger as LightningWandbLogger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard.summary import hparams
 
 from finetune.errors import UsageError
@@ -126,12 +130,6 @@ def _tensorboard_session(logger: TensorBoardLogger, params: dict, metrics: dict[
 def _swept_keys() -> set[str] | None:
     """The keys the current Hydra sweep varies (its multirun.yaml: command line and sweeper params); None outside a
     sweep, or where the sweep left no record."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import OverrideParseException
-    from hydra.types import RunMode
-    from omegaconf import OmegaConf
-
     if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
         return None
     record = Path(HydraConfig.get().sweep.dir) / "multirun.yaml"
@@ -147,8 +145,6 @@ def _swept_keys() -> set[str] | None:
 
 
 def _command_line_overrides() -> list[str]:
-    from hydra.core.hydra_config import HydraConfig
-
     return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
