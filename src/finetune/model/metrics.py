@@ -39,7 +39,7 @@ from torchmetrics.wrappers import ClasswiseWrapper
 
 # After a reset, the metrics a ClasswiseWrapper holds share their compute group's updated state but not its update
 # count, so torchmetrics warns at every epoch's compute that they were never updated; their values are right (tested
-# in tests/test_models.py against a fresh collection).
+# in tests/test_evaluate.py against a fresh collection).
 warnings.filterwarnings(
     "ignore", message=r"The ``compute`` method of metric Multiclass(Precision|Recall|F1Score) was called before"
 )
