@@ -25,6 +25,7 @@ RESULT_LINES = {
     "parity.py": rf".*; ratio {NUMBER}",
     "step_overhead.py": rf"overhead {NUMBER} ms a step, ratio {NUMBER}",
     "step_ratio.py": rf"step_ratio {NUMBER}",
+    "verdict_check.py": rf"verdict_check coverage {NUMBER} agreement {NUMBER} regret {NUMBER} repeats \d+",
 }
 # Smoke runs under about 10 s on 2 idle cores (most of it importing torch and Lightning); the others are slow.
 QUICK = {"elpv_compact.py"}

@@ -36,6 +36,16 @@ IMMATERIAL_FIT_SECONDS = 60.0
 IMMATERIAL_INFERENCE_MS = 1.0
 
 
+@dataclass(frozen=True)
+class Immaterial:
+    """The extra cost a better point estimate may have and still be recommended over the cheapest point.
+    Immaterial(0, 0): always the cheapest; Immaterial(inf, inf): always the best estimate (bench/verdict_check.py
+    weighs the three rules by their held-out regret)."""
+
+    fit_seconds: float = IMMATERIAL_FIT_SECONDS
+    inference_ms: float = IMMATERIAL_INFERENCE_MS
+
+
 @dataclass
 class PointStats:
     """One point's accuracy, F1 and cost. `per_unit`: its accuracy per fold, or correctness per test image."""
@@ -123,8 +133,9 @@ class Study:
         return "\n\n".join(group.verdict for group in self.groups)
 
 
-def analyse(report) -> Study | None:
-    """The study of a report's finished runs; None where there is nothing to compare (or no test split)."""
+def analyse(report, immaterial: Immaterial = Immaterial()) -> Study | None:
+    """The study of a report's finished runs; None where there is nothing to compare (or no test split).
+    `immaterial`: the recommendation rule's thresholds (the defaults are the report's)."""
     done = [run for run in report.rows if run.status == "done" and run.get("test/acc") is not None]
     if not done:
         return None
@@ -137,7 +148,7 @@ def analyse(report) -> Study | None:
     for (model, other), points in groups.items():
         stats = [s for s in (_point_stats(point, design) for point in points) if s is not None]
         if stats:
-            result.append(_group(f"{model} {other}".strip(), stats, design))
+            result.append(_group(f"{model} {other}".strip(), stats, design, immaterial))
     return Study(design, METHODS[design], result) if result else None
 
 
@@ -236,7 +247,7 @@ def compare(a: PointStats, b: PointStats, design: str) -> Comparison:
     return Comparison(a, b, estimate)
 
 
-def _group(title: str, points: list[PointStats], design: str) -> Group:
+def _group(title: str, points: list[PointStats], design: str, immaterial: Immaterial = Immaterial()) -> Group:
     # A point with one finished fold has no interval: shown in the table, compared once a second fold is in.
     ready = [p for p in points if design == SPLIT or p.acc.n >= 2] or points
     # The reference: the head alone, trained plainly (an LP-FT point at depth 0 is compared with it too).
@@ -248,7 +259,7 @@ def _group(title: str, points: list[PointStats], design: str) -> Group:
     vs_transfer, vs_best = _holm_adjusted(vs_transfer, vs_best, transfer)
     not_worse = [best] + [c.point for c in vs_best if not c.significant]
     cheapest = min(not_worse, key=cost_order)
-    affordable = [p for p in not_worse if p is cheapest or costs_immaterially_more(p, cheapest)]
+    affordable = [p for p in not_worse if p is cheapest or costs_immaterially_more(p, cheapest, immaterial)]
     recommended = max(affordable, key=lambda p: p.acc.mean)
     undecided = len(ready) > 1 and not any(c.significant for c in vs_transfer + vs_best)
     waiting = [p for p in points if p not in ready]
@@ -276,11 +287,11 @@ def cost_order(point: PointStats) -> tuple:
     return (seconds if seconds is not None else float("inf"), point.cost("params/trainable") or 0)
 
 
-def costs_immaterially_more(point: PointStats, cheapest: PointStats) -> bool:
-    """`point` costs the user at most IMMATERIAL_FIT_SECONDS more training per run than `cheapest`, and at most
-    IMMATERIAL_INFERENCE_MS more per image where both were timed; False where training time is unknown."""
+def costs_immaterially_more(point: PointStats, cheapest: PointStats, immaterial: Immaterial = Immaterial()) -> bool:
+    """`point` costs the user at most `immaterial.fit_seconds` more training per run than `cheapest`, and at most
+    `immaterial.inference_ms` more per image where both were timed; False where training time is unknown."""
     seconds, base = point.cost("time/fit_seconds"), cheapest.cost("time/fit_seconds")
-    if seconds is None or base is None or seconds - base > IMMATERIAL_FIT_SECONDS:
+    if seconds is None or base is None or seconds - base > immaterial.fit_seconds:
         return False
     ms, base_ms = point.cost("time/inference_ms_per_image"), cheapest.cost("time/inference_ms_per_image")
-    return ms is None or base_ms is None or ms - base_ms <= IMMATERIAL_INFERENCE_MS
+    return ms is None or base_ms is None or ms - base_ms <= immaterial.inference_ms
