@@ -79,11 +79,13 @@ def choose_rate(cfg: DictConfig, datamodule, build_model: Callable[..., L.Lightn
         return {}, {}
     lr = cfg.strategy.lr
     candidates = {f"{factor:g}x": {"backbone_lr": lr * factor, "layer_decay": None} for factor in search.factors}
-    candidates |= {f"decay {decay:g}": {"backbone_lr": None, "layer_decay": decay} for decay in search.layer_decays}
+    if str(cfg.unfreeze) != "1" or 1.0 not in search.factors:
+        # Layer decay keeps the last block at the head's rate: with one pretrained block to train, that is 1x again.
+        candidates |= {f"decay {d:g}": {"backbone_lr": None, "layer_decay": d} for d in search.layer_decays}
     started, losses = time.perf_counter(), {}
     epochs = None
     for label, overrides in candidates.items():
-        L.seed_everything(cfg.seed, workers=True)  # every candidate from the same head and the same batches
+        L.seed_everything(cfg.seed, workers=True, verbose=False)  # every candidate from the same start and batches
         model = build_model(**overrides)
         if epochs is None:  # the candidates differ in rates only: one cut decides for all
             cut = should_cache(datamodule.cache_features, model, datamodule, datamodule.cache_views)[0]

@@ -80,7 +80,7 @@ def run(cfg: DictConfig, feature_store: SharedFeatures | None = None) -> dict[st
         instantiate, cfg.model, class_names=datamodule.class_names, class_weights=datamodule.loss_weights()
     )
     rate, rate_facts = choose_rate(cfg, datamodule, build_model)  # rate_search: this run's pretrained layers' rate
-    L.seed_everything(cfg.seed, workers=True)  # the model starts as it would without the search
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the model starts as it would without the search
     model: ImageClassifier = build_model(**rate)
     log.info("model: %s", describe(model))
     callbacks = [instantiate(callback) for callback in cfg.callbacks.values()]
