@@ -174,6 +174,20 @@ def test_an_undecided_study_recommends_the_better_estimate_when_the_cheaper_save
     assert verdict.index("No difference") < verdict.index("Recommended") < verdict.index("cannot decide")
 
 
+def test_a_recommendation_that_is_both_the_best_and_the_cheapest_says_so(tmp_path):
+    # As on ELPV-400 (2026-12-06): transfer learning has the best estimate and is the cheapest point; "every cheaper
+    # point is significantly worse" would speak of points that do not exist.
+    sweep = tmp_path / "study"
+    for fold, noise in enumerate(FOLD_NOISE):
+        make_fold_run(sweep, 0, fold, 0.80 + noise, seconds=20)
+        make_fold_run(sweep, 2, fold, 0.79 - noise, seconds=200)
+
+    verdict = build_report(sweep).study.verdict
+    assert "Recommended: unfreeze=0 (80.0% accuracy, 95% CI" in verdict
+    assert "): the best point estimate, and the cheapest point." in verdict
+    assert "every cheaper point" not in verdict
+
+
 def test_holm_adjusted_p_values_decide_what_is_significant(tmp_path):
     # unfreeze=2 is +2.6 points over transfer learning with p = 0.034 alone (its interval excludes zero), but it is one
     # of three comparisons: Holm makes it 3 x 0.034 = 0.10, not significant. Both fine-tuned points cost minutes

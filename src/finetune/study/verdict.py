@@ -13,6 +13,7 @@ from finetune.study.analysis import (
     Group,
     PointStats,
     Study,
+    cost_order,
 )
 from finetune.study.leakage import verdict_caveat
 from finetune.study.stats import Estimate, images_to_resolve
@@ -95,6 +96,8 @@ def _recommendation(group: Group) -> tuple[str, Comparison | None]:
             None,
         )
     if recommended is best:
+        if not any(cost_order(p) < cost_order(best) for p in group.points):
+            return f"{head}: the best point estimate, and the cheapest point.", None
         return f"{head}: the best point estimate; every cheaper point is significantly worse.", None
     cited = group.between(best, recommended)
     d = cited.difference
