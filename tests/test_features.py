@@ -68,6 +68,87 @@ def test_a_later_run_in_the_process_reuses_the_features_of_the_same_frozen_weigh
     assert passes
 
 
+def frozen_part_inputs(model, datamodule, views: int, store: SharedFeatures | None = None):
+    """The cache `build_cache` makes, and the images it fed the network, in the order it fed them."""
+    cut, _ = should_cache("auto", model, datamodule, views)
+    fed = []
+    hook = model.network.register_forward_pre_hook(lambda _, arguments: fed.append(arguments[0].clone()))
+    try:
+        cache = build_cache(model, datamodule, cut, views, torch.device("cpu"), store)
+    finally:
+        hook.remove()
+    return cache, torch.cat(fed) if fed else torch.empty(0)
+
+
+def test_every_depth_trains_on_the_same_augmented_views_as_the_live_loader(image_folder):
+    """experiment=depth_study data.augment=basic: the views cached at every cut are the images unfreeze=all's live
+    loader serves in its first epochs."""
+    views = 2
+    fed = {}
+    for depth in (0, 2):  # two cuts: the head's input, and features.17's
+        model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze=depth)
+        datamodule = prepared(image_folder, model)
+        cache, images = frozen_part_inputs(model, datamodule, views)
+        train = len(datamodule.splits["train"])
+        assert cache["train"][0].shape[:2] == (views, train)
+        fed[depth] = images[: views * train]  # the training views come first, view by view, in split order
+    assert torch.equal(fed[0], fed[2])
+
+    full = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze="all")
+    live = prepared(image_folder, full)
+    served = [live.datasets["train"][(index, epoch)][0] for epoch in range(views) for index in range(train)]
+    assert torch.equal(fed[0], torch.stack(served))
+    assert not torch.equal(fed[0][:train], fed[0][train:])  # two views, not one image twice
+
+
+def test_the_folds_of_a_depth_share_each_images_augmented_views(image_folder):
+    """An image's view v is the same in every fold it trains in (seeded by its path, not its place in the fold), so
+    the next fold runs the frozen part only over the images and views it has not seen."""
+    model = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze=0)
+    store, views = SharedFeatures(), 2
+    folds = [prepared(image_folder, model, folds=3, fold=fold) for fold in (0, 2)]
+
+    def paths(datamodule, *splits):
+        return {path for split in splits for path, _ in datamodule.splits[split]}
+
+    def training_views(datamodule, fed):  # a fresh cache feeds every training view first, view by view
+        train = [path for path, _ in datamodule.splits["train"]]
+        return {(path, view): fed[view * len(train) + i] for view in range(views) for i, path in enumerate(train)}
+
+    _, fed_first = frozen_part_inputs(model, folds[0], views, store)
+    fresh, fed_second = frozen_part_inputs(model, folds[1], views)  # no store: every view computed in fold 2's order
+    both = paths(folds[0], "train") & paths(folds[1], "train")
+    places = [{path: i for i, (path, _) in enumerate(datamodule.splits["train"])} for datamodule in folds]
+    assert any(places[0][path] != places[1][path] for path in both)  # at other places in the two folds
+    first, second = training_views(folds[0], fed_first), training_views(folds[1], fed_second)
+    assert all(torch.equal(first[path, view], second[path, view]) for path in both for view in range(views))
+
+    reused, images = frozen_part_inputs(model, folds[1], views, store)
+    new_views = views * len(paths(folds[1], "train") - paths(folds[0], "train"))
+    new_plain = len(paths(folds[1], "val", "test") - paths(folds[0], "val", "test"))
+    assert len(images) == new_views + new_plain  # nothing seen in fold 0 runs again
+    for split in ("train", "val", "test"):  # batched differently: equal to rounding
+        torch.testing.assert_close(reused[split][0], fresh[split][0], rtol=1e-4, atol=1e-14)
+        assert torch.equal(reused[split][1], fresh[split][1])
+
+    other = prepared(image_folder, model, folds=3, fold=2, crop_scale=(0.5, 1.0))  # other views: nothing reused
+    _, images = frozen_part_inputs(model, other, views, store)
+    assert len(images) == views * len(paths(other, "train")) + len(paths(other, "val", "test"))
+
+
+def test_auto_caches_augmented_views_where_the_study_asks_and_trains_the_rest_live(image_folder):
+    transfer = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze=0)
+    augmented = prepared(image_folder, transfer)
+    assert not should_cache("auto", transfer, augmented, views=1)[0]
+    assert should_cache("auto", transfer, augmented, views=8)[0]
+    full = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze="all")
+    used, reason = should_cache("auto", full, prepared(image_folder, full), views=8)  # no error: live instead
+    assert not used and "every block trains" in reason
+    mixed = prepared(image_folder, transfer, mixup=0.2)
+    used, reason = should_cache("auto", transfer, mixed, views=8)
+    assert not used and "data.mixup and data.cutmix mix whole batches" in reason
+
+
 def test_cache_is_chosen_only_where_it_cannot_change_results(image_folder):
     transfer = ImageClassifier("mobilenet_v2", CLASSES, weights=None, image_size=32, unfreeze=0)
     plain, augmented = prepared(image_folder, transfer, augment=False), prepared(image_folder, transfer)

@@ -84,6 +84,8 @@ def make_fold_run(
     predictions: list[tuple[str, str, str]] | None = None,
     sizes=(250, 70, 80),
     strategy: str = "finetune",
+    augment: str | None = None,
+    cached_views: int | None = None,
 ) -> Path:
     name = run_folder(strategy, unfreeze)
     job = sweep / (f"{name}_fold-{fold}" if fold is not None else f"{name}_seed-{seed}")
@@ -93,8 +95,8 @@ def make_fold_run(
         "seed": seed,
         "unfreeze": unfreeze,
         "model": {"name": "tf_efficientnet_lite0"},
-        "strategy": {"name": strategy, "unfreeze": 2},
-        "data": data,
+        "strategy": {"name": strategy, "unfreeze": 2, "cache_views": 8},
+        "data": data | ({"augment": augment} if augment is not None else {}),
     }
     OmegaConf.save(OmegaConf.create(config), job / ".hydra" / "config.yaml")
     overrides = [f"unfreeze={unfreeze}", *([f"data.fold={fold}"] if fold is not None else [f"seed={seed}"])]
@@ -107,7 +109,7 @@ def make_fold_run(
         "time/fit_seconds": seconds,
         "params/trainable": 2562 if unfreeze == 0 else 900_000,
         "epochs": 12,
-    }
+    } | ({"data/cached_views": cached_views} if cached_views is not None else {})
     (job / "metrics.json").write_text(json.dumps(metrics))
     (job / "convergence.json").write_text(json.dumps({"epochs/used": 12, "epochs/converged": 1.0}))
     rows = [f"{split},a,x{i}.png" for split, n in zip(("train", "val", "test"), sizes, strict=True) for i in range(n)]
@@ -271,6 +273,41 @@ def test_lp_ft_points_are_named_compared_and_recommended_by_their_setting(tmp_pa
     verdict = build_report(sweep).study.verdict
     assert "LP-FT unfreeze=2 beats transfer learning (unfreeze=0) by +14.2 points" in verdict
     assert "Recommended: strategy=lp_ft unfreeze=2 (86.2% accuracy" in verdict
+
+
+def test_the_verdict_says_which_augmentation_regime_it_was_measured_under(tmp_path):
+    def study(name: str, augment, cached_views, differing_fold: int | None = None, differing: tuple = ()) -> str:
+        sweep = tmp_path / name
+        for fold, noise in enumerate(FOLD_NOISE):
+            for unfreeze, acc, seconds in ((0, 0.72, 20), (2, 0.84, 40), ("all", 0.85, 130)):
+                setting = differing if fold == differing_fold and unfreeze == 2 else (augment, cached_views)
+                views = setting[1] if unfreeze != "all" else 0  # no cache serves unfreeze=all: live
+                make_fold_run(sweep, unfreeze, fold, acc + noise, seconds, augment=setting[0], cached_views=views)
+        report = build_report(sweep)
+        write_report(report, sweep, plots=False)
+        assert report.study.verdict in (sweep / "report.md").read_text()
+        return report.study.verdict
+
+    plain = study("plain", "none", 1)
+    assert plain.startswith("Significant") and plain.endswith(" Measured without training-time augmentation.")
+    augmented = study("augmented", "basic", 8)
+    assert augmented.endswith(
+        " Measured with training-time augmentation basic: transfer learning (unfreeze=0) and unfreeze=2 trained on 8 "
+        "augmented views of each training image, cached once (epoch e on view e mod 8); unfreeze=all on live "
+        "augmentation, the same views in the first 8 epochs and new ones after."
+    )
+    # One fold of unfreeze=2 trained without augmentation: the runs of the group differ in regime.
+    mixed = study("mixed", "basic", 8, differing_fold=3, differing=("none", 1))
+    assert mixed.endswith(
+        " Caution: these runs were not trained under one augmentation regime (augmentation basic, "
+        "strategy.cache_views=8 in 14 runs; no augmentation in 1 run), so their differences are not the depth's alone."
+    )
+    # One fold of unfreeze=2 trained live (its cache declined): the same configuration, not the same training.
+    declined = study("declined", "basic", 8, differing_fold=3, differing=("basic", 0))
+    assert declined.endswith(
+        " Caution: unfreeze=2 trained on cached views in some runs and on live augmentation in others (a feature "
+        "cache declined: see each run's train.log), so their folds were not trained alike."
+    )
 
 
 def test_study_runs_are_named_by_depth_and_by_strategy_where_it_is_more_than_a_depth():
@@ -471,6 +508,33 @@ def test_lp_ft_points_join_a_study_through_the_command_line(tmp_path, image_fold
     names = {point.name for point in report.study.groups[0].points}
     assert names == {"transfer learning (unfreeze=0)", "unfreeze=1", "LP-FT unfreeze=0", "LP-FT unfreeze=1"}
     assert report.study.groups[0].transfer.point.strategy == "finetune"
+
+
+@pytest.mark.slow
+def test_a_small_depth_study_with_augmentation_through_the_command_line(tmp_path, image_folder):
+    # python train.py experiment=depth_study data.augment=basic: cached views for unfreeze=0, live for unfreeze=all.
+    sweep = tmp_path / "study"
+    run_multirun(
+        tmp_path,
+        sweep,
+        *TINY_STUDY,
+        f"data.root={image_folder}",
+        "data.augment=basic",
+        "strategy.cache_views=2",
+        "unfreeze=0,all",
+        "trainer.max_epochs=2",
+        "rate_search=null",
+        "callbacks.test_predictions.latency_batch=0",
+    )
+    for fold in (0, 1):
+        assert json.loads((sweep / f"unfreeze-0_fold-{fold}" / "metrics.json").read_text())["data/cached_views"] == 2
+        assert json.loads((sweep / f"unfreeze-all_fold-{fold}" / "metrics.json").read_text())["data/cached_views"] == 0
+    assert "feature cache: 2 training view(s)" in (sweep / "unfreeze-0_fold-0" / "train.log").read_text()
+    assert build_report(sweep).study.verdict.endswith(
+        " Measured with training-time augmentation basic: transfer learning (unfreeze=0) trained on 2 augmented views "
+        "of each training image, cached once (epoch e on view e mod 2); unfreeze=all on live augmentation, the same "
+        "views in the first 2 epochs and new ones after."
+    )
 
 
 @pytest.mark.slow

@@ -14,7 +14,14 @@ from torchvision.transforms import v2 as T
 from finetune.data.folders import Sample
 from finetune.data.images import load_rgb
 from finetune.data.samplers import EpochShuffler, FeatureDataset, ViewDataset, ViewSampler, as_batch
-from finetune.data.transforms import CanvasDataset, RandomSteps, augmentation_seed, eval_transform, train_transform
+from finetune.data.transforms import (
+    CanvasDataset,
+    RandomSteps,
+    augmentation_seed,
+    eval_transform,
+    image_key,
+    train_transform,
+)
 from finetune.model.backbones import Preprocessing
 
 
@@ -23,7 +30,8 @@ class ImageDataset(Dataset):
     (the same images decoded beforehand, see `finetune.data.image_cache`).
 
     Indexed by `(index, epoch)` (as `EpochShuffler(keyed=True)` yields), the random transform of an image is
-    seeded by (seed, epoch, index): the same augmentation whichever worker draws it, and after a resume.
+    seeded by (seed, epoch, its path): the same augmentation whichever worker draws it, after a resume, and in
+    every fold the image trains in.
     """
 
     def __init__(
@@ -33,6 +41,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.seed = seed
         self.images = images
+        self.keys = [image_key(path) for path, _ in self.samples]
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -45,7 +54,7 @@ class ImageDataset(Dataset):
             return self.transform(image), label
         # fork_rng: the global generator of the process (the training loop's, with workers=0) stays untouched.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(augmentation_seed(self.seed, epoch, index))
+            torch.manual_seed(augmentation_seed(self.seed, epoch, self.keys[index]))
             return self.transform(image), label
 
 
@@ -166,7 +175,8 @@ def image_dataset(
         # Without decoded images (a stage that does not train, such as test, set up before fit) the loader
         # prepares them: its float batches pass through on_after_batch_transfer.
         if augment_on == "device" and images is not None:
-            return CanvasDataset(images, [label for _, label in samples], RandomSteps(training), seed)
+            labels, keys = [label for _, label in samples], [image_key(path) for path, _ in samples]
+            return CanvasDataset(images, labels, RandomSteps(training), seed, keys)
         return ImageDataset(samples, training, seed, images)
     evaluation = eval_transform(preprocessing)
     if augment_on == "device":  # normalised on the device, by the same kernels

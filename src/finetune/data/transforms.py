@@ -9,14 +9,15 @@ flip, then the batch is normalised. A GPU then gets a third of the bytes over PC
 float32 at the crop size) and no per-image work waits on the CPU.
 
 The random parameters are drawn exactly as the loader-side transform draws them (the same torchvision
-`make_params` calls, in the same order, from a generator seeded by (seed, epoch, index)), so both places train
-on the same crops, angles and flips, and a resumed run draws what an uninterrupted one would. The pixels differ
+`make_params` calls, in the same order, from a generator seeded by (seed, epoch, image path)), so both places
+train on the same crops, angles and flips, and a resumed run draws what an uninterrupted one would. The pixels differ
 slightly: the loader resamples twice (crop-resize, then rotate) and rounds to uint8 in between; the device
 resamples once, in float.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 
@@ -146,9 +147,17 @@ PLACES = ("loader", "device")
 ANGLE_SCALE = 1_000_000
 
 
-def augmentation_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of one training image's augmentation in one epoch: the same in any worker and after a resume."""
-    return ((seed * 1_000_003 + epoch) * 1_000_033 + index) % 2**63
+def augmentation_seed(seed: int, epoch: int, image: int) -> int:
+    """The seed of one training image's augmentation in one epoch (`image`: its `image_key`): the same in any
+    worker, after a resume, and in any split or fold the image trains in."""
+    return ((seed * 1_000_003 + epoch) * 1_000_033 + image) % 2**63
+
+
+def image_key(path: str) -> int:
+    """An image's number for `augmentation_seed`, from its path rather than its place in a split: the folds of a
+    depth study put an image at different places, and its augmented view of epoch e should not move with it (the
+    feature store then shares the cached views of the folds, `finetune.features.store`)."""
+    return int.from_bytes(hashlib.blake2b(str(path).encode(), digest_size=8).digest(), "little") % 2**62
 
 
 class RandomSteps:
@@ -182,13 +191,20 @@ class CanvasDataset(Dataset):
     """Training images for device-side augmentation: each decoded image on a canvas of one fixed size, its label,
     and its random parameters for the epoch.
 
-    Indexed by `(index, epoch)` keys (`EpochShuffler(keyed=True)`). An image smaller than the canvas sits in its
-    top-left corner, its last row and column repeated into the rest, so interpolation at its edges sees its own
-    pixels; the crop box never leaves the image.
+    Indexed by `(index, epoch)` keys (`EpochShuffler(keyed=True)`); `keys`: each image's `image_key`. An image
+    smaller than the canvas sits in its top-left corner, its last row and column repeated into the rest, so
+    interpolation at its edges sees its own pixels; the crop box never leaves the image.
     """
 
-    def __init__(self, images: Sequence[torch.Tensor], labels: Sequence[int], steps: RandomSteps, seed: int) -> None:
-        self.images, self.labels, self.steps, self.seed = images, list(labels), steps, seed
+    def __init__(
+        self,
+        images: Sequence[torch.Tensor],
+        labels: Sequence[int],
+        steps: RandomSteps,
+        seed: int,
+        keys: Sequence[int],
+    ) -> None:
+        self.images, self.labels, self.steps, self.seed, self.keys = images, list(labels), steps, seed, list(keys)
         self.canvas = (max(t.shape[1] for t in images), max(t.shape[2] for t in images))
 
     def __len__(self) -> int:
@@ -197,7 +213,7 @@ class CanvasDataset(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         index, epoch = key
         image = self.images[index]
-        params = self.steps.draw(image, augmentation_seed(self.seed, epoch, index))
+        params = self.steps.draw(image, augmentation_seed(self.seed, epoch, self.keys[index]))
         return on_canvas(image, self.canvas), self.labels[index], params
 
 

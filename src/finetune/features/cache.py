@@ -6,7 +6,9 @@ part hands the first module that trains (computed in eval mode, as frozen blocks
 transfer learning, the first trained block's input for fine-tuning. Training then runs from there on: the
 architecture's dropout and the head, or the trained blocks and the head (`skipping`). Without training-time
 augmentation this is the same computation, epochs later for free; with augmentation the cache holds K augmented
-views of every training image and epoch e trains on view e mod K.
+views of every training image and epoch e trains on view e mod K. View v is the image the training loader serves in
+epoch v (seeded by the image's path and the epoch), so a depth study's uncached points (unfreeze=all), trained on
+live augmentation, see the same K views in their first K epochs as every cached depth does.
 
 Where a network is cut is found, and checked, on a random batch (`finetune.features.cut.find_cut`): a network
 that cannot run exactly from a cached activation is trained uncached, with the reason in the log. The DataModule
@@ -23,7 +25,7 @@ from torch import nn
 from finetune.data.image_cache import memory_limit
 from finetune.errors import UsageError
 from finetune.features.cut import Cut, find_cut
-from finetune.features.partial_forward import module_inputs, skipping
+from finetune.features.partial_forward import skipping
 from finetune.features.store import SharedFeatures
 from finetune.training.callbacks import wants_channels_last
 
@@ -36,8 +38,10 @@ def should_cache(mode: str | bool, model, datamodule, views: int = 1) -> tuple[C
     """Where to cut the network for training on cached features, or None; and why, for the log.
 
     Args:
-        mode: "auto" caches where it cannot change results (no training-time augmentation); True caches whatever
-            the augmentation (K augmented views); False never caches.
+        mode: "auto" caches where it cannot change results (no training-time augmentation), and with augmentation
+            caches `views` augmented views where `views` asks for more than one (then trains uncached where the
+            network cannot be cut: a depth study's option); True caches whatever the augmentation (K augmented
+            views), and stops where it cannot; False never caches.
         model: the `ImageClassifier`.
         datamodule: the `ImageFolderDataModule`, prepared.
         views: augmented views cached per training image (strategy.cache_views), for the memory estimate.
@@ -63,11 +67,16 @@ def should_cache(mode: str | bool, model, datamodule, views: int = 1) -> tuple[C
     if model.hparams.train_bn:
         blockers.append("train_bn=true changes the backbone's BatchNorm layers while training")
     if not blockers and datamodule.augments and mode == "auto":
-        return None, (
-            "feature cache off: training-time augmentation (data.crop_scale, data.rotation_degrees, "
-            "data.horizontal_flip) gives new images every epoch; strategy.cache_features=true caches "
-            "strategy.cache_views augmented views per image instead"
-        )
+        if datamodule.mixup or datamodule.cutmix:
+            return None, (
+                "feature cache off: data.mixup and data.cutmix mix whole batches of images, which cached "
+                "features cannot"
+            )
+        if views < 2:
+            return None, (
+                "feature cache off: training-time augmentation (data.augment) gives new images every epoch; "
+                "strategy.cache_views=K (K > 1) caches K augmented views per image instead"
+            )
     cut = None
     if not blockers:
         cut, why_not = find_cut(model.network, model.blocks, model.head_name, depth, model.preprocessing.crop_size)
@@ -118,9 +127,10 @@ def cached_features(
 def build_cache(
     model, datamodule, cut: Cut, views: int, device: torch.device, store: SharedFeatures | None = None
 ) -> dict[str, tuple[torch.Tensor, ...]]:
-    """The cut module's inputs for every split of `datamodule` (set up): `views` passes over the training images,
-    one over val and test. Without augmentation: one pass, through `store` (features kept for the next run in
-    this process; None: kept for this run only)."""
+    """The cut module's inputs for every split of `datamodule` (set up): with augmentation, `views` augmented views
+    of every training image (view v: what the training loader serves in epoch v); without, the plain images; val
+    and test never augmented. Through `store`: features kept for the next run in this process (None: for this run
+    only)."""
     if views < 1:
         raise UsageError(f"strategy.cache_views={views} must be at least 1")
     network = model.network.to(device)
@@ -128,20 +138,8 @@ def build_cache(
     layout = torch.channels_last if wants_channels_last(model, device, on_features=True) else torch.contiguous_format
     if layout == torch.channels_last:
         network.to(memory_format=layout)
-    if not datamodule.augments:
-        cache = (store or SharedFeatures()).inputs(model, datamodule, cut, device, layout)
-        cache["train"] = (cache["train"][0].unsqueeze(0), cache["train"][1])
-        _log_size(cache, cut)
-        return cache
-    passes = views
-    train_views = [
-        module_inputs(network, cut.module, datamodule.ordered_dataloader("train", view), device, layout)
-        for view in range(passes)
-    ]
-    cache = {"train": (torch.stack([v[0] for v in train_views]), train_views[0][1])}
-    for split in ("val", "test"):
-        if datamodule.datasets[split]:
-            cache[split] = module_inputs(network, cut.module, datamodule.ordered_dataloader(split), device, layout)
+    training_views = views if datamodule.augments else None
+    cache = (store or SharedFeatures()).inputs(model, datamodule, cut, device, layout, training_views)
     _log_size(cache, cut)
     return cache
 

@@ -20,45 +20,77 @@ class SharedFeatures:
     """Each image's features at one cut, kept for the next run in this process: the runs of a Hydra multirun (the
     folds and seeds of a depth study) share them instead of running the frozen part over the same images again.
 
-    Only features that do not change from run to run are kept: those of unaugmented images, under a key made of the
-    cut, the preprocessing, the memory layout and a digest of every weight outside the head (a new seed that only
-    redraws the head keeps the key; other weights, another cut or image size change it). One key at a time: the
-    study sweeps every fold of a depth before the next, so memory stays that of one run's cache.
+    Only features that do not change from run to run are kept: those of unaugmented images, and those of augmented
+    training views (view v of an image is what the training loader serves it in epoch v, seeded by the image's path,
+    not its place in the fold: `finetune.data.transforms.image_key`). The key is made of the cut, the preprocessing,
+    the memory layout, the augmentation's settings and seed where views are cached, and a digest of every weight
+    outside the head (a new seed that only redraws the head keeps the key; other weights, another cut or image size
+    change it). One key at a time: the study sweeps every fold of a depth before the next, so memory stays about that
+    of one run's cache (every image's views, not only one fold's training images').
     """
 
     def __init__(self) -> None:
         self.key: tuple | None = None
-        self.by_path: dict[str, torch.Tensor] = {}
+        self.by_image: dict[tuple[str, int | None], torch.Tensor] = {}  # (path, view; None: unaugmented)
 
-    def inputs(self, model, datamodule, cut: Cut, device, layout) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each non-empty split's features and labels: those kept reused, the rest computed (and kept)."""
-        key = (cut, repr(model.preprocessing), str(layout), _weights_digest(model))  # once a run: reads every weight
+    def inputs(
+        self, model, datamodule, cut: Cut, device, layout, views: int | None = None
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each non-empty split's features and labels: those kept reused, the rest computed (and kept). The training
+        features are (views, images, ...): `views` augmented views of each training image, or (None) the one plain
+        image; validation and test images are never augmented."""
+        augmentation = _augmentation(datamodule) if views else None
+        # Once a run: reads every weight.
+        key = (cut, repr(model.preprocessing), str(layout), augmentation, _weights_digest(model))
         if key != self.key:
-            self.key, self.by_path = key, {}
-        return {
-            split: self._split_inputs(model, datamodule, cut, split, device, layout)
-            for split in ("train", "val", "test")
-            if datamodule.splits[split]
-        }
+            self.key, self.by_image = key, {}
+        cache = {}
+        for split in ("train", "val", "test"):
+            if not datamodule.splits[split]:
+                continue
+            if split != "train":
+                cache[split] = self._split_inputs(model, datamodule, cut, split, None, device, layout)
+                continue
+            per_view = [
+                self._split_inputs(model, datamodule, cut, split, view, device, layout)
+                for view in (range(views) if views else [None])
+            ]
+            cache[split] = (torch.stack([features for features, _ in per_view]), per_view[0][1])
+        return cache
 
     def _split_inputs(
-        self, model, datamodule, cut: Cut, split: str, device, layout
+        self, model, datamodule, cut: Cut, split: str, view: int | None, device, layout
     ) -> tuple[torch.Tensor, torch.Tensor]:
         samples = datamodule.splits[split]
-        missing = [index for index, (path, _) in enumerate(samples) if path not in self.by_path]
+        missing = [index for index, (path, _) in enumerate(samples) if (path, view) not in self.by_image]
         if missing:
-            loader = datamodule.ordered_dataloader(split, indices=missing)
+            loader = datamodule.ordered_dataloader(split, view=view or 0, indices=missing)
             features, _ = module_inputs(model.network, cut.module, loader, device, layout)
-            self.by_path.update((samples[index][0], feature) for index, feature in zip(missing, features, strict=True))
+            self.by_image.update(
+                ((samples[index][0], view), feature) for index, feature in zip(missing, features, strict=True)
+            )
         if len(missing) < len(samples):
             log.info(
-                "feature cache: %d of %d %s images' features reused from an earlier run in this process",
+                "feature cache: %d of %d %s images' features reused from an earlier run in this process%s",
                 len(samples) - len(missing),
                 len(samples),
                 split,
+                f" (augmented view {view})" if view is not None else "",
             )
-        features = torch.stack([self.by_path[path] for path, _ in samples])
+        features = torch.stack([self.by_image[path, view] for path, _ in samples])
         return features, torch.tensor([label for _, label in samples])
+
+
+def _augmentation(datamodule) -> tuple:
+    """What, besides an image's path and the epoch, decides its augmented training view: the preset, its settings,
+    the seed, and whether it is cut from the decoded copy in memory (`finetune.data.image_cache`) or the file."""
+    settings = (
+        datamodule.crop_scale,
+        datamodule.rotation_degrees,
+        datamodule.horizontal_flip,
+        datamodule.random_erasing,
+    )
+    return datamodule.augment, settings, datamodule.split_seed, "train" in datamodule.images.decoded
 
 
 def _weights_digest(model) -> str:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.errors import UsageError
+from finetune.study.regime import Regime, run_regime
 
 DONE, FAILED, INCOMPLETE = "done", "failed", "incomplete"
 # Files a run's callbacks write beside metrics.json, merged into its metrics (convergence.json: epochs used and
@@ -44,6 +45,8 @@ class RunRow:
         error: the failure's message, for a failed run.
         point: what identifies the run's point: its configuration without `seed` and `data.fold`.
         split_sizes: images per split (train, val, test) from the run's split.csv.
+        regime: the training-time augmentation it was configured with (`finetune.study.regime`); None where its
+            configuration does not say.
     """
 
     job: str
@@ -61,6 +64,7 @@ class RunRow:
     error: str | None = None
     point: str = ""
     split_sizes: dict[str, int] = field(default_factory=dict)
+    regime: Regime | None = None
 
     def get(self, key: str) -> float | None:
         """A metric of metrics.json (`test/acc`, `params/trainable`, ...), None if the run did not write it."""
@@ -158,6 +162,7 @@ def read_run(path: Path) -> RunRow:
         row.unfreeze, row.seed = _normalise_unfreeze(_select(config, "unfreeze")), _select(config, "seed")
         row.folds = _select(config, "data.folds")
         row.fold = _select(config, "data.fold") if row.folds else None
+        row.regime = run_regime(config)
         config.pop("seed", None)
         if row.folds:
             config.data.pop("fold", None)

@@ -1,6 +1,6 @@
 """The verdict of a study in plain words, in the order a user acts on it: first the differences that are significant
 (Holm-adjusted, with their 95% intervals), then the recommendation and why, then what the data cannot decide and
-roughly how many images would."""
+roughly how many images would; last, the training-time augmentation it was measured under."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from finetune.study.analysis import (
     cost_order,
 )
 from finetune.study.leakage import verdict_caveat
+from finetune.study.regime import regime_sentence
 from finetune.study.stats import Estimate, images_to_resolve
 
 
@@ -30,11 +31,12 @@ def interval_text(estimate: Estimate) -> str:
 
 
 def judge(study: Study | None) -> Study | None:
-    """Sets every group's verdict (the words of `verdict_text`, and what the splits did about related images) and
-    returns the study."""
+    """Sets every group's verdict (the words of `verdict_text`, the augmentation regime it was measured under, and
+    what the splits did about related images) and returns the study."""
     for group in study.groups if study is not None else []:
         runs = [run for point in group.points for run in point.point.done]
-        group.verdict = verdict_text(group, study.design, titled=len(study.groups) > 1) + verdict_caveat(runs)
+        verdict = verdict_text(group, study.design, titled=len(study.groups) > 1)
+        group.verdict = verdict + regime_sentence(group.points) + verdict_caveat(runs)
     return study
 
 

@@ -137,6 +137,9 @@ def run_facts(
         "data/cross_split_duplicates": datamodule.leakage.crossing(datamodule.splits),
         "data/imbalance": datamodule.imbalance,
         "data/balanced": float(datamodule.balance is not None),
+        # The augmentation regime the study reports (finetune.study.regime): the views of each training image
+        # served from the feature cache (K augmented ones, or the plain one), 0 where the fit trained on images.
+        "data/cached_views": datamodule.datasets["train"].views if datamodule.serves_features else 0,
         "epochs": trainer.current_epoch,
         "time/fit_seconds": fit_seconds,
         # Over the whole fit, validation included: what a user waits for, per training image.
