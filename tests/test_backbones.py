@@ -139,3 +139,20 @@ def test_the_blocks_command_lists_the_blocks_of_bare_names_and_answers_a_mistake
     assert wrong.stderr.strip().splitlines() == [
         "error: unknown key 'numclasses' (did you mean num_classes?); valid keys: models, num_classes"
     ]
+
+
+def test_a_timm_model_is_built_without_importing_wandb(tmp_path):
+    """timm's `import wandb` (timm.utils.summary, for its own training script) was most of timm's import time and wraps
+    sys.stdout: building a timm model leaves wandb out, and wandb still imports afterwards (logger=wandb)."""
+    code = (
+        "import importlib.util, sys\n"
+        "from finetune.model.backbones import create_backbone\n"
+        "create_backbone('tf_efficientnet_lite0', 2, source='timm', weights=None)\n"
+        "assert 'timm' in sys.modules, 'timm was not imported'\n"
+        "assert 'wandb' not in sys.modules, 'building a timm model imported wandb'\n"
+        "if importlib.util.find_spec('wandb'):\n"
+        "    import wandb\n"
+        "    assert hasattr(wandb, 'init'), 'wandb no longer imports'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]

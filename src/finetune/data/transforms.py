@@ -30,6 +30,7 @@ from torchvision.transforms.v2 import functional as F
 
 from finetune.errors import UsageError
 from finetune.model.preprocessing import Preprocessing
+from finetune.model.timm_import import import_timm
 
 
 def eval_transform(preprocessing: Preprocessing) -> T.Compose:
@@ -40,12 +41,11 @@ def eval_transform(preprocessing: Preprocessing) -> T.Compose:
     if preprocessing.crop_mode == "squash":
         resize = [T.Resize((size, size), interpolation=interpolation, antialias=True), T.CenterCrop(crop)]
     elif preprocessing.crop_mode == "border":
-        from timm.data.transforms import CenterCropOrPad, ResizeKeepRatio
-
+        timm_transforms = import_timm().data.transforms
         fill = [round(255 * value) for value in preprocessing.mean]
         resize = [
-            ResizeKeepRatio(size, interpolation=preprocessing.interpolation, longest=1.0),
-            CenterCropOrPad(crop, fill=fill),
+            timm_transforms.ResizeKeepRatio(size, interpolation=preprocessing.interpolation, longest=1.0),
+            timm_transforms.CenterCropOrPad(crop, fill=fill),
         ]
     else:
         resize = [T.Resize(size, interpolation=interpolation, antialias=True), T.CenterCrop(crop)]

@@ -29,6 +29,7 @@ from finetune.model.heads import (
 )
 from finetune.model.packaged_weights import PACKAGED_WEIGHTS
 from finetune.model.preprocessing import Preprocessing
+from finetune.model.timm_import import import_timm
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ def _create_torchvision(name: str, weights: str | None) -> tuple[nn.Module, Prep
 
 
 def _create_timm(name: str, weights: str | None) -> tuple[nn.Module, Preprocessing, str]:
-    import timm
+    timm = import_timm()
 
     base_name = name.split(".")[0]
     if not timm.is_model(base_name):
@@ -234,7 +235,7 @@ def _create_timm(name: str, weights: str | None) -> tuple[nn.Module, Preprocessi
 
 def _hub_id(name: str) -> str:
     """The Hugging Face hub repository timm downloads `name`'s weights from."""
-    import timm
+    timm = import_timm()
 
     config = timm.models.get_pretrained_cfg(name)
     return (config.hf_hub_id if config else None) or f"timm/{name}"

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from finetune.model.timm_import import import_timm
+
 # timm's sentinel: a match with this suffix joins the group before it.
 _JOIN_PREVIOUS = (99999,)
 
@@ -143,7 +145,7 @@ def split_into_blocks(network: nn.Module, matcher: dict, head_name: str) -> list
     Returns:
         The blocks, from the input to the output.
     """
-    from timm.models import group_parameters
+    group_parameters = import_timm().models.group_parameters
 
     head_prefix = head_name + "."
     # Whatever no pattern matches (pre-logits layers, final norms; the head, left out below) joins the last block.

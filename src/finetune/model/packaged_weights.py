@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from finetune.model.timm_import import import_timm
+
 # BatchNorm's step counter. It is bookkeeping, not a learned value, and some
 # exporters leave it out, so it is kept out of the positional matching.
 _COUNTER_SUFFIX = "num_batches_tracked"
@@ -98,7 +100,7 @@ def map_by_position(
 
 @functools.cache
 def _timm_shapes(timm_name: str) -> dict[str, tuple[int, ...]]:
-    import timm
+    timm = import_timm()
 
     # On the meta device no memory is allocated and no weights are initialised:
     # only the key order and the shapes are needed here.
