@@ -203,6 +203,7 @@ class Parity:
             f"trainer.max_epochs={epochs}",
             "trainer.enable_progress_bar=false",
             f"trainer.accelerator={'gpu' if device.type == 'cuda' else 'cpu'}",
+            "trainer.precision=32-true",  # the plain loop's
         ]
         if num_workers is not None:
             self.overrides.append(f"data.num_workers={num_workers}")

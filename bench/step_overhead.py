@@ -150,6 +150,7 @@ def run_ours(data: CachedFeatures, epochs: int, out_dir: Path, device: torch.dev
                 f"trainer.max_epochs={epochs}",
                 "trainer.enable_progress_bar=false",
                 f"trainer.accelerator={accelerator}",
+                "trainer.precision=32-true",  # the plain loop's
                 "+trainer.enable_model_summary=false",
             ],
         )

@@ -27,6 +27,9 @@ RESUME = (
     "data.augment=basic",  # augmentation's random state must resume too
     "strategy.scheduler=constant",
     "trainer.deterministic=true",
+    # trainer.precision=auto decides on a timing, which the straight and the interrupted run's processes could read
+    # differently (a resumed run keeps its checkpoint's precision; the straight run has no checkpoint to read).
+    "trainer.precision=32-true",
 )
 
 

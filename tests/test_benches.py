@@ -18,6 +18,7 @@ from conftest import REPO, offline_env
 NUMBER = r"[-+]?\d[\d.]*"
 # The last line each bench prints: its headline (bench/RESULTS.md's table names them).
 RESULT_LINES = {
+    "bf16_accuracy.py": rf"bf16_accuracy difference {NUMBER} ci {NUMBER} {NUMBER} speedup {NUMBER}",
     "data_pipeline.py": rf"data_fraction {NUMBER} speedup {NUMBER}",
     "depth_cost.py": rf"mobilenet_v2 step time unfreeze=0/all = {NUMBER}.*",
     "elpv_compact.py": r"16 images from \S+ -> \S+: JPEG q92, .*",

@@ -24,7 +24,7 @@ def _choose(cfg, relabel_test: bool):
         classes = len(datamodule.class_names)
         datamodule.splits["test"] = [(path, (label + 1) % classes) for path, label in datamodule.splits["test"]]
     build = partial(instantiate, cfg.model, class_names=datamodule.class_names, class_weights=datamodule.loss_weights())
-    return choose_rate(cfg, datamodule, build)
+    return choose_rate(cfg, datamodule, build, "32-true")
 
 
 def test_the_choice_never_depends_on_the_test_folds_labels(tmp_path, image_folder):
@@ -64,8 +64,8 @@ def test_the_search_is_off_where_only_the_head_trains_or_not_asked_for(tmp_path,
             "train",
             overrides=[*TINY, f"data.root={image_folder}", f"paths.output_dir={tmp_path}", "unfreeze=0", SEARCH[1:]],
         )
-    assert choose_rate(plain, None, None) == ({}, {})
-    assert choose_rate(head, None, None) == ({}, {})
+    assert choose_rate(plain, None, None, None) == ({}, {})
+    assert choose_rate(head, None, None, None) == ({}, {})
 
 
 @pytest.mark.slow

@@ -57,6 +57,7 @@ def test_learning_rate_finder_runs_before_training(tmp_path, image_folder):
 
 
 KILLABLE = (
+    "trainer.precision=32-true",  # as RESUME: both runs in one precision, whatever auto would time
     "model=mobilenet_v2",
     "model.weights=null",
     "data.image_size=32",

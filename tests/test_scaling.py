@@ -100,6 +100,7 @@ def test_ddp_on_two_processes_trains_what_one_process_trains(tmp_path, uneven_fo
         "data.augment=false",
         "trainer.max_epochs=3",
         "trainer.deterministic=true",
+        "trainer.precision=32-true",  # trainer=ddp_cpu's; the single process's auto could time bf16 faster
         "strategy.lr=1e-2",
         "strategy.backbone_lr=1e-2",
         "strategy=transfer,finetune,gradual",

@@ -118,7 +118,8 @@ def common_overrides(args, data_root: Path, device: str) -> list[str]:
         "model.weights=null",
         f"data.root={data_root}",
         f"data.image_size={args.image_size}",
-        "trainer=gpu" if device == "cuda" else "trainer=cpu",
+        # The CPU dry run stays in fp32, as its header says (trainer=cpu's precision=auto could measure bf16 faster).
+        *(["trainer=gpu"] if device == "cuda" else ["trainer=cpu", "trainer.precision=32-true"]),
         "trainer.enable_progress_bar=false",
         f"seed={args.seed}",
     ]

@@ -76,6 +76,7 @@ class Data:
     cache_features: Any = False  # true, false or "auto"
     cache_views: int = 1
     feature_store: Any = None  # run() passes the process's store at instantiate, never the YAML
+    feature_precision: Any = None  # "auto" or a Lightning precision (conf/data: trainer.precision)
     output_dir: str | None = None
     groups: str | None = None
     group_by: int | None = None
@@ -129,7 +130,7 @@ class Trainer:
     strategy: Any = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
-    precision: Any = None
+    precision: Any = None  # conf/trainer/default.yaml: auto (finetune.training.precision), resolved by run()
     logger: Any = None
     callbacks: Any = None
     fast_dev_run: Any = False

@@ -18,10 +18,11 @@ from finetune.data.loaders import default_num_workers, feature_datasets, image_d
 from finetune.data.split_folder import SplitFolder
 from finetune.data.transforms import DeviceAugmentation, batch_mixing, eval_transform
 from finetune.errors import UsageError
-from finetune.features.cache import cached_features
+from finetune.features.cache import build_cache, should_cache
 from finetune.features.cut import Cut
 from finetune.features.store import SharedFeatures
 from finetune.model.preprocessing import Preprocessing
+from finetune.training.precision import Choice, feature_pass_precision
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
             serves the frozen part's features instead of images (`finetune.features.cache.should_cache`, which
             reads the model being fitted); off by default outside train.py.
         feature_store: features kept between the runs of one process (`finetune.features.store`); None: none.
+        feature_precision: the feature pass's precision (`finetune.training.precision.feature_pass_precision`):
+            "auto" runs it in bf16 where the CPU has bf16 and that is measured to pay, a bf16 precision
+            ("bf16-mixed") always, any other fp32; None: as the Trainer's precision. train.py: trainer.precision.
         output_dir: where process 0 writes split.csv, skipped_files.txt, duplicates.csv under a Trainer (or None).
         groups, group_by, duplicates, duplicate_distance: which images stay on one side of every split and fold,
             and the near-duplicates looked for (`finetune.data.groups.Leakage`).
@@ -114,6 +118,7 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
         cache_features: str | bool = False,
         cache_views: int = 1,
         feature_store: SharedFeatures | None = None,
+        feature_precision: str | None = None,
         output_dir: str | None = None,
         groups: str | None = None,
         group_by: int | None = None,
@@ -159,6 +164,8 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
         self.datasets: dict[str, Dataset] = {}
         self.cache_features, self.cache_views, self.feature_store = cache_features, cache_views, feature_store
         self.features_cut: Cut | None = None  # where the model is cut, while the splits serve cached features
+        self.feature_precision = feature_precision
+        self.feature_pass: Choice | None = None  # the feature pass's precision and why, once it has run
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.leakage = Leakage(groups, group_by, duplicates, duplicate_distance)
         self.recorded = False  # split.csv and skipped_files.txt written
@@ -191,9 +198,14 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
     def _serve_features(self, trainer: L.Trainer) -> None:
         """Serves the frozen part's features from now on, if `cache_features` and the model allow it."""
         model, device = trainer.lightning_module, trainer.strategy.root_device
-        cut, cache = cached_features(self.cache_features, model, self, self.cache_views, device, self.feature_store)
+        cut, reason = should_cache(self.cache_features, model, self, self.cache_views)
+        log.info(reason)
         if cut is None:
             return
+        setting = trainer.precision if self.feature_precision is None else self.feature_precision
+        self.feature_pass = feature_pass_precision(setting, model, cut, self.batch_size, device, trainer.world_size)
+        log.info("feature pass: %s", self.feature_pass.line)
+        cache = build_cache(model, self, cut, self.cache_views, device, self.feature_store, self.feature_pass.dtype)
         if trainer.world_size > 1:
             log.info("feature cache under DDP: every process runs the frozen part once, then trains on its share")
         self.images.decoded.clear()  # the images are not needed any more

@@ -12,7 +12,9 @@ live augmentation, see the same K views in their first K epochs as every cached 
 
 Where a network is cut is found, and checked, on a random batch (`finetune.features.cut.find_cut`): a network
 that cannot run exactly from a cached activation is trained uncached, with the reason in the log. The DataModule
-decides in its `setup` (`cached_features`), from the model it is trained with.
+decides in its `setup` (`should_cache`), from the model it is trained with, and builds the cache (`build_cache`) in
+the feature pass's precision (`finetune.training.precision.feature_pass_precision`: bf16 where it pays, which also
+halves the cache's memory; the trainable part gets the features back in its own dtype).
 """
 
 from __future__ import annotations
@@ -112,25 +114,19 @@ def _cache_bytes(cut: Cut, datamodule, views: int) -> int:
     return cut.bytes_per_image * images
 
 
-def cached_features(
-    mode: str | bool, model, datamodule, views: int, device: torch.device, store: SharedFeatures | None = None
-) -> tuple[Cut | None, dict[str, tuple[torch.Tensor, ...]] | None]:
-    """Whether `model` trains on cached features of `datamodule`'s images (`should_cache`, its reason logged) and,
-    if so, the cut and the cache (`build_cache`); else (None, None)."""
-    cut, reason = should_cache(mode, model, datamodule, views)
-    log.info(reason)
-    if cut is None:
-        return None, None
-    return cut, build_cache(model, datamodule, cut, views, device, store)
-
-
 def build_cache(
-    model, datamodule, cut: Cut, views: int, device: torch.device, store: SharedFeatures | None = None
+    model,
+    datamodule,
+    cut: Cut,
+    views: int,
+    device: torch.device,
+    store: SharedFeatures | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, tuple[torch.Tensor, ...]]:
     """The cut module's inputs for every split of `datamodule` (set up): with augmentation, `views` augmented views
     of every training image (view v: what the training loader serves in epoch v); without, the plain images; val
     and test never augmented. Through `store`: features kept for the next run in this process (None: for this run
-    only)."""
+    only). `dtype`: bfloat16 runs the pass under bf16 autocast and keeps the features in bf16; float32, in fp32."""
     if views < 1:
         raise UsageError(f"strategy.cache_views={views} must be at least 1")
     network = model.network.to(device)
@@ -139,7 +135,7 @@ def build_cache(
     if layout == torch.channels_last:
         network.to(memory_format=layout)
     training_views = views if datamodule.augments else None
-    cache = (store or SharedFeatures()).inputs(model, datamodule, cut, device, layout, training_views)
+    cache = (store or SharedFeatures()).inputs(model, datamodule, cut, device, layout, training_views, dtype)
     _log_size(cache, cut)
     return cache
 
@@ -147,18 +143,21 @@ def build_cache(
 def _log_size(cache: dict[str, tuple[torch.Tensor, ...]], cut: Cut) -> None:
     size = sum(t.numel() * t.element_size() for tensors in cache.values() for t in tensors)
     log.info(
-        "feature cache: %d training view(s), %s features per image (the input of %s), %.1f MB in memory",
+        "feature cache: %d training view(s), %s features per image (the input of %s), %s, %.1f MB in memory",
         len(cache["train"][0]),
         tuple(cache["train"][0].shape[2:]),
         cut.module,
+        str(cache["train"][0].dtype).removeprefix("torch."),
         size / 1e6,
     )
 
 
 def classify_features(model, features: torch.Tensor) -> torch.Tensor:
     """The network from the cut on, on cached features: at the head, the head with the architecture's own dropout
-    in front, as in forward; at a block, the network with the frozen modules before it skipped."""
+    in front, as in forward; at a block, the network with the frozen modules before it skipped. Features kept in
+    bf16 (the feature pass's precision) reach it in its own dtype."""
     network = model.network
+    features = features.to(next(network.parameters()).dtype)
     if model.features_cut.module == model.head_name:
         features = nn.functional.dropout(features, model.head_input_dropout, training=model.training)
         return network.get_submodule(model.head_name)(features)

@@ -6,7 +6,7 @@ The feature cache (`finetune.features.cache`) and LP-FT's linear probe (`finetun
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 
 import torch
 from torch import nn
@@ -53,6 +53,23 @@ class _Captured(Exception):
     """Stops a forward pass once the cached module's input is in hand: the rest would be thrown away."""
 
 
+def forward_to(network: nn.Module, module_name: str, inputs: torch.Tensor) -> torch.Tensor:
+    """The input `module_name` gets when `network` runs on `inputs`; the modules after it do not run."""
+    captured: list[torch.Tensor] = []
+
+    def capture(module, arguments):
+        captured.append(arguments[0])
+        raise _Captured
+
+    handle = network.get_submodule(module_name).register_forward_pre_hook(capture)
+    try:
+        with suppress(_Captured):
+            network(inputs)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 @torch.no_grad()
 def module_inputs(
     network: nn.Module,
@@ -60,25 +77,22 @@ def module_inputs(
     loader: DataLoader,
     device: torch.device,
     layout: torch.memory_format = torch.contiguous_format,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Runs the network over `loader` in eval mode, up to `module_name`; returns that module's inputs (contiguous)
-    and the labels. `layout`: the images' memory format, the network's."""
+    and the labels. `layout`: the images' memory format, the network's. `dtype`: torch.bfloat16 runs the pass
+    under bf16 autocast and keeps the inputs in bf16 (half the memory); float32 runs and keeps it in fp32."""
     captured: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-
-    def capture(module, arguments):
-        captured.append(arguments[0].detach().float().cpu().contiguous())
-        raise _Captured
-
-    handle = network.get_submodule(module_name).register_forward_pre_hook(capture)
+    bf16 = dtype == torch.bfloat16
     saved = modes(network)
     network.eval()
     try:
         for images, batch_labels in loader:
-            with suppress(_Captured):
-                network(images.to(device).contiguous(memory_format=layout))
+            with torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext():
+                inputs = forward_to(network, module_name, images.to(device).contiguous(memory_format=layout))
+            captured.append(inputs.detach().to(dtype).cpu().contiguous())
             labels.append(batch_labels)
     finally:
-        handle.remove()
         restore_modes(saved)
     return torch.cat(captured), torch.cat(labels)

@@ -23,10 +23,11 @@ class SharedFeatures:
     Only features that do not change from run to run are kept: those of unaugmented images, and those of augmented
     training views (view v of an image is what the training loader serves it in epoch v, seeded by the image's path,
     not its place in the fold: `finetune.data.transforms.image_key`). The key is made of the cut, the preprocessing,
-    the memory layout, the augmentation's settings and seed where views are cached, and a digest of every weight
-    outside the head (a new seed that only redraws the head keeps the key; other weights, another cut or image size
-    change it). One key at a time: the study sweeps every fold of a depth before the next, so memory stays about that
-    of one run's cache (every image's views, not only one fold's training images').
+    the memory layout, the dtype of the pass (bf16 features are not fp32 ones), the augmentation's settings and seed
+    where views are cached, and a digest of every weight outside the head (a new seed that only redraws the head
+    keeps the key; other weights, another cut, image size or precision change it). One key at a time: the study
+    sweeps every fold of a depth before the next, so memory stays about that of one run's cache (every image's views,
+    not only one fold's training images').
     """
 
     def __init__(self) -> None:
@@ -34,14 +35,15 @@ class SharedFeatures:
         self.by_image: dict[tuple[str, int | None], torch.Tensor] = {}  # (path, view; None: unaugmented)
 
     def inputs(
-        self, model, datamodule, cut: Cut, device, layout, views: int | None = None
+        self, model, datamodule, cut: Cut, device, layout, views: int | None = None, dtype: torch.dtype = torch.float32
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each non-empty split's features and labels: those kept reused, the rest computed (and kept). The training
         features are (views, images, ...): `views` augmented views of each training image, or (None) the one plain
-        image; validation and test images are never augmented."""
+        image; validation and test images are never augmented. `dtype`: the feature pass's
+        (`finetune.features.partial_forward.module_inputs`)."""
         augmentation = _augmentation(datamodule) if views else None
         # Once a run: reads every weight.
-        key = (cut, repr(model.preprocessing), str(layout), augmentation, _weights_digest(model))
+        key = (cut, repr(model.preprocessing), str(layout), str(dtype), augmentation, _weights_digest(model))
         if key != self.key:
             self.key, self.by_image = key, {}
         cache = {}
@@ -49,23 +51,23 @@ class SharedFeatures:
             if not datamodule.splits[split]:
                 continue
             if split != "train":
-                cache[split] = self._split_inputs(model, datamodule, cut, split, None, device, layout)
+                cache[split] = self._split_inputs(model, datamodule, cut, split, None, device, layout, dtype)
                 continue
             per_view = [
-                self._split_inputs(model, datamodule, cut, split, view, device, layout)
+                self._split_inputs(model, datamodule, cut, split, view, device, layout, dtype)
                 for view in (range(views) if views else [None])
             ]
             cache[split] = (torch.stack([features for features, _ in per_view]), per_view[0][1])
         return cache
 
     def _split_inputs(
-        self, model, datamodule, cut: Cut, split: str, view: int | None, device, layout
+        self, model, datamodule, cut: Cut, split: str, view: int | None, device, layout, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         samples = datamodule.splits[split]
         missing = [index for index, (path, _) in enumerate(samples) if (path, view) not in self.by_image]
         if missing:
             loader = datamodule.ordered_dataloader(split, view=view or 0, indices=missing)
-            features, _ = module_inputs(model.network, cut.module, loader, device, layout)
+            features, _ = module_inputs(model.network, cut.module, loader, device, layout, dtype)
             self.by_image.update(
                 ((samples[index][0], view), feature) for index, feature in zip(missing, features, strict=True)
             )

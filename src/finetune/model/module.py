@@ -168,8 +168,10 @@ class ImageClassifier(L.LightningModule):
         self.features_cut = getattr(self.trainer.datamodule, "features_cut", None)  # any DataModule may train it
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # A checkpoint says how to feed the model, whatever weights it started from.
+        # A checkpoint says how to feed the model, whatever weights it started from; and the precision it trained
+        # in, which a resumed trainer.precision=auto run goes on in (finetune.training.precision).
         checkpoint["preprocessing"] = self.preprocessing.as_dict()
+        checkpoint["precision"] = self.trainer.precision
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if "preprocessing" in checkpoint:

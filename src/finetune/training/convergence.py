@@ -59,7 +59,9 @@ class StopWhenConverged(EarlyStopping):
         (self.dirpath / "convergence.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def choose_rate(cfg: DictConfig, datamodule, build_model: Callable[..., L.LightningModule]) -> tuple[dict, dict]:
+def choose_rate(
+    cfg: DictConfig, datamodule, build_model: Callable[..., L.LightningModule], precision: str | int | None
+) -> tuple[dict, dict]:
     """The pretrained layers' learning rate for this run, chosen on its validation split (`rate_search`).
 
     Every candidate of the grid trains a model built by `build_model` from the same seed for a few epochs on the
@@ -70,6 +72,7 @@ def choose_rate(cfg: DictConfig, datamodule, build_model: Callable[..., L.Lightn
         cfg: the run's configuration (`rate_search`, `strategy`, `trainer`, `seed`).
         datamodule: the run's DataModule, prepared; its features are cached once and shared by the candidates.
         build_model: makes the run's model, given overrides of `backbone_lr` and `layer_decay`.
+        precision: the run's training precision (`finetune.training.precision.choose_precision`).
 
     Returns:
         The model overrides to train with, and what metrics.json records of the choice (`rate/*`).
@@ -91,7 +94,7 @@ def choose_rate(cfg: DictConfig, datamodule, build_model: Callable[..., L.Lightn
             cut = should_cache(datamodule.cache_features, model, datamodule, datamodule.cache_views)[0]
             epochs = search.probe_epochs if cut is not None else search.probe_epochs_uncached
         lowest = _LowestValidationLoss()
-        trainer = quiet_trainer(cfg.trainer, [lowest], max_epochs=epochs, num_sanity_val_steps=0)
+        trainer = quiet_trainer(cfg.trainer, [lowest], max_epochs=epochs, num_sanity_val_steps=0, precision=precision)
         trainer.fit(model, datamodule=datamodule)  # the training and validation splits only
         losses[label] = lowest.value
     chosen = min(losses, key=losses.get)

@@ -89,9 +89,10 @@ class LinearProbeFirst(L.Callback):
             return inputs.to(device), labels.to(device)
         dataset = datamodule.datasets[split]
         count = getattr(dataset, "size", len(dataset))  # a ViewDataset: the first view of each image
-        features, labels = dataset.features[:count], dataset.labels[:count]
+        # float(): the cache may hold bf16 features (finetune.training.precision); the probe trains in fp32.
+        features, labels = dataset.features[:count].float(), dataset.labels[:count]
         if cut.module == head_name:
-            return features.to(device).float(), labels.to(device)
+            return features.to(device), labels.to(device)
         loader = DataLoader(TensorDataset(features, labels), batch_size=datamodule.batch_size)
         layout = torch.channels_last if pl_module.uses_channels_last else torch.contiguous_format
         with skipping(network, cut.skipped):

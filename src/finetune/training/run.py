@@ -27,6 +27,7 @@ from finetune.training.callbacks import FindLearningRate, ImagesSeen
 from finetune.training.console import format_table, quiet_lightning, quiet_trainer
 from finetune.training.convergence import choose_rate
 from finetune.training.loggers import instantiate_loggers, log_hyperparameters
+from finetune.training.precision import choose_precision
 from finetune.training.run_dir import SaveOnInterrupt, resume_from
 from finetune.training.scaling import check_distributed
 
@@ -79,7 +80,11 @@ def run(cfg: DictConfig, feature_store: SharedFeatures | None = None) -> dict[st
     build_model = partial(
         instantiate, cfg.model, class_names=datamodule.class_names, class_weights=datamodule.loss_weights()
     )
-    rate, rate_facts = choose_rate(cfg, datamodule, build_model)  # rate_search: this run's pretrained layers' rate
+    # trainer.precision=auto: bf16-mixed where the CPU has bf16 and a timed step of this model pays for it.
+    precision = choose_precision(cfg.trainer, build_model, datamodule, resume)
+    log.info("precision: %s", precision.line)
+    # rate_search: this run's pretrained layers' rate
+    rate, rate_facts = choose_rate(cfg, datamodule, build_model, precision.precision)
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # the model starts as it would without the search
     model: ImageClassifier = build_model(**rate)
     log.info("model: %s", describe(model))
@@ -87,7 +92,7 @@ def run(cfg: DictConfig, feature_store: SharedFeatures | None = None) -> dict[st
     if cfg.tune.lr_find:  # Lightning's range test at fit start, on the data the fit serves (cached features too)
         callbacks.append(FindLearningRate(cfg.tune.num_training, output_dir / "lr_find.png"))
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, precision=precision.precision)
     check_distributed(trainer, datamodule.splits, sync_batchnorm=bool(cfg.trainer.get("sync_batchnorm")))
     status = "failed"
     try:
@@ -105,7 +110,7 @@ def run(cfg: DictConfig, feature_store: SharedFeatures | None = None) -> dict[st
         }
         with memory_hint(cfg):
             metrics = _evaluate(cfg, trainer, model, datamodule, best or None) | last_epoch
-        metrics |= run_facts(trainer, model, datamodule, fit_seconds, best) | rate_facts
+        metrics |= run_facts(trainer, model, datamodule, fit_seconds, best) | rate_facts | precision.facts()
         if trainer.is_global_zero:
             log_hyperparameters(trainer.loggers, cfg, model, metrics)
             (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
@@ -149,6 +154,8 @@ def run_facts(
         facts["best_epoch"] = torch.load(best, map_location="cpu", weights_only=True, mmap=True)["epoch"]
     if trainer.world_size > 1:
         facts["processes"] = trainer.world_size
+    if datamodule.feature_pass is not None:  # the frozen part's precision, where its features were cached
+        facts |= datamodule.feature_pass.facts("precision/feature_pass_")
     for callback in trainer.callbacks:  # the rates the learning-rate finder chose, which trained
         if isinstance(callback, FindLearningRate):
             facts |= callback.chosen
@@ -164,7 +171,7 @@ def _evaluate(
 ) -> dict[str, float]:
     # The best checkpoint's validation scores come from a trainer without a logger, so TensorBoard's val/*
     # curves keep one point per epoch; its test scores go to TensorBoard.
-    evaluator = quiet_trainer(cfg.trainer)
+    evaluator = quiet_trainer(cfg.trainer, precision=trainer.precision)
     results = evaluator.validate(model, datamodule=datamodule, ckpt_path=checkpoint, weights_only=True, verbose=False)[
         0
     ]
