@@ -34,7 +34,7 @@ def cache_line(output: str) -> str:
 @pytest.mark.skipif(not HAS_BF16, reason="measures only on a CPU with AMX or avx512_bf16")
 def test_auto_measures_on_a_cpu_with_bf16_and_says_what_it_chose(tmp_path, image_folder):
     # TINY fine-tunes 2 blocks on cached features: the step measured is theirs, the feature pass measured apart.
-    result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", "trainer.max_epochs=1")
+    result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", "trainer.max_epochs=1", "trainer.precision=auto")
     output = result.stdout + result.stderr
     chosen = re.search(r"precision: (bf16-mixed|32-true) \(the CPU has (AMX|avx512_bf16)[;,] .*?(\d+\.\d+)x", output)
     assert chosen, output[-3000:]
@@ -73,7 +73,8 @@ def test_a_cpu_without_bf16_trains_in_fp32_and_says_why(tmp_path, image_folder, 
     monkeypatch.setattr(precision, "_measure", lambda *_: pytest.fail("measured"))
     with caplog.at_level(logging.INFO, logger="finetune"):
         metrics = finetune.train(
-            [*TINY, f"data.root={image_folder}", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
+            [*TINY, f"data.root={image_folder}", "trainer.max_epochs=1", "trainer.precision=auto"]
+            + [f"hydra.run.dir={tmp_path / 'run'}"]
         )
     why = "auto: the CPU has neither AMX nor avx512_bf16, so bf16 would be emulated"
     assert f"precision: 32-true ({why})" in caplog.messages
@@ -88,7 +89,8 @@ def test_bf16_features_feed_an_fp32_training_step(tmp_path, image_folder, monkey
     monkeypatch.setattr(precision, "cpu_bf16", lambda: "avx512_bf16")
     monkeypatch.setattr(precision, "_measure", lambda key, make_step: (2.0 if key[0] == "forward" else 1.0, 1.05))
     metrics = finetune.train(
-        [*TINY, f"data.root={image_folder}", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
+        [*TINY, f"data.root={image_folder}", "trainer.max_epochs=1", "trainer.precision=auto"]
+        + [f"hydra.run.dir={tmp_path / 'run'}"]
     )
     assert metrics["precision/bf16"] == 0 and metrics["precision/bf16_speedup"] == 1.0
     assert metrics["precision/feature_pass_bf16"] == 1 and metrics["precision/feature_pass_bf16_speedup"] == 2.0
