@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from unittest import mock
 
 import torch
@@ -15,6 +16,7 @@ from finetune.model.freezing import apply_unfreeze, keep_frozen_in_eval_mode
 NUM_CLASSES = 3
 
 
+@functools.cache  # the contract and the default-path sweep ask for the same models: each is built once for it
 def parameter_count(source: str, name: str) -> int:
     """Parameters of the network with its new head, counted without initialising them (`build_uninitialised`)."""
     network = build_uninitialised(source, name).network

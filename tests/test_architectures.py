@@ -14,7 +14,8 @@ smallest size it does.
 The default path (`test_default_path_trains_one_step`): what `python train.py model=torchvision model.name=<name>
 data.root=...` runs, in-process through `finetune.train`: unfreeze=2, the feature cache on where it applies (or
 declined with its reason in one line), the class-weighted loss; one training step, one validation and one test
-batch. Every torchvision family's smallest model and every timm family's under FULL_CONTRACT_CAP.
+batch, the test predictions and their latency timing (on 2 images). Every torchvision family's smallest model and
+every timm family's under FULL_CONTRACT_CAP, on four images a class.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import math
 
 import pytest
 import timm
-from conftest import run_cli
+from conftest import make_image_folder, run_cli_in_process
 from contract import check_contract, check_structure, parameter_count
 from timm.models import _registry
 from torchvision import models
@@ -195,13 +196,20 @@ def test_timm_contract(family):
     check_contract("timm", name, size)
 
 
+@pytest.fixture(scope="module")
+def few_images(tmp_path_factory):
+    """Four images a class, 2/1/1 after the default split: the default path trains one step and evaluates one
+    batch of each split, so more images would only lengthen the passes over every image (the feature cache)."""
+    return make_image_folder(tmp_path_factory.mktemp("few_images"), per_class=4)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("source", "name", "size"),
     [("torchvision", name, TORCHVISION_SIZES.get(name, 64)) for name in TORCHVISION_FAMILIES.values()]
     + [("timm", *TIMM_FAMILIES[family]) for family in sorted(TIMM_FAMILIES)],
 )
-def test_default_path_trains_one_step(tmp_path, image_folder, caplog, monkeypatch, source, name, size):
+def test_default_path_trains_one_step(tmp_path, few_images, caplog, monkeypatch, source, name, size):
     if source == "timm" and parameter_count("timm", name) > FULL_CONTRACT_CAP:
         pytest.skip("over FULL_CONTRACT_CAP: block checks only (test_timm_contract)")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
@@ -211,7 +219,7 @@ def test_default_path_trains_one_step(tmp_path, image_folder, caplog, monkeypatc
             f"model={source}",
             f"model.name={name}",
             "model.weights=null",
-            f"data.root={image_folder}",
+            f"data.root={few_images}",
             f"data.image_size={size}",
             "data.batch_size=4",  # BatchNorm of a trained block needs two values per channel
             "data.num_workers=0",
@@ -220,6 +228,10 @@ def test_default_path_trains_one_step(tmp_path, image_folder, caplog, monkeypatc
             "trainer.limit_test_batches=1",
             "trainer.num_sanity_val_steps=0",
             "trainer.enable_progress_bar=false",
+            # The latency timing runs (warm-up and one timed batch) on 2 images, not 4 batches of 8: at 8 it took
+            # more than half of this test's time for 224 px models (vit_b_16: 46 of 84 s).
+            "callbacks.test_predictions.latency_batch=2",
+            "callbacks.test_predictions.latency_repeats=1",
             "logger=csv",
             f"hydra.run.dir={tmp_path / 'run'}",
         ]
@@ -242,7 +254,7 @@ def test_default_path_trains_one_step(tmp_path, image_folder, caplog, monkeypatc
     ],
 )
 def test_a_model_that_cannot_be_fine_tuned_is_refused_with_one_line(tmp_path, image_folder, name, expected):
-    result = run_cli(
+    result = run_cli_in_process(
         tmp_path,
         "model=torchvision",
         f"model.name={name}",

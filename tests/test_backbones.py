@@ -9,6 +9,7 @@ import pytest
 import timm
 import torch
 import torchvision
+from conftest import run_module_in_process
 
 from finetune.errors import UsageError
 from finetune.model.backbones import create_backbone
@@ -124,17 +125,15 @@ def test_crop_pct_one_keeps_the_border_of_the_image_the_weights_own_ratio_crops_
         ImageClassifier("mobilenet_v2", ["a", "b"], weights=None, crop_pct=1.5)
 
 
-@pytest.mark.slow  # a subprocess per case: about 6 s each
-def test_the_blocks_command_lists_the_blocks_of_bare_names_and_answers_a_mistake_in_one_line():
-    command = [sys.executable, "-m", "finetune.blocks"]
-    listed = subprocess.run([*command, "resnet18", "timm:resnet18"], capture_output=True, text=True, timeout=300)
+def test_the_blocks_command_lists_the_blocks_of_bare_names_and_answers_a_mistake_in_one_line(tmp_path):
+    listed = run_module_in_process(tmp_path, "finetune.blocks", "resnet18", "timm:resnet18")
     assert listed.returncode == 0, listed.stderr
     rows = [line for line in listed.stdout.splitlines() if line.startswith("| ") and "resnet18" in line]
     assert [row.split(" | ")[0] for row in rows] == ["| resnet18", "| timm:resnet18"]
     assert "| 1,026 / " in rows[0]  # the head of 2 classes trains at unfreeze=0: 512 * 2 + 2
-    three = subprocess.run([*command, "models=[resnet18]", "num_classes=3"], capture_output=True, text=True)
+    three = run_module_in_process(tmp_path, "finetune.blocks", "models=[resnet18]", "num_classes=3")
     assert "| 1,539 / " in three.stdout  # 512 * 3 + 3
-    wrong = subprocess.run([*command, "resnet18", "numclasses=3"], capture_output=True, text=True, timeout=300)
+    wrong = run_module_in_process(tmp_path, "finetune.blocks", "resnet18", "numclasses=3")
     assert wrong.returncode == 2
     assert wrong.stderr.strip().splitlines() == [
         "error: unknown key 'numclasses' (did you mean num_classes?); valid keys: models, num_classes"

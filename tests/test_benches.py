@@ -8,12 +8,11 @@ its result line below.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
 import time
 
 import pytest
-from conftest import REPO, offline_env
+from conftest import REPO, run_script_in_process
 
 NUMBER = r"[-+]?\d[\d.]*"
 # The last line each bench prints: its headline (bench/RESULTS.md's table names them).
@@ -29,7 +28,7 @@ RESULT_LINES = {
     "step_ratio.py": rf"step_ratio {NUMBER}",
     "verdict_check.py": rf"verdict_check coverage {NUMBER} agreement {NUMBER} regret {NUMBER} repeats \d+",
 }
-# Smoke runs under about 10 s on 2 idle cores (most of it importing torch and Lightning); the others are slow.
+# Smoke runs of a few seconds; the others are slow.
 QUICK = {"elpv_compact.py"}
 BENCHES = sorted(path.name for path in (REPO / "bench").glob("*.py") if path.name != "common.py")
 
@@ -39,14 +38,9 @@ BENCHES = sorted(path.name for path in (REPO / "bench").glob("*.py") if path.nam
 )
 def test_smoke_mode_runs(script, tmp_path):
     assert script in RESULT_LINES, f"bench/{script}: give it a --smoke mode and its result line in RESULT_LINES"
-    result = subprocess.run(
-        [sys.executable, str(REPO / "bench" / script), "--smoke"],
-        cwd=tmp_path,
-        env=offline_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    # In this process, as `python bench/<script> --smoke` runs it (its __main__ block): a subprocess would add
+    # about 6 s of imports to each.
+    result = run_script_in_process(tmp_path, REPO / "bench" / script, "--smoke")
     assert result.returncode == 0, f"exit code {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     lines = result.stdout.strip().splitlines()
     assert lines and re.fullmatch(RESULT_LINES[script], lines[-1]), result.stdout[-3000:]

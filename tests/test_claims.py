@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY, make_image_folder, run_cli
+from conftest import REPO, TINY, make_image_folder, run_cli, run_cli_in_process
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -219,22 +219,19 @@ def test_trainer_gpu_composes():
     assert cfg.trainer._target_ == "lightning.pytorch.Trainer" and cfg.trainer.max_epochs == 10
 
 
-@pytest.mark.slow
 def test_a_split_that_leaves_a_class_without_training_images_stops_with_one_line(tmp_path):
     data = tmp_path / "data"
     make_image_folder(data, per_class=4)
-    result = run_cli(tmp_path, *TINY, f"data.root={data}", "data.split=[0.2,0.4,0.4]", check=False)
+    result = run_cli_in_process(tmp_path, *TINY, f"data.root={data}", "data.split=[0.2,0.4,0.4]", check=False)
     assert_one_line_error(result, "class 'circle' has 4 image(s)", "none to train")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("source", ["timm", "torchvision"])
 def test_a_model_group_without_a_name_stops_with_one_line(tmp_path, image_folder, source):
-    result = run_cli(tmp_path, f"model={source}", f"data.root={image_folder}", check=False)
+    result = run_cli_in_process(tmp_path, f"model={source}", f"data.root={image_folder}", check=False)
     assert_one_line_error(result, "model.name", f"model={source} model.name=")
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["code", "truncated"])
 def test_a_checkpoint_torch_will_not_load_stops_the_resume_with_one_line(tmp_path, image_folder, kind):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
@@ -246,5 +243,5 @@ def test_a_checkpoint_torch_will_not_load_stops_the_resume_with_one_line(tmp_pat
         torch.save({"state_dict": {"w": torch.zeros(1000)}}, path)
         path.write_bytes(path.read_bytes()[:500])
         expected = f"cannot resume from {path}"
-    result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", "ckpt_path=last", check=False)
+    result = run_cli_in_process(tmp_path, *TINY, f"data.root={image_folder}", "ckpt_path=last", check=False)
     assert_one_line_error(result, expected, "ckpt_path=")

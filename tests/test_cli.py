@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import CLASSES, run_cli
+from conftest import CLASSES, run_cli, run_cli_in_process
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
@@ -138,9 +138,8 @@ def test_failed_timm_download_stops_with_one_clear_line(tmp_path, image_folder):
     assert "model.weights=<path" in line and "model.weights=null" in line
 
 
-@pytest.mark.slow
 def test_unfreeze_beyond_the_model_says_how_many_blocks(tmp_path, image_folder):
-    result = run_cli(
+    result = run_cli_in_process(
         tmp_path, "model=resnet18", "model.weights=null", "unfreeze=12", f"data.root={image_folder}", check=False
     )
     output = result.stdout + result.stderr

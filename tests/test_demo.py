@@ -13,7 +13,7 @@ from pathlib import Path
 import elpv_dataset  # a dependency: missing, these tests fail (they used to skip, hiding a broken install)
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import run_cli_in_process
 
 from finetune.data import demo, partial_folders
 from finetune.data.demo import DEMO_NAMES, README_NAME, default_cache_dir, demo_root
@@ -201,14 +201,14 @@ def test_missing_package_says_how_to_install_it(tmp_path, monkeypatch) -> None:
     assert not (tmp_path / "datasets" / "elpv").exists()
 
 
-@pytest.mark.slow
 def test_missing_package_stops_the_cli_with_one_line(tmp_path, monkeypatch) -> None:
     # A module of that name that fails to import, first on the path: as if the package were not installed.
     blocker = tmp_path / "blocker"
     blocker.mkdir()
     (blocker / "elpv_dataset.py").write_text("raise ImportError('No module named elpv_dataset')\n")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(blocker), os.environ.get("PYTHONPATH")])))
-    result = run_cli(tmp_path, "data=elpv", "model.weights=null", check=False)
+    monkeypatch.syspath_prepend(str(blocker))
+    monkeypatch.delitem(sys.modules, "elpv_dataset")  # imported at the top of this file: imported afresh
+    result = run_cli_in_process(tmp_path, "data=elpv", "model.weights=null", check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output, output[-2000:]
     assert "pip install elpv-dataset" in output

@@ -10,13 +10,11 @@ from __future__ import annotations
 import ast
 import importlib
 import re
-import runpy
 import shlex
-import sys
 from dataclasses import dataclass
 
 import pytest
-from conftest import REPO
+from conftest import REPO, train_py
 from hydra import compose, initialize, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -88,16 +86,11 @@ def test_the_docs_show_every_command():
 
 def run_command(command: str, arguments: list[str]) -> int:
     """Runs `python <command> <arguments>` in this process, through what `__main__` runs; returns the exit code."""
+    if command == "train.py":
+        return train_py(arguments)
     try:
-        if command == "train.py":  # as a script: Hydra finds conf/ next to the file it runs
-            saved, sys.argv = sys.argv, [str(REPO / "train.py"), *arguments]
-            try:
-                runpy.run_path(str(REPO / "train.py"), run_name="__main__")
-            finally:
-                sys.argv = saved
-            return 0
         return importlib.import_module(command).main(arguments)
-    except SystemExit as exit:  # train.py's sys.exit(main()), argparse's --help
+    except SystemExit as exit:  # argparse's --help
         return 0 if exit.code is None else exit.code
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, run_module
+from conftest import CLASSES, run_module, run_module_in_process
 
 from finetune.errors import UsageError
 from finetune.evaluate import main
@@ -78,14 +78,13 @@ def test_evaluates_a_labelled_folder(tmp_path, trained_run, image_folder):
     assert "on 36 images" in result.stdout
 
 
-@pytest.mark.slow
 def test_unknown_class_folder_is_a_one_line_error(tmp_path, trained_run, image_folder):
     data = tmp_path / "other"
     for name, source in (("circle", "circle"), ("triangle", "square")):
         (data / name).mkdir(parents=True)
         shutil.copy(image_folder / source / f"{source}_000.png", data / name / "a.png")
     output = tmp_path / "results"
-    result = run_module(
+    result = run_module_in_process(
         tmp_path,
         "finetune.evaluate",
         f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}",
@@ -185,7 +184,7 @@ def test_results_never_go_inside_the_data_folder(tmp_path, trained_run, image_fo
 
 
 def test_an_unknown_split_is_one_line_naming_the_choices(tmp_path, trained_run):
-    result = run_module(
+    result = run_module_in_process(
         tmp_path, "finetune.evaluate", f"checkpoint={trained_run / 'checkpoints' / 'last.ckpt'}", "split=testing"
     )
     assert result.returncode == 2

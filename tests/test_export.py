@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import CLASSES, REPO, offline_env, run_cli
+from conftest import CLASSES, REPO, offline_env, run_cli, run_module_in_process
 
 from finetune import export
 from finetune.inference import exporters
@@ -153,20 +153,8 @@ def test_a_mismatch_fails_with_the_figures_and_writes_nothing(tmp_path, checkpoi
 
 
 def test_unknown_format_is_one_line_and_exit_code_2(tmp_path, checkpoint):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "finetune.export",
-            f"checkpoint={checkpoint}",
-            "format=tflite",
-            f"output={tmp_path / 'model.tflite'}",
-        ],
-        cwd=REPO,
-        env=offline_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_module_in_process(
+        tmp_path, "finetune.export", f"checkpoint={checkpoint}", "format=tflite", f"output={tmp_path / 'model.tflite'}"
     )
     assert result.returncode == 2
     assert result.stderr.strip() == "error: unknown format 'tflite': choose format=onnx or format=torchscript"
@@ -186,13 +174,8 @@ def test_exports_a_timm_model(tmp_path, format):
 
 
 def test_an_unknown_key_is_one_line_naming_the_valid_keys(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "finetune.export", "checkpoint=x.ckpt", "format=onnx", "output=m.onnx", "opsett=17"],
-        cwd=tmp_path,
-        env=offline_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    result = run_module_in_process(
+        tmp_path, "finetune.export", "checkpoint=x.ckpt", "format=onnx", "output=m.onnx", "opsett=17"
     )
     assert result.returncode == 2
     assert result.stderr.strip() == (

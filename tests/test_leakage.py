@@ -9,7 +9,7 @@ import logging
 import shutil
 
 import pytest
-from conftest import CLASSES, make_image_folder, run_cli
+from conftest import CLASSES, make_image_folder, run_cli, run_cli_in_process
 from PIL import Image
 from test_faults import TINY, assert_one_line_error
 from test_study import FOLD_NOISE, make_fold_run
@@ -143,7 +143,6 @@ def test_the_report_and_its_verdict_say_when_groups_were_used_and_warn_of_crossi
     assert report.study.verdict.endswith("may be too high (see duplicates.csv; data.duplicates=group).")
 
 
-@pytest.mark.slow  # a subprocess per case: about 6 s each
 @pytest.mark.parametrize("case", ["missing", "wrong columns", "path not in the folder", "both keys"])
 def test_a_bad_groups_setting_stops_with_one_line(tmp_path, image_folder, case):
     groups = tmp_path / "groups.csv"
@@ -160,7 +159,7 @@ def test_a_bad_groups_setting_stops_with_one_line(tmp_path, image_folder, case):
         groups.write_text("path,group\n")
         overrides.append("data.group_by=1")
         expected = ("data.groups and data.group_by both name groups: keep one of them",)
-    result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", *overrides, check=False)
+    result = run_cli_in_process(tmp_path, *TINY, f"data.root={image_folder}", *overrides, check=False)
     assert_one_line_error(result, *expected)
 
 

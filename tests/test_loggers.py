@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import TINY as TINY_RUN
-from conftest import run_cli, run_multirun
+from conftest import run_cli, run_cli_in_process, run_multirun
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
@@ -59,9 +59,8 @@ def test_csv_and_mlflow_loggers_together(tmp_path, image_folder, monkeypatch):
     assert logged.info.status == "FINISHED"
 
 
-@pytest.mark.slow
 def test_an_unknown_logger_names_the_choices(tmp_path, image_folder):
-    result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", "logger=neptune", check=False)
+    result = run_cli_in_process(tmp_path, *TINY, f"data.root={image_folder}", "logger=neptune", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "logger" in result.stderr and "tensorboard" in result.stderr
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES, offline_env, run_module
+from conftest import CLASSES, offline_env, run_module, run_module_in_process
 
 from finetune.data.images import load_rgb
 from finetune.data.transforms import eval_transform
@@ -112,7 +112,7 @@ def test_single_image_and_no_overwriting(tmp_path, trained_run, image_folder):
     assert 1 / len(CLASSES) <= float(rows[0]["probability"]) <= 1
     written = output.read_bytes()
 
-    again = run_module(tmp_path, "finetune.predict", *arguments)
+    again = run_module_in_process(tmp_path, "finetune.predict", *arguments)
     assert again.returncode == 2
     assert "Traceback" not in again.stderr
     assert again.stderr.strip() == (

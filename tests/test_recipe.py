@@ -1,5 +1,8 @@
 """The accuracy recipe's keys through the real CLI (issue 14): augmentation presets, MixUp/CutMix, label smoothing,
-EMA of the weights, the checkpoint metric and early stopping, test-time augmentation."""
+EMA of the weights, the checkpoint metric and early stopping, test-time augmentation.
+
+train.py's entry point runs in this process (conftest.run_cli_in_process): what these tests read is in the run's
+files and log, and a subprocess would add 6 s of imports to each case."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, run_cli_in_process
 from torch.nn import functional as nnF
 from torchvision.transforms import v2 as T
 
@@ -85,7 +88,7 @@ def test_mixing_gives_training_batches_class_probabilities_only(image_folder):
 
 @pytest.mark.slow
 def test_randaugment_erasing_mixup_cutmix_and_label_smoothing_train_through_the_cli(tmp_path, image_folder):
-    run_cli(
+    run_cli_in_process(
         tmp_path,
         *TINY,
         f"data.root={image_folder}",
@@ -103,7 +106,6 @@ def test_randaugment_erasing_mixup_cutmix_and_label_smoothing_train_through_the_
     assert checkpoint["hyper_parameters"]["label_smoothing"] == 0.1
 
 
-@pytest.mark.slow  # a subprocess per case: about 6 s each
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -124,7 +126,7 @@ def test_randaugment_erasing_mixup_cutmix_and_label_smoothing_train_through_the_
     ],
 )
 def test_bad_recipe_settings_stop_with_one_line(tmp_path, image_folder, overrides, message):
-    result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", *overrides, check=False)
+    result = run_cli_in_process(tmp_path, *TINY, f"data.root={image_folder}", *overrides, check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 2, output
     assert "Traceback" not in output
@@ -145,7 +147,7 @@ def test_true_and_false_stay_aliases_of_basic_and_none(image_folder):
 def test_ema_weights_are_validated_checkpointed_and_tested(tmp_path, image_folder):
     run = tmp_path / "run"
     # decay 0.99 over 8 steps: the average stays near the weights after the first step, far from the last ones.
-    run_cli(
+    run_cli_in_process(
         tmp_path,
         *TINY,
         f"data.root={image_folder}",
@@ -173,7 +175,7 @@ def test_ema_weights_are_validated_checkpointed_and_tested(tmp_path, image_folde
 @pytest.mark.slow
 def test_monitor_picks_the_checkpoint_metric_and_early_stopping_uses_it(tmp_path, image_folder):
     # A learning rate of 0 never improves val/f1: patience 1 stops after the second epoch of 6.
-    run_cli(
+    run_cli_in_process(
         tmp_path,
         *TINY,
         f"data.root={image_folder}",
@@ -214,7 +216,9 @@ def test_views_are_the_image_its_crops_and_their_mirror_images():
 def test_tta_scores_sit_beside_the_plain_ones(tmp_path, image_folder, cached):
     # cached: transfer learning on cached features: the callback classifies the test images from their files.
     extra = ("unfreeze=0", "data.augment=none") if cached else ("data.augment=basic",)
-    result = run_cli(tmp_path, *TINY, f"data.root={image_folder}", "trainer.max_epochs=1", "tta=flip5crop", *extra)
+    result = run_cli_in_process(
+        tmp_path, *TINY, f"data.root={image_folder}", "trainer.max_epochs=1", "tta=flip5crop", *extra
+    )
 
     run = tmp_path / "run"
     metrics = metrics_of(run)
@@ -272,7 +276,7 @@ def test_lp_ft_trains_the_head_first_then_fine_tunes_with_warmup_and_a_lower_bac
 ):
     # none: the frozen prefix is cached and the probe reads the cache; basic: the probe runs the images itself.
     # The packaged ImageNet weights (offline): a random network's features of these tiny images are degenerate.
-    result = run_cli(
+    result = run_cli_in_process(
         tmp_path,
         "model=efficientnet_lite0",
         "data.image_size=64",

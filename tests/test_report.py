@@ -11,7 +11,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from conftest import REPO, offline_env, run_multirun
+from conftest import REPO, offline_env, run_module_in_process, run_multirun
 from nbclient import NotebookClient
 from omegaconf import OmegaConf
 
@@ -241,7 +241,7 @@ def test_without_argument_reports_the_newest_sweep_under_multirun(tmp_path, monk
 def test_empty_sweep_stops_with_one_line_and_exit_code_2(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_report(tmp_path, f"sweep_dir={empty}")
+    result = run_module_in_process(tmp_path, "finetune.report", f"sweep_dir={empty}")
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import RESUME, run_cli
+from conftest import RESUME, run_cli, run_cli_in_process
 
 
 @pytest.mark.slow
@@ -31,9 +31,8 @@ def test_interrupted_then_resumed_run_ends_like_an_uninterrupted_one(tmp_path, i
     assert all(torch.allclose(weights[0][k].float(), weights[1][k].float(), atol=1e-6) for k in weights[0])
 
 
-@pytest.mark.slow
 def test_resume_without_a_checkpoint_says_what_to_pass(tmp_path, image_folder):
-    result = run_cli(tmp_path, *RESUME, f"data.root={image_folder}", "ckpt_path=last", check=False)
+    result = run_cli_in_process(tmp_path, *RESUME, f"data.root={image_folder}", "ckpt_path=last", check=False)
     output = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in output
     assert "no checkpoint to resume at" in output and "hydra.run.dir=<the run to resume>" in output
@@ -41,7 +40,7 @@ def test_resume_without_a_checkpoint_says_what_to_pass(tmp_path, image_folder):
 
 @pytest.mark.slow
 def test_learning_rate_finder_runs_before_training(tmp_path, image_folder):
-    result = run_cli(
+    result = run_cli_in_process(
         tmp_path,
         *RESUME,
         f"data.root={image_folder}",

@@ -15,7 +15,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import REPO, make_image_folder, offline_env, run_cli, run_multirun
+from conftest import (
+    REPO,
+    make_image_folder,
+    offline_env,
+    run_cli_in_process,
+    run_module_in_process,
+    run_multirun,
+    run_multirun_in_process,
+)
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -172,9 +180,8 @@ def test_processes_started_by_the_cluster_find_their_ranks(tmp_path, image_folde
     assert (run / "train.log").read_text().count("final metrics") == 1  # both log here; process 0 writes
 
 
-@pytest.mark.slow
 def test_ddp_settings_that_cannot_work_stop_with_one_line(tmp_path, image_folder):
-    result = run_cli(
+    result = run_cli_in_process(
         tmp_path,
         "model=mobilenet_v2",
         "model.weights=null",
@@ -313,9 +320,10 @@ def test_optuna_search_continues_its_study_from_the_sweep_folder(tmp_path, image
         *TINY,
         "trainer.max_epochs=1",
     )
-    run_multirun(tmp_path, sweep, *search, "hydra.sweeper.n_trials=2")
+    # In this process (Hydra's basic launcher runs the trials here too): the sweeper's own behaviour is tested.
+    run_multirun_in_process(tmp_path, sweep, *search, "hydra.sweeper.n_trials=2")
     assert trials(sweep / "optuna.db") == 2
-    run_multirun(tmp_path, sweep, *search, "hydra.sweeper.n_trials=1")  # the same folder: the same study
+    run_multirun_in_process(tmp_path, sweep, *search, "hydra.sweeper.n_trials=1")  # the same folder: the same study
     assert trials(sweep / "optuna.db") == 3
 
     runs = sorted(path for path in sweep.iterdir() if (path / ".hydra").is_dir())
@@ -343,11 +351,5 @@ def stored_values(database: Path) -> list[float]:
 
 
 def run_report(tmp_path: Path, sweep: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "finetune.report", f"sweep_dir={sweep}", "plots=false"],
-        cwd=REPO,
-        env=offline_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # In this process: the report command itself is tested through its command line in test_report.py.
+    return run_module_in_process(tmp_path, "finetune.report", f"sweep_dir={sweep}", "plots=false")

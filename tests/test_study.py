@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, offline_env, run_multirun
+from conftest import REPO, offline_env, run_multirun, run_multirun_in_process
 from omegaconf import OmegaConf
 from scipy import stats as scipy_stats
 
@@ -468,7 +468,6 @@ TINY_STUDY = (
 )
 
 
-@pytest.mark.slow  # a subprocess per case: about 6 s each
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
@@ -479,7 +478,7 @@ TINY_STUDY = (
 )
 def test_a_sweep_whose_folds_contradict_data_folds_stops_before_its_first_run(tmp_path, overrides, message):
     sweep = tmp_path / "study"
-    result = run_multirun(tmp_path, sweep, *TINY_STUDY, "data.root=/nowhere", *overrides, check=False)
+    result = run_multirun_in_process(tmp_path, sweep, *TINY_STUDY, "data.root=/nowhere", *overrides, check=False)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not sweep.exists()  # no run started
