@@ -333,12 +333,28 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, image_folder):
     assert "Ctrl-C: training state saved in" in output
     saved = torch.load(checkpoint, weights_only=True)
     assert 0 < saved["global_step"] < 50 * 4
+    # Two epochs past where it stopped (a fixed max_epochs raced the signal: past it, resuming is refused).
     resumed = run_cli(
-        tmp_path, *RESUMABLE, f"data.root={image_folder}", "trainer.max_epochs=3", "ckpt_path=last", check=False
+        tmp_path,
+        *RESUMABLE,
+        f"data.root={image_folder}",
+        f"trainer.max_epochs={saved['epoch'] + 2}",
+        "ckpt_path=last",
+        check=False,
     )
-    # Resuming a 50-epoch run with max_epochs=3 after it passed epoch 3 just evaluates; otherwise it trains on.
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_resuming_past_max_epochs_says_how_to_go_on(tmp_path, image_folder):
+    # Lightning refuses a checkpoint whose epoch is past max_epochs with a traceback; we say how to go on.
+    run_cli_in_process(tmp_path, *TINY_RUN, f"data.root={image_folder}", "trainer.max_epochs=3")
+    result = run_cli_in_process(
+        tmp_path, *TINY_RUN, f"data.root={image_folder}", "trainer.max_epochs=1", "ckpt_path=last", check=False
+    )
+    assert_one_line_error(
+        result, "was saved at epoch 2 (counted from 0), past trainer.max_epochs=1: resume with a larger trainer.max_"
+    )
 
 
 @pytest.mark.slow

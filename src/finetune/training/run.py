@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
 from finetune.config.schema import check_resolved
@@ -189,6 +190,15 @@ def fit(
     try:
         # weights_only: a checkpoint holds tensors and plain values; nothing in it may run code (torch >= 2.6).
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    except MisconfigurationException as error:
+        # Lightning refuses a checkpoint whose epoch is past max_epochs, before anything trains.
+        if "You restored a checkpoint with current_epoch" not in str(error):
+            raise
+        epoch = str(error).split("current_epoch=")[1].split(",")[0]
+        raise UsageError(
+            f"ckpt_path={resume} was saved at epoch {epoch} (counted from 0), past trainer.max_epochs="
+            f"{trainer.max_epochs}: resume with a larger trainer.max_epochs (the run's own, or more)"
+        ) from error
     except SystemExit:  # how Lightning ends a fit on Ctrl-C (after its callbacks) and SIGTERM
         saver = next((c for c in trainer.callbacks if isinstance(c, SaveOnInterrupt)), None)
         if saver is None or saver.signal is None:
