@@ -16,8 +16,8 @@ import finetune
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.features.cache import build_cache, should_cache
 from finetune.features.store import SharedFeatures
+from finetune.model import precision
 from finetune.model.module import ImageClassifier
-from finetune.training import precision
 
 HAS_BF16 = precision.cpu_bf16() is not None
 

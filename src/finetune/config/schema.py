@@ -130,7 +130,7 @@ class Trainer:
     strategy: Any = "auto"
     devices: Any = "auto"
     num_nodes: int = 1
-    precision: Any = None  # conf/trainer/default.yaml: auto (finetune.training.precision), resolved by run()
+    precision: Any = None  # conf/trainer/default.yaml: auto (finetune.model.precision), resolved by run()
     logger: Any = None
     callbacks: Any = None
     fast_dev_run: Any = False

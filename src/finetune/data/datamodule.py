@@ -21,8 +21,8 @@ from finetune.errors import UsageError
 from finetune.features.cache import build_cache, should_cache
 from finetune.features.cut import Cut
 from finetune.features.store import SharedFeatures
+from finetune.model.precision import Choice, feature_pass_precision
 from finetune.model.preprocessing import Preprocessing
-from finetune.training.precision import Choice, feature_pass_precision
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
             serves the frozen part's features instead of images (`finetune.features.cache.should_cache`, which
             reads the model being fitted); off by default outside train.py.
         feature_store: features kept between the runs of one process (`finetune.features.store`); None: none.
-        feature_precision: the feature pass's precision (`finetune.training.precision.feature_pass_precision`):
+        feature_precision: the feature pass's precision (`finetune.model.precision.feature_pass_precision`):
             "auto" runs it in bf16 where the CPU has bf16 and that is measured to pay, a bf16 precision
             ("bf16-mixed") always, any other fp32; None: as the Trainer's precision. train.py: trainer.precision.
         output_dir: where process 0 writes split.csv, skipped_files.txt, duplicates.csv under a Trainer (or None).

@@ -13,7 +13,7 @@ live augmentation, see the same K views in their first K epochs as every cached 
 Where a network is cut is found, and checked, on a random batch (`finetune.features.cut.find_cut`): a network
 that cannot run exactly from a cached activation is trained uncached, with the reason in the log. The DataModule
 decides in its `setup` (`should_cache`), from the model it is trained with, and builds the cache (`build_cache`) in
-the feature pass's precision (`finetune.training.precision.feature_pass_precision`: bf16 where it pays, which also
+the feature pass's precision (`finetune.model.precision.feature_pass_precision`: bf16 where it pays, which also
 halves the cache's memory; the trainable part gets the features back in its own dtype).
 """
 

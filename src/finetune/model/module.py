@@ -169,7 +169,7 @@ class ImageClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A checkpoint says how to feed the model, whatever weights it started from; and the precision it trained
-        # in, which a resumed trainer.precision=auto run goes on in (finetune.training.precision).
+        # in, which a resumed trainer.precision=auto run goes on in (finetune.model.precision).
         checkpoint["preprocessing"] = self.preprocessing.as_dict()
         checkpoint["precision"] = self.trainer.precision
 

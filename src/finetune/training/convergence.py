@@ -72,7 +72,7 @@ def choose_rate(
         cfg: the run's configuration (`rate_search`, `strategy`, `trainer`, `seed`).
         datamodule: the run's DataModule, prepared; its features are cached once and shared by the candidates.
         build_model: makes the run's model, given overrides of `backbone_lr` and `layer_decay`.
-        precision: the run's training precision (`finetune.training.precision.choose_precision`).
+        precision: the run's training precision (`finetune.model.precision.choose_precision`).
 
     Returns:
         The model overrides to train with, and what metrics.json records of the choice (`rate/*`).

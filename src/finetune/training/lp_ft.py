@@ -89,7 +89,7 @@ class LinearProbeFirst(L.Callback):
             return inputs.to(device), labels.to(device)
         dataset = datamodule.datasets[split]
         count = getattr(dataset, "size", len(dataset))  # a ViewDataset: the first view of each image
-        # float(): the cache may hold bf16 features (finetune.training.precision); the probe trains in fp32.
+        # float(): the cache may hold bf16 features (finetune.model.precision); the probe trains in fp32.
         features, labels = dataset.features[:count].float(), dataset.labels[:count]
         if cut.module == head_name:
             return features.to(device), labels.to(device)

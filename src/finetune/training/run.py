@@ -24,11 +24,11 @@ from finetune.errors import UsageError
 from finetune.features.store import SharedFeatures
 from finetune.model.freezing import describe
 from finetune.model.module import ImageClassifier
+from finetune.model.precision import choose_precision
 from finetune.training.callbacks import FindLearningRate, ImagesSeen
 from finetune.training.console import format_table, quiet_lightning, quiet_trainer
 from finetune.training.convergence import choose_rate
 from finetune.training.loggers import instantiate_loggers, log_hyperparameters
-from finetune.training.precision import choose_precision
 from finetune.training.run_dir import SaveOnInterrupt, resume_from
 from finetune.training.scaling import check_distributed
 
