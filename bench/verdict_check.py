@@ -14,8 +14,14 @@ Over the repeats it reports:
 - agreement: the share of repeats whose recommended depth's held-out accuracy lies within the 95% interval
   (bootstrap over the held-out images) of the held-out best depth's accuracy;
 - regret: the held-out points lost by following the recommendation instead of taking the held-out best (mean over
-  repeats), for the report's rule and, from the same runs, for two others: always the cheapest point not
-  significantly worse than the best (the rule before 2026-12-06), and always the best point estimate.
+  repeats), for the report's rule and, from the same runs, for the others in RULES (always the cheapest point not
+  significantly worse than the best; always the best accuracy estimate; the report's earlier rule, the best accuracy
+  estimate within 60 s of the cheapest; the lowest Brier score at any cost);
+- as a diagnostic, the coverage and width of per-image paired intervals from the study's out-of-fold predictions
+  beside the report's fold intervals.
+
+A finished repeat's study is re-analysed by today's rules each time (its runs are kept in --work), so a changed
+rule is scored on the same runs.
 
     python bench/verdict_check.py                          # 5 repeats, N=400, depths 0,2,4 (~10 min a repeat)
     python bench/verdict_check.py --repeats 8 --depths 0,1,2,4
@@ -47,7 +53,8 @@ import numpy as np
 from common import add_smoke_argument, machine, revision, smoke_images, today
 
 from finetune.data.demo import demo_root
-from finetune.study.analysis import Immaterial, analyse
+from finetune.study.analysis import analyse
+from finetune.study.recommend import ACCURACY, BRIER, Rule
 from finetune.study.stats import bootstrap
 from finetune.study.sweep import build_report
 
@@ -56,9 +63,11 @@ REPO = Path(__file__).resolve().parents[1]
 # val : train (0.2 : 0.7 by default).
 VAL_SHARE = 0.2 / (0.7 + 0.2)
 RULES = {
-    "report": Immaterial(),  # the report's: cheapest unless a better estimate costs at most 60 s and 1 ms more
-    "cheapest": Immaterial(0.0, 0.0),
-    "best-estimate": Immaterial(math.inf, math.inf),
+    "report": Rule(),  # the report's: lowest Brier score among points within 60 s and 1 ms of the cheapest
+    "cheapest": Rule(0.0, 0.0),
+    "best-estimate": Rule(math.inf, math.inf, ACCURACY),
+    "accuracy-60s": Rule(rank_by=ACCURACY),  # the report's rule until 2026-12-06 (third session)
+    "brier-any-cost": Rule(math.inf, math.inf, BRIER),
 }
 # Tiny and fast: random-init MobileNetV2 at 32 px, 3 folds, 2 epochs (its figures mean nothing).
 SMOKE_OVERRIDES = (
@@ -143,10 +152,40 @@ def study_findings(sweep: Path) -> dict:
         "fit_seconds": {str(p.point.unfreeze): p.cost("time/fit_seconds") for p in group.points},
         "verdict": group.verdict,
     }
-    for rule, immaterial in RULES.items():
-        (judged,) = analyse(report, immaterial).groups
-        findings.setdefault("recommended", {})[rule] = str(judged.recommended.point.unfreeze)
+    for name, rule in RULES.items():
+        (judged,) = analyse(report, rule).groups
+        findings.setdefault("recommended", {})[name] = str(judged.recommended.point.unfreeze)
+    findings["vs_transfer_per_image"] = per_image_intervals(sweep, findings["vs_transfer"])
     return findings
+
+
+def per_image_intervals(sweep: Path, depths) -> dict:
+    """For each depth, "depth - transfer learning" from the study's out-of-fold predictions paired per image (every
+    image is tested once over the folds): a percentile bootstrap over the images. A diagnostic beside the fold
+    intervals (issue 20, item 3: do intervals from all the paired per-image evidence still cover?)."""
+    correct = {}
+    for depth in ["0", *depths]:
+        folds = sorted(sweep.glob(f"unfreeze-{depth}_fold-*"))
+        by_path = {}
+        for fold in folds:
+            for path, value in zip(paths_of(fold), correct_per_image(fold), strict=True):
+                by_path[path] = value
+        correct[depth] = by_path
+    intervals = {}
+    for depth in depths:
+        shared = sorted(set(correct[depth]) & set(correct["0"]))
+        differences = np.array([correct[depth][path] - correct["0"][path] for path in shared])
+        estimate = bootstrap(lambda idx, d=differences: float(d[idx].mean()), len(shared))
+        intervals[depth] = [estimate.mean, estimate.low, estimate.high]
+    return intervals
+
+
+def paths_of(run_dir: Path) -> list[str]:
+    """The test images' paths of a run, in correct_per_image's order."""
+    import csv
+
+    with open(run_dir / "test_predictions.csv", newline="", encoding="utf-8") as file:
+        return sorted(row["path"] for row in csv.DictReader(file))
 
 
 def held_out_findings(runs: dict[str, Path]) -> dict:
@@ -168,8 +207,11 @@ def run_repeat(repeat: int, args, source: Path, work: Path) -> dict:
     folder = work / f"repeat-{repeat}"
     result_file = folder / "result.json"
     if result_file.exists():
-        print(f"repeat {repeat}: read from {result_file}", flush=True)
-        return json.loads(result_file.read_text())
+        print(f"repeat {repeat}: read from {result_file}; its study re-analysed by today's rules", flush=True)
+        result = json.loads(result_file.read_text())
+        if (folder / "study").is_dir():
+            result["study"] = study_findings(folder / "study")
+        return result
     if folder.exists():
         shutil.rmtree(folder)  # a repeat stopped part-way starts again
     study, heldout = draw(source, folder / "images", args.size, seed=repeat)
@@ -205,11 +247,11 @@ def run_repeat(repeat: int, args, source: Path, work: Path) -> dict:
     return result
 
 
-def score(result: dict, rule: str = "report") -> dict:
-    """One repeat's coverage hits, agreement and regret (points)."""
+def score(result: dict, rule: str = "report", intervals: str = "vs_transfer") -> dict:
+    """One repeat's coverage hits (of the fold intervals, or of `intervals`), agreement and regret (points)."""
     held = result["held_out"]["accuracy"]
     transfer = held["0"]
-    hits = [low <= held[depth] - transfer <= high for depth, (_, low, high) in result["study"]["vs_transfer"].items()]
+    hits = [low <= held[depth] - transfer <= high for depth, (_, low, high) in result["study"][intervals].items()]
     recommended = result["study"]["recommended"][rule]
     low, high = result["held_out"]["best_interval"]
     best = held[result["held_out"]["best"]]
@@ -223,7 +265,7 @@ def score(result: dict, rule: str = "report") -> dict:
 def print_table(results: list[dict], depths: list[str]) -> None:
     print(
         "\n| repeat | study acc: " + " / ".join(depths) + " | held out: " + " / ".join(depths) + " | recommended "
-        "(report / cheapest / best-estimate rule) | held-out best | regret (points) | study s | held-out s |"
+        "(" + " / ".join(RULES) + " rule) | held-out best | regret (points) | study s | held-out s |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
@@ -290,6 +332,13 @@ def main() -> None:
         print(
             f"{rule} rule: agreement {statistics.fmean(s['agrees'] for s in scores):.2f}, regret mean "
             f"{statistics.fmean(regrets):.2f} points (max {max(regrets):.2f})"
+        )
+    for intervals, name in (("vs_transfer", "fold intervals (the report's)"), ("vs_transfer_per_image", "per-image")):
+        hits = [hit for r in results for hit in score(r, intervals=intervals)["hits"]]
+        widths = [100 * (high - low) for r in results for _, low, high in r["study"][intervals].values()]
+        print(
+            f"{name}: coverage {statistics.fmean(hits):.2f} of {len(hits)}, mean width {statistics.fmean(widths):.1f} "
+            "points"
         )
     scores = [score(r) for r in results]
     hits = [hit for s in scores for hit in s["hits"]]

@@ -114,8 +114,10 @@ def make_fold_run(
     (job / "convergence.json").write_text(json.dumps({"epochs/used": 12, "epochs/converged": 1.0}))
     rows = [f"{split},a,x{i}.png" for split, n in zip(("train", "val", "test"), sizes, strict=True) for i in range(n)]
     (job / "split.csv").write_text("split,class,path\n" + "\n".join(rows) + "\n")
-    if predictions is not None:
-        lines = [f"{path},{label},{predicted},0.5,0.5" for path, label, predicted in predictions]
+    if predictions is not None:  # (path, label, predicted[, p_a]): p_a 0.5 unless given
+        lines = [
+            f"{p[0]},{p[1]},{p[2]},{p[3] if len(p) > 3 else 0.5},{1 - p[3] if len(p) > 3 else 0.5}" for p in predictions
+        ]
         (job / "test_predictions.csv").write_text("path,label,predicted,p_a,p_b\n" + "\n".join(lines) + "\n")
     return job
 
@@ -174,6 +176,40 @@ def test_an_undecided_study_recommends_the_better_estimate_when_the_cheaper_save
     # Half-width 6.3 points around +1: a 2-point difference needs (6.3 / 2)^2 = 9.9 times the images.
     assert "To resolve a difference of 2.0 points would take roughly 4,000 images instead of the 400 here" in verdict
     assert verdict.index("No difference") < verdict.index("Recommended") < verdict.index("cannot decide")
+
+
+def test_among_points_the_data_cannot_separate_the_lowest_brier_score_is_recommended(tmp_path):
+    # Transfer learning has the better accuracy estimate (81.0 against 80.0, within noise), but its predictions are
+    # confidently wrong where wrong; unfreeze=2's are hedged: its Brier score is lower, and 20 s more per run is
+    # immaterial. On ELPV (bench/verdict_check.py) ranking by the Brier score lost fewer held-out points.
+    sweep = tmp_path / "study"
+    for fold, noise in enumerate(FOLD_NOISE):
+        images = [f"{'a' if i % 2 else 'b'}/{fold}-{i}.png" for i in range(20)]
+        labels = [path[0] for path in images]
+
+        def predicted(wrong: int, p_right: float, p_wrong: float, images=images, labels=labels) -> list[tuple]:
+            rows = []
+            for i, (path, label) in enumerate(zip(images, labels, strict=True)):
+                guess = label if i >= wrong else ("b" if label == "a" else "a")
+                p_guess = p_right if i >= wrong else p_wrong
+                rows.append((path, label, guess, p_guess if guess == "a" else 1 - p_guess))
+            return rows
+
+        make_fold_run(sweep, 0, fold, 0.81 + noise, seconds=20, predictions=predicted(4, 0.99, 0.99))
+        make_fold_run(sweep, 2, fold, 0.80 - noise, seconds=40, predictions=predicted(4, 0.9, 0.6))
+
+    group = build_report(sweep).study.groups[0]
+    assert group.undecided and group.best is group.transfer
+    assert group.transfer.brier == pytest.approx((16 * 2 * 0.01**2 + 4 * 2 * 0.99**2) / 20)
+    assert group.recommended.point.unfreeze == 2 and group.ranked_by == "brier"
+    assert (
+        "Recommended: unfreeze=2 (80.0% accuracy, 95% CI 76.8 to 83.2): of the points not significantly worse than "
+        "the best and within 60 s of training per run of the cheapest, its test predictions have the lowest Brier "
+        "score (0.160; transfer learning (unfreeze=0) 0.392)." in group.verdict
+    )
+    assert "The cheapest, transfer learning (unfreeze=0) at 81.0%, would save only 20 s of training per run." in (
+        group.verdict
+    )
 
 
 def test_a_recommendation_that_is_both_the_best_and_the_cheapest_says_so(tmp_path):

@@ -6,10 +6,7 @@ on the same folds (corrected resampled t-test) or the same test images (bootstra
 see `finetune.study.stats`. The p-values of a group's comparisons (one model's depth study, the comparisons table)
 are Holm-adjusted, and "significant" means an adjusted p below 5% everywhere: table, verdict and recommendation.
 
-The recommendation, among the points not significantly worse than the best: the cheapest, unless a better point
-estimate costs an immaterial amount more (at most IMMATERIAL_FIT_SECONDS of training per run and
-IMMATERIAL_INFERENCE_MS per image more than the cheapest): then the best estimate among those. The words are
-`finetune.study.verdict`'s.
+The recommendation is `finetune.study.recommend`'s rule; the words are `finetune.study.verdict`'s.
 """
 
 from __future__ import annotations
@@ -21,6 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from finetune.study.points import is_depth_only, point_name, point_setting
+from finetune.study.recommend import REPORT_RULE, Rule, mean_brier, recommend
 from finetune.study.stats import ALPHA, Estimate, bootstrap, corrected_t, holm, mcnemar_exact
 
 FOLDS, SPLIT = "folds", "split"
@@ -30,20 +28,6 @@ METHODS = {
     SPLIT: "percentile bootstrap over test images (2,000 resamples); paired comparisons on the same images, "
     "p-values from McNemar's exact test (one seed) or the paired bootstrap (several seeds)",
 }
-# Below these a cheaper point saves the user nothing worth accuracy: a minute of training per run (what retraining
-# the chosen depth costs once), a millisecond per image at inference. See docs/depth-study.md.
-IMMATERIAL_FIT_SECONDS = 60.0
-IMMATERIAL_INFERENCE_MS = 1.0
-
-
-@dataclass(frozen=True)
-class Immaterial:
-    """The extra cost a better point estimate may have and still be recommended over the cheapest point.
-    Immaterial(0, 0): always the cheapest; Immaterial(inf, inf): always the best estimate (bench/verdict_check.py
-    weighs the three rules by their held-out regret)."""
-
-    fit_seconds: float = IMMATERIAL_FIT_SECONDS
-    inference_ms: float = IMMATERIAL_INFERENCE_MS
 
 
 @dataclass
@@ -55,6 +39,7 @@ class PointStats:
     f1: Estimate | None
     per_unit: dict = field(default_factory=dict)
     predictions: list[tuple[str, str, str]] = field(default_factory=list)  # (path, label, predicted), every run
+    brier: float | None = None  # the mean Brier score of every run's test predictions; None where one lacks them
 
     def cost(self, key: str) -> float | None:
         return self.point.mean(key)
@@ -99,6 +84,8 @@ class Group:
     best: PointStats
     cheapest: PointStats
     recommended: PointStats
+    affordable: list[PointStats]  # the points not significantly worse than the best at an immaterial extra cost
+    ranked_by: str  # what chose the recommendation among them: BRIER or ACCURACY
     vs_transfer: list[Comparison]
     vs_best: list[Comparison]
     undecided: bool
@@ -133,9 +120,9 @@ class Study:
         return "\n\n".join(group.verdict for group in self.groups)
 
 
-def analyse(report, immaterial: Immaterial = Immaterial()) -> Study | None:
+def analyse(report, rule: Rule = REPORT_RULE) -> Study | None:
     """The study of a report's finished runs; None where there is nothing to compare (or no test split).
-    `immaterial`: the recommendation rule's thresholds (the defaults are the report's)."""
+    `rule`: the recommendation rule (the default is the report's)."""
     done = [run for run in report.rows if run.status == "done" and run.get("test/acc") is not None]
     if not done:
         return None
@@ -148,7 +135,7 @@ def analyse(report, immaterial: Immaterial = Immaterial()) -> Study | None:
     for (model, other), points in groups.items():
         stats = [s for s in (_point_stats(point, design) for point in points) if s is not None]
         if stats:
-            result.append(_group(f"{model} {other}".strip(), stats, design, immaterial))
+            result.append(_group(f"{model} {other}".strip(), stats, design, rule))
     return Study(design, METHODS[design], result) if result else None
 
 
@@ -174,6 +161,7 @@ def _point_stats(point, design: str) -> PointStats | None:
             acc,
         )
         stats.predictions = [p for run in runs for p in _read_predictions(run.path)]
+        stats.brier = mean_brier(runs)
         return stats
     predictions = [_read_predictions(run.path) for run in runs]
     if not all(predictions):  # runs written before test_predictions.csv: no per-image statistics
@@ -189,6 +177,7 @@ def _point_stats(point, design: str) -> PointStats | None:
     f1 = _bootstrap_f1(predictions, images)
     stats = PointStats(point, acc, f1, per_image)
     stats.predictions = [p for run_predictions in predictions for p in run_predictions]
+    stats.brier = mean_brier(runs)
     return stats
 
 
@@ -247,7 +236,7 @@ def compare(a: PointStats, b: PointStats, design: str) -> Comparison:
     return Comparison(a, b, estimate)
 
 
-def _group(title: str, points: list[PointStats], design: str, immaterial: Immaterial = Immaterial()) -> Group:
+def _group(title: str, points: list[PointStats], design: str, rule: Rule = REPORT_RULE) -> Group:
     # A point with one finished fold has no interval: shown in the table, compared once a second fold is in.
     ready = [p for p in points if design == SPLIT or p.acc.n >= 2] or points
     # The reference: the head alone, trained plainly (an LP-FT point at depth 0 is compared with it too).
@@ -258,12 +247,23 @@ def _group(title: str, points: list[PointStats], design: str, immaterial: Immate
     vs_best = [compare(p, best, design) for p in ready if p is not best]
     vs_transfer, vs_best = _holm_adjusted(vs_transfer, vs_best, transfer)
     not_worse = [best] + [c.point for c in vs_best if not c.significant]
-    cheapest = min(not_worse, key=cost_order)
-    affordable = [p for p in not_worse if p is cheapest or costs_immaterially_more(p, cheapest, immaterial)]
-    recommended = max(affordable, key=lambda p: p.acc.mean)
+    cheapest, affordable, ranked_by, recommended = recommend(not_worse, rule)
     undecided = len(ready) > 1 and not any(c.significant for c in vs_transfer + vs_best)
     waiting = [p for p in points if p not in ready]
-    return Group(title, points, transfer, best, cheapest, recommended, vs_transfer, vs_best, undecided, waiting)
+    return Group(
+        title,
+        points,
+        transfer,
+        best,
+        cheapest,
+        recommended,
+        affordable,
+        ranked_by,
+        vs_transfer,
+        vs_best,
+        undecided,
+        waiting,
+    )
 
 
 def _holm_adjusted(vs_transfer: list[Comparison], vs_best: list[Comparison], transfer) -> tuple[list, list]:
@@ -280,18 +280,3 @@ def _holm_adjusted(vs_transfer: list[Comparison], vs_best: list[Comparison], tra
         return Comparison(c.point, c.other, c.difference, adjusted[frozenset((id(c.point), id(c.other)))])
 
     return [with_p(c) for c in vs_transfer], [with_p(c) for c in vs_best]
-
-
-def cost_order(point: PointStats) -> tuple:
-    seconds = point.cost("time/fit_seconds")
-    return (seconds if seconds is not None else float("inf"), point.cost("params/trainable") or 0)
-
-
-def costs_immaterially_more(point: PointStats, cheapest: PointStats, immaterial: Immaterial = Immaterial()) -> bool:
-    """`point` costs the user at most `immaterial.fit_seconds` more training per run than `cheapest`, and at most
-    `immaterial.inference_ms` more per image where both were timed; False where training time is unknown."""
-    seconds, base = point.cost("time/fit_seconds"), cheapest.cost("time/fit_seconds")
-    if seconds is None or base is None or seconds - base > immaterial.fit_seconds:
-        return False
-    ms, base_ms = point.cost("time/inference_ms_per_image"), cheapest.cost("time/inference_ms_per_image")
-    return ms is None or base_ms is None or ms - base_ms <= immaterial.inference_ms

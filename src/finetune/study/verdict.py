@@ -6,16 +6,9 @@ from __future__ import annotations
 
 import math
 
-from finetune.study.analysis import (
-    FOLDS,
-    IMMATERIAL_FIT_SECONDS,
-    Comparison,
-    Group,
-    PointStats,
-    Study,
-    cost_order,
-)
+from finetune.study.analysis import FOLDS, Comparison, Group, PointStats, Study
 from finetune.study.leakage import verdict_caveat
+from finetune.study.recommend import BRIER, IMMATERIAL_FIT_SECONDS, cost_order
 from finetune.study.regime import regime_sentence
 from finetune.study.stats import Estimate, images_to_resolve
 
@@ -89,6 +82,8 @@ def _recommendation(group: Group) -> tuple[str, Comparison | None]:
         f"Recommended: {recommended.setting} ({100 * recommended.acc.mean:.1f}% accuracy, "
         f"{interval_text(recommended.acc)})"
     )
+    if group.ranked_by == BRIER and len(group.affordable) > 1:
+        return _by_brier(group, head), None
     if recommended is not cheapest:  # the better estimate, for a cost the user does not feel
         return (
             f"{head}: the best point estimate among the points not significantly worse than the best. The cheapest "
@@ -110,6 +105,24 @@ def _recommendation(group: Group) -> tuple[str, Comparison | None]:
         f"{points_text(d.mean)} points ({interval_text(d)}, {_p(cited)}), which the data cannot tell from zero.",
         cited,
     )
+
+
+def _by_brier(group: Group, head: str) -> str:
+    """Why the Brier score chose among points the data cannot separate at a cost the user does not feel."""
+    recommended, cheapest = group.recommended, group.cheapest
+    others = ", ".join(f"{p.name} {p.brier:.3f}" for p in group.affordable if p is not recommended)
+    text = (
+        f"{head}: of the points not significantly worse than the best and within {IMMATERIAL_FIT_SECONDS:.0f} s of "
+        f"training per run of the cheapest, its test predictions have the lowest Brier score ({recommended.brier:.3f}; "
+        f"{others}). The Brier score weighs each prediction's confidence, not only right or wrong, so it separates "
+        "points that accuracy on these images cannot."
+    )
+    if recommended is not cheapest:
+        text += (
+            f" The cheapest, {cheapest.name} at {100 * cheapest.acc.mean:.1f}%, would save only "
+            f"{_seconds(recommended, cheapest):.0f} s of training per run."
+        )
+    return text
 
 
 def _ratio(a: PointStats, b: PointStats) -> str:

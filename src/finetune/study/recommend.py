@@ -1,0 +1,87 @@
+"""The recommendation rule of a depth study: which of the points the data cannot tell from the best to recommend.
+
+Among the points not significantly worse than the best: the cheapest, unless another costs an immaterial amount more
+(at most IMMATERIAL_FIT_SECONDS of training per run and IMMATERIAL_INFERENCE_MS per image more than the cheapest);
+then, among those, the point whose test predictions have the lowest Brier score (where every run wrote its
+probabilities; else the best accuracy estimate). The Brier score weighs each prediction's confidence, not only right
+or wrong, so it can rank points that a few hundred images' accuracy cannot: on ELPV it lost fewer held-out points
+than the best accuracy estimate (bench/verdict_check.py, docs/depth-study.md).
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from finetune.study.analysis import PointStats
+
+# Below these a cheaper point saves the user nothing worth accuracy: a minute of training per run (what retraining
+# the chosen depth costs once), a millisecond per image at inference. See docs/depth-study.md.
+IMMATERIAL_FIT_SECONDS = 60.0
+IMMATERIAL_INFERENCE_MS = 1.0
+BRIER, ACCURACY = "brier", "accuracy"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The recommendation rule: the extra cost another point may have and still be preferred to the cheapest point,
+    and what prefers it (`rank_by`: the lowest Brier score, or the best accuracy estimate). Rule(0, 0): always the
+    cheapest; Rule(inf, inf, ACCURACY): always the best estimate (bench/verdict_check.py weighs such rules by their
+    held-out regret)."""
+
+    fit_seconds: float = IMMATERIAL_FIT_SECONDS
+    inference_ms: float = IMMATERIAL_INFERENCE_MS
+    rank_by: str = BRIER
+
+
+REPORT_RULE = Rule()  # the report's
+
+
+def cost_order(point: PointStats) -> tuple:
+    seconds = point.cost("time/fit_seconds")
+    return (seconds if seconds is not None else float("inf"), point.cost("params/trainable") or 0)
+
+
+def costs_immaterially_more(point: PointStats, cheapest: PointStats, rule: Rule = REPORT_RULE) -> bool:
+    """`point` costs the user at most `rule.fit_seconds` more training per run than `cheapest`, and at most
+    `rule.inference_ms` more per image where both were timed; False where training time is unknown."""
+    seconds, base = point.cost("time/fit_seconds"), cheapest.cost("time/fit_seconds")
+    if seconds is None or base is None or seconds - base > rule.fit_seconds:
+        return False
+    ms, base_ms = point.cost("time/inference_ms_per_image"), cheapest.cost("time/inference_ms_per_image")
+    return ms is None or base_ms is None or ms - base_ms <= rule.inference_ms
+
+
+def recommend(not_worse: list[PointStats], rule: Rule = REPORT_RULE) -> tuple:
+    """(cheapest, affordable, ranked_by, recommended) among `not_worse` (PointStats not significantly worse than the
+    best): the cheapest of them, those within the rule's immaterial extra cost of it, what ranked those, and the
+    recommended one."""
+    cheapest = min(not_worse, key=cost_order)
+    affordable = [p for p in not_worse if p is cheapest or costs_immaterially_more(p, cheapest, rule)]
+    ranked_by = BRIER if rule.rank_by == BRIER and all(p.brier is not None for p in affordable) else ACCURACY
+    if ranked_by == BRIER:
+        recommended = min(affordable, key=lambda p: (p.brier, cost_order(p)))
+    else:
+        recommended = max(affordable, key=lambda p: p.acc.mean)
+    return cheapest, affordable, ranked_by, recommended
+
+
+def mean_brier(runs) -> float | None:
+    """The mean multi-class Brier score (sum over classes of (p - [label])^2) of the runs' test predictions; None
+    where a run has no test_predictions.csv with a probability for every class."""
+    scores = []
+    for run in runs:
+        try:
+            with open(run.path / "test_predictions.csv", newline="", encoding="utf-8") as file:
+                rows = list(csv.DictReader(file))
+            for row in rows:
+                classes = [column[2:] for column in row if column.startswith("p_")]
+                if row["label"] not in classes:
+                    return None
+                scores.append(sum((float(row[f"p_{c}"]) - (c == row["label"])) ** 2 for c in classes))
+        except (OSError, KeyError, ValueError, csv.Error):
+            return None
+    return statistics.fmean(scores) if scores else None
