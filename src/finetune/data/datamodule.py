@@ -11,17 +11,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from finetune.config.checks import check_data_settings
-from finetune.data import image_cache, samplers
+from finetune.data import image_cache, loaders, samplers
 from finetune.data.folders import SPLITS, Sample
 from finetune.data.groups import Leakage
-from finetune.data.loaders import default_num_workers, feature_datasets, image_dataset, ordered_loader, split_loader
 from finetune.data.split_folder import SplitFolder
 from finetune.data.transforms import DeviceAugmentation, batch_mixing, eval_transform
 from finetune.errors import UsageError
-from finetune.features.cache import build_cache, should_cache
 from finetune.features.cut import Cut
 from finetune.features.store import SharedFeatures
-from finetune.model.precision import Choice, feature_pass_precision
+from finetune.model.precision import Choice
 from finetune.model.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
@@ -63,11 +61,10 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
             so a minority class is not traded away (all weights 1 on balanced data); "sampler" draws training
             images with probabilities that make every class equally frequent (with replacement; an epoch stays as
             long); None trains on the data as they are.
-        cache_images: keep every image decoded and resized in memory (`finetune.data.image_cache`) instead of
-            decoding it again every epoch: "auto" where results stay the same (validation and test images, and
-            training images when augmentation is off or runs on the device), True for every split (training-time
-            augmentation then runs on the stored copies), False never. Each split is cached only if it fits under
-            `cache_images_max_gb`: otherwise "auto" leaves it on disk and logs why, True stops.
+        cache_images: keep every image decoded and resized in memory (`finetune.data.image_cache`): "auto" where
+            results stay the same (evaluation images; training images without augmentation or with it on the
+            device), True every split, False none; a split that does not fit `cache_images_max_gb` stays on disk
+            ("auto", logged) or stops (True).
         cache_images_max_gb: the most memory the decoded images may take, in GB; None: half of the memory
             available when the first split is cached.
         augment_on: where training-time augmentation runs: "loader" (each worker, image by image) or "device"
@@ -141,7 +138,7 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
         )
         self.root = Path(root).expanduser() if root is not None else None
         self.demo, self.split, self.split_seed, self.batch_size = demo, tuple(split), split_seed, batch_size
-        self.num_workers = default_num_workers() if num_workers is None else num_workers
+        self.num_workers = loaders.default_num_workers() if num_workers is None else num_workers
         self.image_size = image_size
         self.augment = preset
         self.random_erasing = random_erasing
@@ -154,17 +151,15 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
         self.strict, self.balance = strict, balance
         self.skipped: dict[str, str] = {}
         self.cache_images, self.cache_images_max_gb = cache_images, cache_images_max_gb
-        self.augment_on = augment_on
-        self.folds, self.fold = folds, fold
+        self.augment_on, self.folds, self.fold = augment_on, folds, fold
         self.images = image_cache.SplitImages(cache_images_max_gb)
         self.device_augmentation: DeviceAugmentation | None = None
-        self.preprocessing = preprocessing
         self.splits: dict[str, list[Sample]] | None = None
         self.class_names: list[str] = []
         self.datasets: dict[str, Dataset] = {}
         self.cache_features, self.cache_views, self.feature_store = cache_features, cache_views, feature_store
         self.features_cut: Cut | None = None  # where the model is cut, while the splits serve cached features
-        self.feature_precision = feature_precision
+        self.preprocessing, self.feature_precision = preprocessing, feature_precision
         self.feature_pass: Choice | None = None  # the feature pass's precision and why, once it has run
         self.output_dir = Path(output_dir) if output_dir is not None else None
         self.leakage = Leakage(groups, group_by, duplicates, duplicate_distance)
@@ -197,19 +192,10 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
 
     def _serve_features(self, trainer: L.Trainer) -> None:
         """Serves the frozen part's features from now on, if `cache_features` and the model allow it."""
-        model, device = trainer.lightning_module, trainer.strategy.root_device
-        cut, reason = should_cache(self.cache_features, model, self, self.cache_views)
-        log.info(reason)
-        if cut is None:
-            return
-        setting = trainer.precision if self.feature_precision is None else self.feature_precision
-        self.feature_pass = feature_pass_precision(setting, model, cut, self.batch_size, device, trainer.world_size)
-        log.info("feature pass: %s", self.feature_pass.line)
-        cache = build_cache(model, self, cut, self.cache_views, device, self.feature_store, self.feature_pass.dtype)
-        if trainer.world_size > 1:
-            log.info("feature cache under DDP: every process runs the frozen part once, then trains on its share")
-        self.images.decoded.clear()  # the images are not needed any more
-        self.datasets, self.features_cut = feature_datasets(cache), cut
+        served = loaders.frozen_feature_datasets(self, trainer)
+        if served is not None:
+            self.images.decoded.clear()  # the images are not needed any more
+            self.datasets, self.features_cut, self.feature_pass = served
 
     def _model_preprocessing(self) -> Preprocessing:
         """The model's preprocessing, already at the size it is fed: read from the model the Trainer runs with this
@@ -232,7 +218,7 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
     def _dataset(self, split: str, preprocessing: Preprocessing, augment_on: str) -> Dataset:
         """The split's images (`finetune.data.datasets.image_dataset`), from memory where decoded."""
         training = split == "train"
-        return image_dataset(
+        return loaders.image_dataset(
             self.splits[split],
             preprocessing,
             self.split_seed if training else 0,
@@ -274,7 +260,7 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
         dataset = self.datasets[split]
         if self.augment_on == "device":  # whatever the training loop gets, these batches come ready
             dataset = self._dataset(split, self.preprocessing, "loader")
-        return ordered_loader(dataset, self.batch_size, self.num_workers, split == "train", view, indices)
+        return loaders.ordered_loader(dataset, self.batch_size, self.num_workers, split == "train", view, indices)
 
     def evaluation_images(self, split: str, rank: int = 0, world_size: int = 1) -> Dataset:
         """The split's images as evaluated, `rank`'s share as its loader serves it (batches may hold features)."""
@@ -291,7 +277,8 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return split_loader(
+        balanced = shuffle and self.balance == "sampler"
+        return loaders.split_loader(
             self.datasets[split],
             shuffle=shuffle,
             batch_size=self.batch_size,
@@ -299,11 +286,7 @@ class ImageFolderDataModule(SplitFolder, L.LightningDataModule):
             num_workers=self.num_workers,
             in_memory=self.serves_features,
             trainer=self.trainer,
-            weights=(
-                samplers.sample_weights(self.splits["train"], self.class_counts())
-                if shuffle and self.balance == "sampler"
-                else None
-            ),
+            weights=samplers.sample_weights(self.splits["train"], self.class_counts()) if balanced else None,
             trained_batches=self._trained_batches,
         )
 

@@ -3,6 +3,7 @@ serves); resumable training order; worker count; fixed-order passes."""
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 
@@ -22,7 +23,12 @@ from finetune.data.transforms import (
     image_key,
     train_transform,
 )
+from finetune.features.cache import build_cache, should_cache
+from finetune.features.cut import Cut
 from finetune.model.backbones import Preprocessing
+from finetune.model.precision import Choice, feature_pass_precision
+
+log = logging.getLogger(__name__)
 
 
 class ImageDataset(Dataset):
@@ -190,6 +196,25 @@ def feature_datasets(cache: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, Da
         "train": ViewDataset(*cache["train"]),
         **{split: FeatureDataset(*cache[split]) for split in ("val", "test") if split in cache},
     }
+
+
+def frozen_feature_datasets(datamodule, trainer) -> tuple[dict[str, Dataset], Cut, Choice] | None:
+    """Every split as the frozen part's features (computed once, `finetune.features.cache`), with the cut and the
+    feature pass's precision; None where `cache_features` or the model rule it out (the log says why)."""
+    model, device = trainer.lightning_module, trainer.strategy.root_device
+    cut, reason = should_cache(datamodule.cache_features, model, datamodule, datamodule.cache_views)
+    log.info(reason)
+    if cut is None:
+        return None
+    setting = trainer.precision if datamodule.feature_precision is None else datamodule.feature_precision
+    feature_pass = feature_pass_precision(setting, model, cut, datamodule.batch_size, device, trainer.world_size)
+    log.info("feature pass: %s", feature_pass.line)
+    cache = build_cache(
+        model, datamodule, cut, datamodule.cache_views, device, datamodule.feature_store, feature_pass.dtype
+    )
+    if trainer.world_size > 1:
+        log.info("feature cache under DDP: every process runs the frozen part once, then trains on its share")
+    return feature_datasets(cache), cut, feature_pass
 
 
 def ordered_loader(

@@ -34,3 +34,15 @@ def point_setting(unfreeze, strategy: str | None = None) -> str:
 def run_folder(strategy: str, unfreeze) -> str:
     """The `${study_run:...}` resolver of conf/experiment/depth_study*.yaml: "unfreeze-2", "lp_ft-unfreeze-2"."""
     return f"unfreeze-{unfreeze}" if is_depth_only(strategy) else f"{strategy}-unfreeze-{unfreeze}"
+
+
+def unfreeze_order(value: int | str | None) -> tuple:
+    # Deeper to the right: 0, 1, 2, ..., then all; anything else after.
+    if isinstance(value, int):
+        return (0, value, "")
+    return (1, 0, "") if value == "all" else (2, 0, str(value))
+
+
+def point_label(model: str | None, strategy: str | None, unfreeze: int | str | None, other: str) -> str:
+    label = f"{model}/{strategy}/unfreeze={unfreeze}"
+    return f"{label} {other}" if other else label

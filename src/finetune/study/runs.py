@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from finetune.errors import UsageError
+from finetune.study.points import point_label
 from finetune.study.regime import Regime, run_regime
 
 DONE, FAILED, INCOMPLETE = "done", "failed", "incomplete"
@@ -288,15 +289,3 @@ def _overrides(path: Path) -> list[str]:
 
 def natural_order(name: str) -> tuple:
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
-
-
-def unfreeze_order(value: int | str | None) -> tuple:
-    # Deeper to the right: 0, 1, 2, ..., then all; anything else after.
-    if isinstance(value, int):
-        return (0, value, "")
-    return (1, 0, "") if value == "all" else (2, 0, str(value))
-
-
-def point_label(model: str | None, strategy: str | None, unfreeze: int | str | None, other: str) -> str:
-    label = f"{model}/{strategy}/unfreeze={unfreeze}"
-    return f"{label} {other}" if other else label

@@ -14,18 +14,8 @@ from pathlib import Path
 from finetune.data.scan import STRONG_IMBALANCE
 from finetune.study.analysis import analyse
 from finetune.study.leakage import leakage_notes
-from finetune.study.runs import (
-    DONE,
-    FAILED,
-    RunRow,
-    _overrides,
-    find_runs,
-    natural_order,
-    not_started,
-    point_label,
-    read_run,
-    unfreeze_order,
-)
+from finetune.study.points import point_label, unfreeze_order
+from finetune.study.runs import DONE, FAILED, RunRow, _overrides, find_runs, natural_order, not_started, read_run
 from finetune.study.tables import report_markdown
 from finetune.study.verdict import judge
 
