@@ -39,6 +39,7 @@ from common import add_smoke_argument, machine, revision, smoke_images, subset, 
 from torch.nn import functional as F
 
 from finetune.data.demo import demo_root
+from finetune.features.cache import classify_features
 
 # The ELPV-400 subset of docs/depth-study.md: stratified, 275 functional and 125 defective cells.
 ELPV_400 = {"functional": 275, "defective": 125}
@@ -122,27 +123,44 @@ class FitTimer(L.Callback):
         images, labels = (tensor.to(pl_module.device) for tensor in self.batch)
         if images.dim() != 4:
             raise SystemExit(f"the fit trained on {images.dim()}-D batches (cached features?): time an uncached run")
-        if getattr(pl_module, "uses_channels_last", False):  # as the training step lays out its batch
-            images = images.contiguous(memory_format=torch.channels_last)
-        saved = {name: value.clone() for name, value in pl_module.state_dict().items()}
-        optimizer = torch.optim.AdamW([p for p in pl_module.parameters() if p.requires_grad], lr=1e-5)
-        pl_module.train()
+        return raw_step_rate(pl_module, images, labels, trainer.precision_plugin.forward_context, self.raw_steps)
 
-        def step() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            with trainer.precision_plugin.forward_context():
-                loss = F.cross_entropy(pl_module(images), labels)
-            loss.backward()
-            optimizer.step()
 
-        for _ in range(2):
-            step()
-        started = time.perf_counter()
-        for _ in range(self.raw_steps):
-            step()
-        seconds = time.perf_counter() - started
-        pl_module.load_state_dict(saved)
-        return self.raw_steps * len(labels) / seconds
+def raw_step_rate(pl_module, inputs: torch.Tensor, labels: torch.Tensor, forward_context, steps: int) -> float:
+    """Images/s of the raw training step: forward, cross-entropy, backward and AdamW over `pl_module`'s trainable
+    parameters, on one batch, `steps` times after 2 warm-up steps; the weights are put back afterwards.
+
+    Args:
+        pl_module: the `ImageClassifier`, laid out as its fit lays it out (`uses_channels_last`).
+        inputs: images; or cached features where `pl_module.features_cut` is set, run from the cut on as the fit's
+            steps run them (bench/study_floor.py).
+        labels: the batch's labels.
+        forward_context: the precision's context (Lightning's `trainer.precision_plugin.forward_context`).
+        steps: timed steps.
+    """
+    if getattr(pl_module, "uses_channels_last", False) and inputs.dim() == 4:  # as the training step lays it out
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    on_features = getattr(pl_module, "trains_on_features", False)
+    saved = {name: value.clone() for name, value in pl_module.state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in pl_module.parameters() if p.requires_grad], lr=1e-5)
+    pl_module.train()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with forward_context():
+            logits = classify_features(pl_module, inputs) if on_features else pl_module(inputs)
+            loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        optimizer.step()
+
+    for _ in range(2):
+        step()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    seconds = time.perf_counter() - started
+    pl_module.load_state_dict(saved)
+    return steps * len(labels) / seconds
 
 
 def main() -> None:

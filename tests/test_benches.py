@@ -26,6 +26,7 @@ RESULT_LINES = {
     "parity.py": rf".*; ratio {NUMBER}",
     "step_overhead.py": rf"overhead {NUMBER} ms a step, ratio {NUMBER}",
     "step_ratio.py": rf"step_ratio {NUMBER}",
+    "study_floor.py": rf"study_floor wall {NUMBER} floor {NUMBER} ratio {NUMBER}",
     "verdict_check.py": rf"verdict_check coverage {NUMBER} agreement {NUMBER} regret {NUMBER} repeats \d+",
 }
 # Smoke runs of a few seconds; the others are slow.
