@@ -212,6 +212,20 @@ def test_among_points_the_data_cannot_separate_the_lowest_brier_score_is_recomme
     )
 
 
+def test_inference_latency_never_decides_between_depths_of_one_model(tmp_path):
+    # Every depth of one model is the same network at inference: their latencies differ by the machine's load alone
+    # (ELPV under load, 2026-12-06: 10 to 139 ms per image). A noisy 60 ms against 10 must not veto the better point.
+    sweep = tmp_path / "study"
+    for fold, noise in enumerate(FOLD_NOISE):
+        for depth, acc, seconds, ms in ((0, 0.80 + noise, 20, 10.0), (2, 0.81 - noise, 40, 60.0)):
+            job = make_fold_run(sweep, depth, fold, acc, seconds=seconds)
+            (job / "test_latency.json").write_text(json.dumps({"time/inference_ms_per_image": ms}))
+
+    group = build_report(sweep).study.groups[0]
+    assert group.recommended.point.unfreeze == 2
+    assert "unfreeze=2" in [p.name for p in group.affordable]
+
+
 def test_a_recommendation_that_is_both_the_best_and_the_cheapest_says_so(tmp_path):
     # As on ELPV-400 (2026-12-06): transfer learning has the best estimate and is the cheapest point; "every cheaper
     # point is significantly worse" would speak of points that do not exist.

@@ -1,11 +1,15 @@
 """The recommendation rule of a depth study: which of the points the data cannot tell from the best to recommend.
 
 Among the points not significantly worse than the best: the cheapest, unless another costs an immaterial amount more
-(at most IMMATERIAL_FIT_SECONDS of training per run and IMMATERIAL_INFERENCE_MS per image more than the cheapest);
-then, among those, the point whose test predictions have the lowest Brier score (where every run wrote its
-probabilities; else the best accuracy estimate). The Brier score weighs each prediction's confidence, not only right
-or wrong, so it can rank points that a few hundred images' accuracy cannot: on ELPV it lost fewer held-out points
-than the best accuracy estimate (bench/verdict_check.py, docs/depth-study.md).
+(at most IMMATERIAL_FIT_SECONDS of training per run more than the cheapest); then, among those, the point whose test
+predictions have the lowest Brier score (where every run wrote its probabilities; else the best accuracy estimate).
+The Brier score weighs each prediction's confidence, not only right or wrong, so it can rank points that a few
+hundred images' accuracy cannot: on ELPV it lost fewer held-out points than the best accuracy estimate
+(bench/verdict_check.py, docs/depth-study.md).
+
+Inference time does not count: the points of a group are one model with the same settings, so at inference they are
+the same network, and their measured latencies differ only by the machine's load (on ELPV under load, 10 to 139 ms
+per image for the same network), which would decide the recommendation by noise.
 """
 
 from __future__ import annotations
@@ -18,22 +22,20 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from finetune.study.analysis import PointStats
 
-# Below these a cheaper point saves the user nothing worth accuracy: a minute of training per run (what retraining
-# the chosen depth costs once), a millisecond per image at inference. See docs/depth-study.md.
+# Below this a cheaper point saves the user nothing worth accuracy: a minute of training per run (what retraining the
+# chosen depth costs once). See docs/depth-study.md.
 IMMATERIAL_FIT_SECONDS = 60.0
-IMMATERIAL_INFERENCE_MS = 1.0
 BRIER, ACCURACY = "brier", "accuracy"
 
 
 @dataclass(frozen=True)
 class Rule:
-    """The recommendation rule: the extra cost another point may have and still be preferred to the cheapest point,
-    and what prefers it (`rank_by`: the lowest Brier score, or the best accuracy estimate). Rule(0, 0): always the
-    cheapest; Rule(inf, inf, ACCURACY): always the best estimate (bench/verdict_check.py weighs such rules by their
-    held-out regret)."""
+    """The recommendation rule: the extra training seconds per run another point may cost and still be preferred to
+    the cheapest point, and what prefers it (`rank_by`: the lowest Brier score, or the best accuracy estimate).
+    Rule(0): always the cheapest; Rule(inf, ACCURACY): always the best estimate (bench/verdict_check.py weighs such
+    rules by their held-out regret)."""
 
     fit_seconds: float = IMMATERIAL_FIT_SECONDS
-    inference_ms: float = IMMATERIAL_INFERENCE_MS
     rank_by: str = BRIER
 
 
@@ -46,13 +48,10 @@ def cost_order(point: PointStats) -> tuple:
 
 
 def costs_immaterially_more(point: PointStats, cheapest: PointStats, rule: Rule = REPORT_RULE) -> bool:
-    """`point` costs the user at most `rule.fit_seconds` more training per run than `cheapest`, and at most
-    `rule.inference_ms` more per image where both were timed; False where training time is unknown."""
+    """`point` costs the user at most `rule.fit_seconds` more training per run than `cheapest`; False where training
+    time is unknown."""
     seconds, base = point.cost("time/fit_seconds"), cheapest.cost("time/fit_seconds")
-    if seconds is None or base is None or seconds - base > rule.fit_seconds:
-        return False
-    ms, base_ms = point.cost("time/inference_ms_per_image"), cheapest.cost("time/inference_ms_per_image")
-    return ms is None or base_ms is None or ms - base_ms <= rule.inference_ms
+    return seconds is not None and base is not None and seconds - base <= rule.fit_seconds
 
 
 def recommend(not_worse: list[PointStats], rule: Rule = REPORT_RULE) -> tuple:
