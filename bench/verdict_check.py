@@ -130,13 +130,18 @@ def train(overrides: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def correct_per_image(run_dir: Path) -> np.ndarray:
-    """1.0 for each test image the run classified right, 0.0 otherwise (its test_predictions.csv, sorted by path)."""
+def correct_by_path(run_dir: Path) -> dict[str, float]:
+    """1.0 for each test image the run classified right, 0.0 otherwise, by path (its test_predictions.csv)."""
     import csv
 
     with open(run_dir / "test_predictions.csv", newline="", encoding="utf-8") as file:
-        rows = sorted(csv.DictReader(file), key=lambda row: row["path"])
-    return np.array([float(row["label"] == row["predicted"]) for row in rows])
+        return {row["path"]: float(row["label"] == row["predicted"]) for row in csv.DictReader(file)}
+
+
+def correct_per_image(run_dir: Path) -> np.ndarray:
+    """correct_by_path's values, sorted by path."""
+    correct = correct_by_path(run_dir)
+    return np.array([correct[path] for path in sorted(correct)])
 
 
 def study_findings(sweep: Path) -> dict:
@@ -165,12 +170,9 @@ def per_image_intervals(sweep: Path, depths) -> dict:
     intervals (issue 20, item 3: do intervals from all the paired per-image evidence still cover?)."""
     correct = {}
     for depth in ["0", *depths]:
-        folds = sorted(sweep.glob(f"unfreeze-{depth}_fold-*"))
-        by_path = {}
-        for fold in folds:
-            for path, value in zip(paths_of(fold), correct_per_image(fold), strict=True):
-                by_path[path] = value
-        correct[depth] = by_path
+        correct[depth] = {}
+        for fold in sorted(sweep.glob(f"unfreeze-{depth}_fold-*")):
+            correct[depth] |= correct_by_path(fold)
     intervals = {}
     for depth in depths:
         shared = sorted(set(correct[depth]) & set(correct["0"]))
@@ -178,14 +180,6 @@ def per_image_intervals(sweep: Path, depths) -> dict:
         estimate = bootstrap(lambda idx, d=differences: float(d[idx].mean()), len(shared))
         intervals[depth] = [estimate.mean, estimate.low, estimate.high]
     return intervals
-
-
-def paths_of(run_dir: Path) -> list[str]:
-    """The test images' paths of a run, in correct_per_image's order."""
-    import csv
-
-    with open(run_dir / "test_predictions.csv", newline="", encoding="utf-8") as file:
-        return sorted(row["path"] for row in csv.DictReader(file))
 
 
 def held_out_findings(runs: dict[str, Path]) -> dict:
