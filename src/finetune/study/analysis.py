@@ -143,6 +143,7 @@ def _point_stats(point, design: str) -> PointStats | None:
     runs = [run for run in point.done if run.get("test/acc") is not None]
     if not runs:
         return None
+    rows = [_read_rows(run.path) for run in runs]  # each run's test_predictions.csv, read once
     if design == FOLDS:
         by_fold: dict[int, list] = {}
         for run in runs:
@@ -160,10 +161,10 @@ def _point_stats(point, design: str) -> PointStats | None:
             _clipped(corrected_t(f1, n_train, n_test)) if len(f1) == len(acc) else None,
             acc,
         )
-        stats.predictions = [p for run in runs for p in _read_predictions(run.path)]
-        stats.brier = mean_brier(runs)
+        stats.predictions = [p for run_rows in rows for p in _predictions(run_rows)]
+        stats.brier = mean_brier(rows)
         return stats
-    predictions = [_read_predictions(run.path) for run in runs]
+    predictions = [_predictions(run_rows) for run_rows in rows]
     if not all(predictions):  # runs written before test_predictions.csv: no per-image statistics
         return None
     correct: dict[str, list[float]] = {}
@@ -177,7 +178,7 @@ def _point_stats(point, design: str) -> PointStats | None:
     f1 = _bootstrap_f1(predictions, images)
     stats = PointStats(point, acc, f1, per_image)
     stats.predictions = [p for run_predictions in predictions for p in run_predictions]
-    stats.brier = mean_brier(runs)
+    stats.brier = mean_brier(rows)
     return stats
 
 
@@ -214,11 +215,20 @@ def _sizes(runs) -> tuple[float, float]:
     return statistics.fmean(train), statistics.fmean(test)
 
 
-def _read_predictions(run_dir) -> list[tuple[str, str, str]]:
+def _read_rows(run_dir) -> list[dict[str, str]] | None:
+    """The rows of a run's test_predictions.csv; None where it has none or cannot be read."""
     try:
         with open(run_dir / "test_predictions.csv", newline="", encoding="utf-8") as file:
-            return [(row["path"], row["label"], row["predicted"]) for row in csv.DictReader(file)]
-    except (OSError, KeyError, csv.Error):
+            return list(csv.DictReader(file))
+    except (OSError, csv.Error):
+        return None
+
+
+def _predictions(rows: list[dict[str, str]] | None) -> list[tuple[str, str, str]]:
+    """(path, label, predicted) of each row; none where the file was missing or lacks a column."""
+    try:
+        return [(row["path"], row["label"], row["predicted"]) for row in rows or []]
+    except KeyError:
         return []
 
 

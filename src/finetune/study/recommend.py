@@ -14,7 +14,6 @@ per image for the same network), which would decide the recommendation by noise.
 
 from __future__ import annotations
 
-import csv
 import statistics
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -68,19 +67,19 @@ def recommend(not_worse: list[PointStats], rule: Rule = REPORT_RULE) -> tuple:
     return cheapest, affordable, ranked_by, recommended
 
 
-def mean_brier(runs) -> float | None:
-    """The mean multi-class Brier score (sum over classes of (p - [label])^2) of the runs' test predictions; None
-    where a run has no test_predictions.csv with a probability for every class."""
+def mean_brier(rows_per_run: list[list[dict[str, str]] | None]) -> float | None:
+    """The mean multi-class Brier score (sum over classes of (p - [label])^2) of the runs' test predictions (the
+    rows of each run's test_predictions.csv); None where a run has none, or a row no probability for every class."""
     scores = []
-    for run in runs:
+    for rows in rows_per_run:
+        if rows is None:
+            return None
         try:
-            with open(run.path / "test_predictions.csv", newline="", encoding="utf-8") as file:
-                rows = list(csv.DictReader(file))
             for row in rows:
                 classes = [column[2:] for column in row if column.startswith("p_")]
                 if row["label"] not in classes:
                     return None
                 scores.append(sum((float(row[f"p_{c}"]) - (c == row["label"])) ** 2 for c in classes))
-        except (OSError, KeyError, ValueError, csv.Error):
+        except (KeyError, ValueError):
             return None
     return statistics.fmean(scores) if scores else None
