@@ -1,6 +1,7 @@
 """bf16 against fp32 on the ELPV paper protocol: equal accuracy, measured (issue 21: within +-0.5 points).
 
     python bench/bf16_accuracy.py            # experiment=elpv_paper (3 seeds) twice: about 16 minutes on 2 cores
+    python bench/bf16_accuracy.py --seeds 4,5,6,7,8   # more pairs: about 3.5 minutes a seed
     python bench/bf16_accuracy.py --smoke    # tiny generated images, 32 px, 1 epoch: that it runs (the suite)
 
 Each side is the protocol as a user runs it, `python train.py experiment=elpv_paper` (a multirun over seeds 1, 2, 3,
@@ -65,11 +66,12 @@ def main() -> None:
     )
     add_smoke_argument(parser)
     parser.add_argument("--override", action="append", default=[], help="a train.py override for both sides")
+    parser.add_argument("--seeds", default="1,2,3", help="the protocol's seeds (comma-separated; default 1,2,3)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bf16_accuracy-"))
     try:
-        overrides = list(args.override)
+        overrides = [f"seed={args.seeds}", *args.override]
         if args.smoke:
             data = smoke_images(work / "data", per_class=20)
             overrides += [f"data.root={data}", "data.image_size=32", "data.batch_size=8", "data.num_workers=0"]
