@@ -112,9 +112,9 @@ class FitTimer(L.Callback):
             "first_step_at": self.first_step_at,
             "fit_loop_started_at": self._fit_start,
             "batch_shape": list(self.batch[0].shape) if self.batch is not None else None,
-            "channels_last": bool(
-                self.batch is not None and self.batch[0].is_contiguous(memory_format=torch.channels_last)
-            ),
+            # The layout the steps (and the raw step) lay batches out in, not the loader's batches' (always NCHW:
+            # reading those, the bench once printed "NCHW" for channels-last fits).
+            "channels_last": bool(getattr(pl_module, "uses_channels_last", False)),
             "precision": str(trainer.precision),
         }
         self.path.write_text(json.dumps(record, indent=2) + "\n")

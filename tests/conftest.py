@@ -21,6 +21,14 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Under pytest-xdist (the README's `-n 2`) each worker stands for one core: one intra-op thread, in this process and
+# in the CLI runs it starts (they inherit the environment), instead of two workers each spinning a thread per core.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 CLASSES = ("circle", "square", "stripes")
 
 # The smallest real run: MobileNetV2 at random init (nothing to download) on 32 px images, in this process.

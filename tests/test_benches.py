@@ -70,3 +70,5 @@ def test_step_ratio_leaves_its_own_raw_step_out_of_the_fit(monkeypatch, capsys, 
     before_loop = float(re.search(r"\| before the fit loop [^|]*\| ([\d.]+) \|", printed).group(1))
     left_out = float(re.search(r"the raw step's own ([\d.]+) s", printed).group(1))
     assert left_out >= 8 and before_loop < 8, printed
+    # The layout is the steps' (channels-last for a CNN on the CPU), not the loader's NCHW batches'.
+    assert "channels_last True" in printed, printed
