@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
 
+from finetune.allocator import keep_freed_memory
 from finetune.config.schema import check_resolved
 from finetune.data.datamodule import ImageFolderDataModule
 from finetune.errors import UsageError
@@ -74,6 +75,7 @@ def run(cfg: DictConfig, feature_store: SharedFeatures | None = None) -> dict[st
         raise UsageError(f"monitor={cfg.monitor}: choose one of {', '.join(MONITORS)} (the best checkpoint's score)")
     resume = resume_from(cfg.ckpt_path, output_dir)
     check_resolved(cfg)  # the types themselves Hydra checked while composing (finetune.config.schema)
+    keep_freed_memory()  # steps reuse the memory the last step freed, instead of the kernel zeroing it again
     L.seed_everything(cfg.seed, workers=True)
 
     datamodule: ImageFolderDataModule = instantiate(cfg.data, feature_store=feature_store)
