@@ -50,6 +50,7 @@ from omegaconf import OmegaConf
 from step_ratio import raw_step_rate
 from verdict_check import SMOKE_OVERRIDES, train
 
+from finetune.allocator import keep_freed_memory
 from finetune.features.cut import find_cut
 from finetune.features.partial_forward import module_inputs
 from finetune.study.points import run_folder
@@ -164,6 +165,7 @@ def main() -> None:
     add_smoke_argument(parser)
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # the Trainers built for their precision
+    keep_freed_memory()  # the raw rates with the allocator setting every training run has (finetune.allocator)
     work = Path(tempfile.mkdtemp(prefix="study_floor-")) if args.smoke else None
     try:
         if args.smoke:
