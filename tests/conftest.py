@@ -29,6 +29,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     import torch
 
     torch.set_num_threads(1)
+
 CLASSES = ("circle", "square", "stripes")
 
 # The smallest real run: MobileNetV2 at random init (nothing to download) on 32 px images, in this process.

@@ -4,7 +4,7 @@ glibc's malloc serves each large block (over a threshold that adapts up to 32 MB
 back with `munmap` when it is freed. A training step on the CPU frees and asks again for the same activations and
 gradients every step, tens to hundreds of MB of them at 224 px, so the kernel maps and zeroes those pages afresh at
 every step: on this project's 2-core CPU, 23% of a depth study's CPU time was the kernel's (1,046 of 4,470 s, 345
-million page faults), and EfficientNet-Lite0's full training step ran at 18-25 images/s, 29-31 with the setting
+million page faults), and EfficientNet-Lite0's full training step ran at 18-27 images/s, 28-31 with the setting
 below (bench/RESULTS.md, "The allocator"). PyTorch's CPU tensors are allocated with malloc, so the fix is glibc's:
 no `mmap` per block (`M_MMAP_MAX` 0) and no trimming of the heap's free top below 2 GB (`M_TRIM_THRESHOLD`). A
 process then keeps its peak memory, which the next step needs again, instead of returning it between steps.
